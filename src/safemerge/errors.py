@@ -1,0 +1,5 @@
+"""Exceptions that the CLI maps to exit codes (2 for bad input or usage, 1 for internal errors)."""
+
+
+class InputError(Exception):
+    """Bad user input: a missing or malformed file, tensor or option. The message names the culprit."""
