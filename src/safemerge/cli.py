@@ -37,8 +37,11 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
-# --- command registration (each command module holds its own typer function) ---
-# (registered below as they are implemented)
+# --- command registration: merge engine (scan, merge, demo) ---
+
+# --- command registration: training and evaluation (train, eval) ---
+
+# --- command registration: defences and experiments (defend, experiment) ---
 
 
 def main() -> None:
