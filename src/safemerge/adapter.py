@@ -1,0 +1,250 @@
+"""PEFT LoRA adapters: reading their config and factors per module, and writing merged adapters.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with keys
+`base_model.model.<module path>.lora_A.weight` (A, r × d_in) and `...lora_B.weight` (B, d_out × r).
+The module's update is ΔW = s · B A in `nn.Linear` layout (d_out × d_in), s = alpha / r, or alpha / √r
+with rsLoRA, with `rank_pattern` / `alpha_pattern` overriding r / alpha per module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from safemerge.checkpoint import _read_safetensors_header, resolve_local_dir
+from safemerge.errors import InputError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_UNSUPPORTED_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora) adapters",
+    "lora_embedding_A": "LoRA on embedding layers",
+    "lora_embedding_B": "LoRA on embedding layers",
+    "lora_B.bias": "LoRA with lora_bias",
+}
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA factors: ΔW = scaling · B @ A (Linear layout)."""
+
+    A: torch.Tensor  # r × d_in
+    B: torch.Tensor  # d_out × r
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense update ΔW = s · B A in `dtype` (d_out × d_in)."""
+        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders `layers.10` after `layers.9`."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def layer_index(module: str) -> int | None:
+    """The transformer block index of a module path, if any (`model.layers.3.self_attn.q_proj` → 3)."""
+    m = re.search(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.", f".{module}.")
+    return int(m.group(1)) if m else None
+
+
+def module_type(module: str) -> str:
+    """The module's leaf name (`q_proj`, `c_attn`, ...), used to group modules in reports."""
+    return module.rsplit(".", 1)[-1]
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter on disk; factors are read lazily per module."""
+
+    directory: Path
+    config: dict[str, Any]
+    weights_file: Path
+    lora_modules: list[str]  # module paths in natural order
+    extra_keys: list[str]  # non-LoRA tensors (modules_to_save, ...): carried through unchanged
+    label: str = "adapter"
+    revision: str | None = None
+    _ranks: dict[str, int] = field(default_factory=dict)
+
+    # --- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path: str | Path, label: str = "adapter") -> LoraAdapter:
+        directory, revision = resolve_local_dir(name_or_path)
+        cfg_path = directory / CONFIG_NAME
+        if not cfg_path.exists():
+            raise InputError(f"{directory}: not a PEFT adapter directory ({CONFIG_NAME} missing) — {label}")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
+        _check_config(config, cfg_path)
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            if (directory / "adapter_model.bin").exists():
+                raise InputError(
+                    f"{directory} has only adapter_model.bin (pickle, can execute code when loaded); "
+                    "convert it to adapter_model.safetensors"
+                )
+            raise InputError(f"{directory}: {WEIGHTS_NAME} is missing — {label}")
+        header = _read_safetensors_header(weights)
+        modules: dict[str, set[str]] = {}
+        extra: list[str] = []
+        ranks: dict[str, int] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            for marker, what in _UNSUPPORTED_KEYS.items():
+                if marker in key:
+                    raise InputError(f"{weights}: tensor {key!r} — {what} are not supported")
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+            m = _LORA_KEY.match(name)
+            if m is None:
+                if "lora_" in name:
+                    raise InputError(f"{weights}: unsupported LoRA tensor {key!r}")
+                extra.append(key)
+                continue
+            if len(info["shape"]) != 2:
+                raise InputError(f"{weights}: {key!r} has shape {info['shape']}; only Linear/Conv1D LoRA is supported")
+            modules.setdefault(m["module"], set()).add(m["which"])
+            if m["which"] == "A":
+                ranks[m["module"]] = int(info["shape"][0])
+        incomplete = [mod for mod, which in modules.items() if which != {"A", "B"}]
+        if incomplete:
+            raise InputError(f"{weights}: modules without both lora_A and lora_B: {', '.join(incomplete[:5])}")
+        if not modules:
+            raise InputError(f"{weights}: no LoRA tensors found — {label}")
+        if extra:
+            warnings.warn(
+                f"{label} {directory} carries non-LoRA tensors (modules_to_save): "
+                f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}; they are copied unchanged",
+                stacklevel=2,
+            )
+        return cls(
+            directory=directory,
+            config=config,
+            weights_file=weights,
+            lora_modules=sorted(modules, key=natural_key),
+            extra_keys=extra,
+            label=label,
+            revision=revision,
+            _ranks=ranks,
+        )
+
+    # --- per-module facts ---------------------------------------------------------------------
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def rank(self, module: str) -> int:
+        return self._ranks[module]
+
+    def scaling(self, module: str) -> float:
+        """s = alpha / r (or alpha / √r with rsLoRA), honouring rank_pattern / alpha_pattern."""
+        cfg = self.config
+        r_key = get_pattern_key(list((cfg.get("rank_pattern") or {}).keys()), module)
+        a_key = get_pattern_key(list((cfg.get("alpha_pattern") or {}).keys()), module)
+        r = (cfg.get("rank_pattern") or {}).get(r_key, cfg.get("r", 8))
+        alpha = (cfg.get("alpha_pattern") or {}).get(a_key, cfg.get("lora_alpha", 8))
+        if r != self._ranks[module]:
+            raise InputError(
+                f"{self.weights_file}: module {module} has rank {self._ranks[module]} but the config says {r}"
+            )
+        return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+    def factors(self, module: str) -> LoraFactors:
+        """Read one module's factors (float32), refusing NaN/Inf."""
+        if module not in self._ranks:
+            raise InputError(f"module {module!r} is not in the {self.label} {self.directory}")
+        with safe_open(str(self.weights_file), framework="pt", device="cpu") as fh:
+            a = fh.get_tensor(_find_key(fh, module, "A")).to(torch.float32)
+            b = fh.get_tensor(_find_key(fh, module, "B")).to(torch.float32)
+        if a.shape[0] != b.shape[1]:
+            raise InputError(f"{self.weights_file}: {module} lora_A {tuple(a.shape)} vs lora_B {tuple(b.shape)}")
+        for which, t in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise InputError(f"{self.weights_file}: {module}.{which} has NaN or Inf")
+        return LoraFactors(A=a, B=b, scaling=self.scaling(module))
+
+    def storage_dtype(self) -> torch.dtype:
+        """The dtype the factors are stored in (output adapters keep it)."""
+        header = _read_safetensors_header(self.weights_file)
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        for key, info in header.items():
+            if key != "__metadata__" and "lora_" in key:
+                return names.get(info["dtype"], torch.float32)
+        return torch.float32
+
+    def read_extra(self) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors (modules_to_save, ...), unchanged."""
+        with safe_open(str(self.weights_file), framework="pt", device="cpu") as fh:
+            return {k: fh.get_tensor(k) for k in self.extra_keys}
+
+
+def _find_key(fh: Any, module: str, which: str) -> str:
+    for key in (f"{PREFIX}{module}.lora_{which}.weight", f"{module}.lora_{which}.weight"):
+        if key in fh.keys():
+            return key
+    raise InputError(f"lora_{which} of {module} not found")
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type {peft_type} is not supported (only LORA adapters)")
+    if config.get("use_dora"):
+        raise InputError(f"{path}: DoRA adapters (use_dora: true) are not supported")
+    if config.get("lora_bias"):
+        raise InputError(f"{path}: adapters with lora_bias are not supported")
+    if config.get("layer_replication"):
+        raise InputError(f"{path}: layer_replication is not supported")
+
+
+def adapter_key(module: str, which: str) -> str:
+    return f"{PREFIX}{module}.lora_{which}.weight"
+
+
+def write_adapter(
+    directory: Path,
+    base_config: dict[str, Any],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    lora_alpha: float,
+    base_model: str,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a PEFT adapter (config + safetensors) whose modules all share `rank` and `lora_alpha`."""
+    config = dict(base_config)
+    config.update(
+        r=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        base_model_name_or_path=base_model,
+        lora_dropout=0.0,
+        inference_mode=True,
+    )
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(factors, key=natural_key):
+        a, b = factors[module]
+        tensors[adapter_key(module, "A")] = a.contiguous()
+        tensors[adapter_key(module, "B")] = b.contiguous()
+    tensors.update(extra or {})
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,126 @@
+"""The SafeMERGE criterion (SPEC §3): how well a LoRA update lies in the safety subspace.
+
+    V = W_al − W_un,   C = V Vᵀ / ‖V‖_F,   ρ = ⟨C ΔW, ΔW⟩_F / (‖C ΔW‖_F ‖ΔW‖_F)
+
+C is never formed. With P = Vᵀ B (d_in × r), M = V P (d_out × r) and G = A Aᵀ (r × r):
+⟨CΔW, ΔW⟩ ∝ tr(PᵀP G), ‖CΔW‖² ∝ tr(MᵀM G), ‖ΔW‖² ∝ tr(BᵀB G); the positive constants (1/‖V‖_F, the
+LoRA scaling) cancel in ρ. Cost O(d_out·d_in·r) and one V in memory, instead of a dense d_out² matrix.
+The two products with V run in float32 (they are bound by reading V); every trace and norm that decides
+something is accumulated in float64. Pure tensor code: no files, no configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DECISION_DECIMALS = 5  # the reference code rounds ρ to 5 decimals before comparing with τ
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """ρ of one module, and why it is degenerate when the formula is 0/0 (then ρ = 0, as the reference)."""
+
+    rho: float
+    degenerate: str | None = None  # "zero-V", "zero-update" or "orthogonal"
+
+    @property
+    def rho_rounded(self) -> float:
+        return round(self.rho, DECISION_DECIMALS)
+
+
+def safety_difference(w_aligned: torch.Tensor, w_unaligned: torch.Tensor) -> torch.Tensor:
+    """V = W_al − W_un, both converted to float32 before subtracting (bf16 inputs lose nothing)."""
+    if w_aligned.shape != w_unaligned.shape:
+        raise ValueError(f"aligned {tuple(w_aligned.shape)} vs unaligned {tuple(w_unaligned.shape)}")
+    return w_aligned.to(torch.float32) - w_unaligned.to(torch.float32)
+
+
+def _trace_product(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> float:
+    """tr(xᵀ y g) for x, y of shape (n × r) and symmetric g (r × r), accumulated in float64."""
+    return float(((x.T.to(torch.float64) @ y.to(torch.float64)) * g).sum())
+
+
+def lowrank_similarity(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Similarity:
+    """ρ of the update ΔW ∝ B A against V, without forming C or ΔW.
+
+    v: d_out × d_in, a: r × d_in, b: d_out × r (any positive LoRA scaling may be left out).
+    """
+    if v.shape != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
+        raise ValueError(f"V {tuple(v.shape)} does not fit A {tuple(a.shape)}, B {tuple(b.shape)}")
+    v32 = v.to(torch.float32)
+    b32 = b.to(device=v.device, dtype=torch.float32)
+    a64 = a.to(device=v.device, dtype=torch.float64)
+    g = a64 @ a64.T  # r × r
+    p = v32.T @ b32  # d_in × r  (Vᵀ B)
+    m = v32 @ p  # d_out × r  (V Vᵀ B)
+    num = _trace_product(p, p, g)  # ‖Vᵀ B A‖² ≥ 0
+    cdw2 = _trace_product(m, m, g)  # ‖V Vᵀ B A‖²
+    dw2 = _trace_product(b32, b32, g)  # ‖B A‖²
+    if not all(math.isfinite(x) for x in (num, cdw2, dw2)):
+        # Overflow in float32 (or non-finite input): redo everything in float64.
+        return _lowrank_similarity_f64(v, a, b)
+    return _finish(num, cdw2, dw2, v)
+
+
+def _lowrank_similarity_f64(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Similarity:
+    v64 = v.to(torch.float64)
+    b64 = b.to(device=v.device, dtype=torch.float64)
+    a64 = a.to(device=v.device, dtype=torch.float64)
+    g = a64 @ a64.T
+    p = v64.T @ b64
+    m = v64 @ p
+    num, cdw2, dw2 = (float(((x.T @ x) * g).sum()) for x in (p, m, b64))
+    if not all(math.isfinite(x) for x in (num, cdw2, dw2)):
+        raise ValueError("non-finite values in V or in the adapter factors")
+    return _finish(num, cdw2, dw2, v)
+
+
+def _finish(num: float, cdw2: float, dw2: float, v: torch.Tensor) -> Similarity:
+    if dw2 <= 0.0:
+        return Similarity(0.0, "zero-update")
+    if cdw2 <= 0.0:
+        vn = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        return Similarity(0.0, "zero-V" if vn == 0.0 else "orthogonal")
+    rho = num / math.sqrt(cdw2 * dw2)
+    return Similarity(min(max(rho, 0.0), 1.0))
+
+
+def dense_similarity(v: torch.Tensor, delta: torch.Tensor) -> float:
+    """Reference ρ straight from SPEC §3 in float64, forming C = V Vᵀ / ‖V‖_F (tests and benchmarks)."""
+    v64 = v.to(torch.float64)
+    d64 = delta.to(torch.float64)
+    vn = torch.linalg.vector_norm(v64)
+    if float(vn) == 0.0:
+        return 0.0
+    c = (v64 @ v64.T) / vn
+    cd = c @ d64
+    den = torch.linalg.vector_norm(cd) * torch.linalg.vector_norm(d64)
+    if float(den) == 0.0:
+        return 0.0
+    return float((cd * d64).sum() / den)
+
+
+# --- selection policies ----------------------------------------------------------------------------
+def select_threshold(rhos: list[float], tau: float) -> list[bool]:
+    """Select modules with round(ρ, 5) < τ (strict), as the reference code."""
+    return [round(r, DECISION_DECIMALS) < tau for r in rhos]
+
+
+def select_top_k(rhos: list[float], k: int) -> list[bool]:
+    """Select the k modules with the lowest ρ (ties broken by module order)."""
+    order = sorted(range(len(rhos)), key=lambda i: (rhos[i], i))
+    chosen = set(order[: max(0, min(k, len(rhos)))])
+    return [i in chosen for i in range(len(rhos))]
+
+
+def fraction_count(n: int, fraction: float) -> int:
+    """How many modules the `fraction` policy selects: ⌈fraction · n⌉ (at least the fraction asked for)."""
+    return min(n, math.ceil(fraction * n - 1e-9))
+
+
+def select_fraction(rhos: list[float], fraction: float) -> list[bool]:
+    """Select the lowest-ρ fraction of modules (⌈fraction · n⌉ of them)."""
+    return select_top_k(rhos, fraction_count(len(rhos), fraction))

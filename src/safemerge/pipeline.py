@@ -1,0 +1,395 @@
+"""The public Python API: `scan()` and `merge()` stream modules through the criterion and the merge.
+
+One pass over the task adapter's modules reads W_al and W_un of one module at a time, computes ρ and
+forgets them. The merge itself needs only the adapters' factors (small), and the optional full model is
+written shard by shard. Everything is written to a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from safemerge import __version__
+from safemerge.adapter import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
+from safemerge.checkpoint import (
+    Checkpoint,
+    file_sha256,
+    find_module_weight,
+    resolve_local_dir,
+    write_merged_model,
+)
+from safemerge.config import MergeConfig, ScanConfig, SelectionConfig
+from safemerge.criterion import (
+    Similarity,
+    lowrank_similarity,
+    safety_difference,
+    select_fraction,
+    select_threshold,
+    select_top_k,
+)
+from safemerge.errors import InputError
+from safemerge.merging import exact_merge, merge_dense, module_seed, pad_rank, peft_linear_merge, svd_factors
+from safemerge.outdir import atomic_output_dir, check_output_dir
+
+
+@dataclass
+class ModuleRecord:
+    """One row of the report: a LoRA module, its ρ, the decision and what the merge did."""
+
+    name: str
+    layer: int | None
+    module_type: str
+    shape: tuple[int, int]
+    rank_task: int
+    rho: float
+    rho_rounded: float
+    selected: bool
+    delta_norm_in: float
+    flags: list[str] = field(default_factory=list)
+    rank_safety: int | None = None
+    merged: bool = False
+    w_task: float = 1.0
+    w_safety: float = 0.0
+    delta_norm_out: float | None = None
+    svd_rel_error: float | None = None
+
+
+@dataclass
+class Report:
+    """What `scan` or `merge` computed: inputs, resolved options, versions, and one record per module."""
+
+    command: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    modules: list[ModuleRecord]
+    versions: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        sel = [m for m in self.modules if m.selected]
+        rhos = [m.rho for m in self.modules]
+        return {
+            "modules": len(self.modules),
+            "selected": len(sel),
+            "merged": sum(m.merged for m in self.modules),
+            "flagged": sum(bool(m.flags) for m in self.modules),
+            "rho_min": min(rhos) if rhos else None,
+            "rho_max": max(rhos) if rhos else None,
+            "rho_mean": sum(rhos) / len(rhos) if rhos else None,
+        }
+
+
+# --- tensor-level API ------------------------------------------------------------------------------
+def lora_delta_norm(factors: LoraFactors) -> float:
+    """‖s · B A‖_F from the factors alone (float64): s · sqrt(tr(BᵀB · A Aᵀ))."""
+    a = factors.A.to(torch.float64)
+    b = factors.B.to(torch.float64)
+    val = float(((b.T @ b) * (a @ a.T)).sum())
+    return abs(factors.scaling) * math.sqrt(max(val, 0.0))
+
+
+def module_similarity(
+    w_aligned: torch.Tensor, w_unaligned: torch.Tensor, task: LoraFactors, fan_in_fan_out: bool = False
+) -> Similarity:
+    """ρ of one module from its aligned/unaligned weights and the task factors (tensors in memory)."""
+    v = safety_difference(w_aligned, w_unaligned)
+    if fan_in_fan_out:  # Conv1D stores the weight as d_in × d_out
+        v = v.T
+    return lowrank_similarity(v, task.A, task.B)
+
+
+def select(rhos: list[float], selection: SelectionConfig) -> list[bool]:
+    """Apply the configured selection policy to a list of ρ."""
+    if selection.top_k is not None:
+        return select_top_k(rhos, selection.top_k)
+    if selection.fraction is not None:
+        return select_fraction(rhos, selection.fraction)
+    assert selection.threshold is not None
+    return select_threshold(rhos, selection.threshold)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress]:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not enabled) as bar:
+        yield bar
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import safetensors
+    import transformers
+
+    return {
+        "safemerge": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def _open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
+    directory, revision = resolve_local_dir(name, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(directory, allow_pickle=allow_pickle, label=label)
+    info = {"path": str(name), "local_dir": str(directory), "revision": revision, "fingerprint": ckpt.fingerprint()}
+    return ckpt, info
+
+
+def _adapter_info(adapter: LoraAdapter, name: str) -> dict[str, Any]:
+    return {
+        "path": str(name),
+        "local_dir": str(adapter.directory),
+        "revision": adapter.revision,
+        "sha256": file_sha256(adapter.weights_file),
+        "config": {k: adapter.config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules")},
+    }
+
+
+def _check_finite_inputs(tensors: dict[str, tuple[Checkpoint | LoraAdapter, torch.Tensor]]) -> None:
+    for name, (source, t) in tensors.items():
+        if not bool(torch.isfinite(t.to(torch.float32)).all()):
+            where = source.directory
+            raise InputError(f"tensor {name!r} of {source.label} {where} has NaN or Inf")
+
+
+def _similarities(
+    aligned: Checkpoint, unaligned: Checkpoint, task: LoraAdapter, device: torch.device, progress: bool
+) -> list[ModuleRecord]:
+    """Stream the task adapter's modules: read W_al and W_un of one module, compute ρ, forget them."""
+    records: list[ModuleRecord] = []
+    with progress_bar(progress) as bar:
+        job = bar.add_task("scanning modules", total=len(task.lora_modules))
+        for module in task.lora_modules:
+            key_al = find_module_weight(aligned, module)
+            key_un = find_module_weight(unaligned, module)
+            shape_al, shape_un = aligned.shape(key_al), unaligned.shape(key_un)
+            if shape_al != shape_un:
+                raise InputError(
+                    f"{key_al}: aligned shape {shape_al} ({aligned.directory}) differs from unaligned shape "
+                    f"{shape_un} ({unaligned.directory})"
+                )
+            factors = task.factors(module)
+            d_out, d_in = factors.B.shape[0], factors.A.shape[1]
+            expected = (d_in, d_out) if task.fan_in_fan_out else (d_out, d_in)
+            if tuple(shape_al) != expected:
+                raise InputError(
+                    f"module {module}: {task.label} expects a weight of shape {expected}, but {key_al} in "
+                    f"{aligned.directory} has {tuple(shape_al)} — is the adapter for this architecture?"
+                )
+            w_al = aligned.get(key_al).to(device)
+            w_un = unaligned.get(key_un).to(device)
+            dev_factors = LoraFactors(factors.A.to(device), factors.B.to(device), factors.scaling)
+            try:
+                sim = module_similarity(w_al, w_un, dev_factors, task.fan_in_fan_out)
+            except ValueError:
+                _check_finite_inputs(
+                    {key_al: (aligned, w_al), key_un: (unaligned, w_un), f"{module}.lora_A": (task, factors.A)}
+                )
+                raise
+            del w_al, w_un
+            flags = [sim.degenerate] if sim.degenerate else []
+            records.append(
+                ModuleRecord(
+                    name=module,
+                    layer=layer_index(module),
+                    module_type=module_type(module),
+                    shape=(d_out, d_in),
+                    rank_task=factors.rank,
+                    rho=sim.rho,
+                    rho_rounded=sim.rho_rounded,
+                    selected=False,
+                    delta_norm_in=lora_delta_norm(factors),
+                    flags=flags,
+                )
+            )
+            bar.advance(job)
+    return records
+
+
+def _scan_inputs(cfg: ScanConfig) -> tuple[Checkpoint, Checkpoint, LoraAdapter, dict[str, Any]]:
+    task = LoraAdapter.load(cfg.task_adapter, label="task adapter")
+    aligned, info_al = _open_checkpoint(cfg.aligned, "aligned", cfg.allow_pickle)
+    unaligned, info_un = _open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
+    inputs = {"aligned": info_al, "unaligned": info_un, "task_adapter": _adapter_info(task, cfg.task_adapter)}
+    return aligned, unaligned, task, inputs
+
+
+def _run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint]:
+    aligned, unaligned, task, inputs = _scan_inputs(cfg)
+    device = resolve_device(cfg.device)
+    records = _similarities(aligned, unaligned, task, device, progress)
+    for rec, chosen in zip(records, select([r.rho for r in records], cfg), strict=True):
+        rec.selected = chosen
+    options = cfg.model_dump(mode="json", exclude={"force"})  # how to write, not what was computed
+    options["selection_policy"] = cfg.policy
+    report = Report(command, inputs, options, records, library_versions())
+    for rec in records:
+        if rec.flags:
+            report.warnings.append(f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0")
+    return report, task, aligned
+
+
+def scan(cfg: ScanConfig, progress: bool = False) -> Report:
+    """Compute ρ for every module of the task adapter and apply the selection policy.
+
+    With `cfg.out`, also writes the report (JSON, Markdown, plot) there, atomically.
+    """
+    from safemerge.report import write_report
+
+    if cfg.out:
+        check_output_dir(Path(cfg.out), cfg.force)
+    report, _, _ = _run_scan(cfg, "scan", progress)
+    if cfg.out:
+        with atomic_output_dir(cfg.out, cfg.force) as tmp:
+            write_report(report, tmp, plot=cfg.plot)
+        report.outputs["report"] = str(Path(cfg.out) / "safemerge_report.json")
+    return report
+
+
+# --- merge -----------------------------------------------------------------------------------------
+def output_scaling(task: LoraAdapter, rank: int) -> tuple[float, float]:
+    """(out_scale, lora_alpha) of the merged adapter.
+
+    When every task module has the same scaling s, the output keeps s (lora_alpha = s · rank), so the
+    factors of unselected modules are stored bit-for-bit unchanged; otherwise the scalings are baked into
+    A and the output scaling is 1 (lora_alpha = rank), as in SPEC §4.
+    """
+    scales = {task.scaling(m) for m in task.lora_modules}
+    if len(scales) == 1:
+        s = scales.pop()
+        alpha = s * rank
+        if s > 0 and alpha / rank == s:
+            return s, alpha
+    return 1.0, float(rank)
+
+
+def merged_factors(
+    cfg: MergeConfig,
+    records: list[ModuleRecord],
+    task: LoraAdapter,
+    safety: LoraAdapter,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float, float]:
+    """Merge selected modules, keep the others; returns factors (float64), rank, out_scale, lora_alpha."""
+    safety_modules = set(safety.lora_modules)
+    r_safety = {m: safety.rank(m) for m in safety.lora_modules}
+    if cfg.mode == "peft-linear":
+        rank = max(r.rank_task for r in records)
+    elif cfg.method != "linear" and cfg.rank is not None:
+        rank = cfg.rank
+        if rank < max(r.rank_task for r in records):
+            raise InputError(f"--rank {rank} is below the task adapter's rank; unselected modules need it")
+    else:
+        rank = max(r.rank_task + r_safety.get(r.name, 0) for r in records)
+    out_scale, alpha = output_scaling(task, rank)
+    w_f, w_s = cfg.weights
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for rec in records:
+        tf = task.factors(rec.name)
+        has_safety = rec.name in safety_modules
+        rec.rank_safety = r_safety.get(rec.name)
+        if rec.selected and not has_safety:
+            rec.flags.append("no-safety-counterpart")
+        if rec.selected and has_safety:
+            sf = safety.factors(rec.name)
+            if cfg.mode == "peft-linear":
+                if tf.rank != sf.rank:
+                    raise InputError(
+                        f"mode peft-linear needs equal ranks: {rec.name} has task r={tf.rank}, safety r={sf.rank}"
+                    )
+                a, b = peft_linear_merge(tf, sf, w_f, w_s, out_scale)
+            elif cfg.method == "linear":
+                a, b = exact_merge(tf, sf, w_f, w_s, out_scale)
+            else:
+                dense = merge_dense(
+                    [tf.delta(), sf.delta()], [w_f, w_s], cfg.method, cfg.density, module_seed(cfg.seed, rec.name)
+                )
+                a, b, rec.svd_rel_error = svd_factors(dense, rank, out_scale, module_seed(cfg.seed + 1, rec.name))
+            rec.merged, rec.w_task, rec.w_safety = True, w_f, w_s
+        else:
+            a, b = exact_merge(tf, None, 1.0, 0.0, out_scale)
+        a, b = pad_rank(a, b, rank)
+        out[rec.name] = (a, b)
+        rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
+    return out, rank, out_scale, alpha
+
+
+def merge(cfg: MergeConfig, progress: bool = False) -> Report:
+    """SafeMERGE: scan, then merge the selected modules with the safety adapter; write everything to `out`."""
+    from safemerge.report import model_card, write_report
+
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.force)
+    safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
+    report, task, aligned = _run_scan(cfg, "merge", progress)
+    report.command = "merge"
+    report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
+    if task.fan_in_fan_out != safety.fan_in_fan_out:
+        raise InputError(
+            f"fan_in_fan_out differs: task adapter {task.fan_in_fan_out}, safety adapter {safety.fan_in_fan_out}"
+        )
+    task_set = set(task.lora_modules)
+    only_safety = [m for m in safety.lora_modules if m not in task_set]
+    if only_safety:
+        msg = (
+            f"{len(only_safety)} module(s) targeted only by the safety adapter are ignored: "
+            f"{', '.join(only_safety[:4])}{' ...' if len(only_safety) > 4 else ''}"
+        )
+        warnings.warn(msg, stacklevel=2)
+        report.warnings.append(msg)
+    factors, rank, out_scale, alpha = merged_factors(cfg, report.modules, task, safety)
+    missing = [r.name for r in report.modules if "no-safety-counterpart" in r.flags]
+    if missing:
+        msg = (
+            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+        )
+        warnings.warn(msg, stacklevel=2)
+        report.warnings.append(msg)
+    report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=alpha)
+    dtype = task.storage_dtype()
+    stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
+    with atomic_output_dir(out, cfg.force) as tmp:
+        write_adapter(tmp, task.config, stored, rank, alpha, cfg.aligned, task.read_extra())
+        (tmp / "README.md").write_text(model_card(report))
+        (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
+        if cfg.merge_into_base:
+            deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}
+            write_merged_model(aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.max_shard_size, progress)
+            report.outputs["full_model"] = str(out / "full_model")
+        report.outputs["adapter"] = str(out)
+        report.outputs["report"] = str(out / "safemerge_report.json")
+        write_report(report, tmp, plot=cfg.plot)
+    return report
+
+
+def _config_yaml(cfg: MergeConfig) -> str:
+    import yaml
+
+    data = cfg.model_dump(mode="json", exclude={"force"})
+    data["weights"] = list(cfg.weights)
+    return "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n" + yaml.safe_dump(
+        data, sort_keys=False
+    )

@@ -1,0 +1,205 @@
+"""Reports of a scan or merge: `safemerge_report.json`, `safemerge_report.md`, `similarity.png`,
+the merged adapter's model card, and the console summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from safemerge.pipeline import ModuleRecord, Report
+
+REPORT_JSON = "safemerge_report.json"
+REPORT_MD = "safemerge_report.md"
+PLOT_PNG = "similarity.png"
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """The JSON form of a report (stable key order; floats unrounded)."""
+    return {
+        "command": report.command,
+        "summary": report.summary,
+        "inputs": report.inputs,
+        "options": report.options,
+        "versions": report.versions,
+        "warnings": report.warnings,
+        "outputs": report.outputs,
+        "modules": [asdict(m) for m in report.modules],
+    }
+
+
+def write_report(report: Report, directory: Path, plot: bool = True) -> None:
+    """Write the JSON and Markdown reports (and the ρ plot) into `directory`."""
+    (directory / REPORT_JSON).write_text(json.dumps(report_dict(report), indent=2) + "\n")
+    (directory / REPORT_MD).write_text(markdown(report))
+    if plot and report.modules:
+        plot_similarity(report, directory / PLOT_PNG)
+
+
+def _threshold(report: Report) -> float | None:
+    t = report.options.get("threshold")
+    return float(t) if t is not None else None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
+
+
+def markdown(report: Report) -> str:
+    """A human-readable report: inputs, options, summary, and the per-module table."""
+    s = report.summary
+    lines = [
+        f"# SafeMERGE {report.command} report",
+        "",
+        f"- aligned: `{report.inputs['aligned']['path']}`",
+        f"- unaligned: `{report.inputs['unaligned']['path']}`",
+        f"- task adapter: `{report.inputs['task_adapter']['path']}`",
+    ]
+    if "safety_adapter" in report.inputs:
+        lines.append(f"- safety adapter: `{report.inputs['safety_adapter']['path']}`")
+    lines += [
+        f"- selection: {report.options.get('selection_policy')}",
+    ]
+    if report.command == "merge":
+        o = report.options
+        lines.append(
+            f"- merge: mode `{o['mode']}`, method `{o['method']}`, weights {tuple(o['weights'])}, "
+            f"output rank {o.get('output_rank')}"
+        )
+    lines += [
+        "",
+        f"**{s['selected']} of {s['modules']} modules selected**"
+        + (f", {s['merged']} merged" if report.command == "merge" else "")
+        + f"; ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
+        "",
+    ]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    header = "| module | ρ | selected |"
+    rule = "|---|---:|:---:|"
+    if report.command == "merge":
+        header += " merged | w_task | w_safety | ‖ΔW‖ in | ‖ΔW‖ out | SVD error |"
+        rule += ":---:|---:|---:|---:|---:|---:|"
+    header += " flags |"
+    rule += "---|"
+    lines += ["## Modules", "", header, rule]
+    for m in report.modules:
+        row = f"| `{m.name}` | {m.rho:.5f} | {'yes' if m.selected else ''} |"
+        if report.command == "merge":
+            row += (
+                f" {'yes' if m.merged else ''} | {m.w_task:g} | {m.w_safety:g} | {_fmt(m.delta_norm_in)} |"
+                f" {_fmt(m.delta_norm_out)} | {_fmt(m.svd_rel_error)} |"
+            )
+        row += f" {', '.join(m.flags)} |"
+        lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def plot_similarity(report: Report, path: Path) -> None:
+    """ρ per layer for each module type, τ drawn, selected modules marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=110)
+    groups: dict[str, list[ModuleRecord]] = {}
+    for m in report.modules:
+        groups.setdefault(m.module_type, []).append(m)
+    for i, (mtype, mods) in enumerate(sorted(groups.items())):
+        xs = [m.layer if m.layer is not None else k for k, m in enumerate(mods)]
+        color = f"C{i}"
+        ax.plot(xs, [m.rho for m in mods], "-", color=color, alpha=0.6, label=mtype)
+        sel = [(x, m.rho) for x, m in zip(xs, mods, strict=True) if m.selected]
+        rest = [(x, m.rho) for x, m in zip(xs, mods, strict=True) if not m.selected]
+        if rest:
+            ax.scatter(*zip(*rest, strict=True), color=color, s=18, marker="o")
+        if sel:
+            ax.scatter(*zip(*sel, strict=True), color=color, s=60, marker="X", edgecolors="black", linewidths=0.5)
+    tau = _threshold(report)
+    if tau is not None:
+        ax.axhline(tau, color="red", linestyle="--", linewidth=1, label=f"τ = {tau:g}")
+    ax.scatter([], [], color="gray", s=60, marker="X", edgecolors="black", label="selected")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ρ (similarity to the safety subspace)")
+    ax.set_title(f"SafeMERGE: {report.summary['selected']} of {report.summary['modules']} modules selected")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def model_card(report: Report) -> str:
+    """README.md of a merged adapter: YAML front matter for the hub, then what was done."""
+    base = report.inputs["aligned"]["path"]
+    s = report.summary
+    o = report.options
+    front = "\n".join(
+        [
+            "---",
+            f"base_model: {base}",
+            "library_name: peft",
+            "tags:",
+            "- safemerge",
+            "- lora",
+            "- safety",
+            "---",
+        ]
+    )
+    body = f"""
+# SafeMERGE adapter
+
+A LoRA adapter for `{base}` produced by [safemerge](https://arxiv.org/abs/2503.17239): the task adapter
+`{report.inputs['task_adapter']['path']}` with the {s['merged']} of {s['modules']} modules whose update left the
+safety subspace (selection: {o.get('selection_policy')}) merged with the safety adapter
+`{report.inputs['safety_adapter']['path']}` (weights {tuple(o['weights'])}, mode `{o['mode']}`, method
+`{o['method']}`). All other modules are the task adapter's, unchanged.
+
+Load it with:
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+model = AutoModelForCausalLM.from_pretrained("{base}")
+model = PeftModel.from_pretrained(model, "PATH_TO_THIS_DIRECTORY")
+```
+
+The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
+`safemerge.yaml`.
+"""
+    return front + "\n" + body
+
+
+def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
+    """A readable summary table on the console (the lowest-ρ modules first when there are many)."""
+    s = report.summary
+    table = Table(title=f"safemerge {report.command}: {s['selected']} of {s['modules']} modules selected")
+    table.add_column("module")
+    table.add_column("ρ", justify="right")
+    table.add_column("selected", justify="center")
+    if report.command == "merge":
+        table.add_column("merged", justify="center")
+        table.add_column("‖ΔW‖ in → out", justify="right")
+    table.add_column("flags")
+    rows = report.modules
+    if len(rows) > max_rows:
+        rows = sorted(rows, key=lambda m: m.rho)[:max_rows]
+        table.caption = f"the {max_rows} lowest-ρ of {len(report.modules)} modules; all in the report"
+    for m in rows:
+        cells = [m.name, f"{m.rho:.5f}", "✔" if m.selected else ""]
+        if report.command == "merge":
+            cells += ["✔" if m.merged else "", f"{_fmt(m.delta_norm_in)} → {_fmt(m.delta_norm_out)}"]
+        cells.append(", ".join(m.flags))
+        table.add_row(*cells)
+    console.print(table)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    for what, where in report.outputs.items():
+        console.print(f"{what}: {where}", highlight=False)

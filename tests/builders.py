@@ -1,0 +1,88 @@
+"""Builders of tiny random models and PEFT adapters in temporary directories (shared by tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+    """A tiny random causal LM (float32)."""
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        return LlamaForCausalLM(cfg)
+    if arch == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        )  # fmt: skip
+        return Qwen2ForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(arch)
+
+
+def save_pair(
+    root: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, shard: str | None = None, seed: int = 0
+) -> tuple[Path, Path]:
+    """Save an 'unaligned' model and an 'aligned' one (= unaligned + a perturbation); return their dirs."""
+    un = tiny_model(arch, seed)
+    al = tiny_model(arch, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in al.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    dirs = []
+    for name, model in (("unaligned", un), ("aligned", al)):
+        d = root / f"{arch}-{name}"
+        model.to(dtype).save_pretrained(d, **kwargs)
+        dirs.append(d)
+    return dirs[1], dirs[0]
+
+
+def save_adapter(
+    base_dir: Path,
+    out: Path,
+    seed: int,
+    r: int = 4,
+    alpha: float = 8,
+    targets: list[str] | None = None,
+    arch: str = "llama",
+    **lora_kwargs: object,
+) -> Path:
+    """A PEFT LoRA adapter on `base_dir` with random non-zero A and B (as if trained)."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or TARGETS[arch], lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def adapter_config(path: Path) -> dict[str, object]:
+    return dict(json.loads((path / "adapter_config.json").read_text()))

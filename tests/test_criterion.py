@@ -1,0 +1,132 @@
+"""ρ from the low-rank path against an independent dense float64 computation of SPEC §3."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safemerge.criterion import (
+    dense_similarity,
+    fraction_count,
+    lowrank_similarity,
+    safety_difference,
+    select_fraction,
+    select_threshold,
+    select_top_k,
+)
+
+
+def dense_reference(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """SPEC §3 written out independently: C explicit, ΔW explicit, everything float64."""
+    v = v.double()
+    dw = b.double() @ a.double()
+    c = v @ v.T / math.sqrt(float((v * v).sum()))
+    cdw = c @ dw
+    return float((cdw * dw).sum() / (math.sqrt(float((cdw * cdw).sum())) * math.sqrt(float((dw * dw).sum()))))
+
+
+def random_case(d_out: int, d_in: int, r: int, v_rank: int | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if v_rank is None:
+        v = torch.randn(d_out, d_in, generator=g)
+    else:
+        v = torch.randn(d_out, v_rank, generator=g) @ torch.randn(v_rank, d_in, generator=g)
+    a = torch.randn(r, d_in, generator=g)
+    b = torch.randn(d_out, r, generator=g)
+    return v, a, b
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "r", "v_rank"),
+    [(64, 64, 8, None), (32, 128, 4, None), (128, 32, 8, None), (96, 96, 8, 3), (16, 64, 16, None), (40, 24, 1, 1)],
+)
+def test_lowrank_matches_dense(d_out: int, d_in: int, r: int, v_rank: int | None) -> None:
+    v, a, b = random_case(d_out, d_in, r, v_rank)
+    sim = lowrank_similarity(v, a, b)
+    ref = dense_reference(v, a, b)
+    assert sim.degenerate is None
+    assert sim.rho == pytest.approx(ref, abs=2e-6)
+    assert dense_similarity(v, b.double() @ a.double()) == pytest.approx(ref, abs=1e-12)
+    assert 0.0 <= sim.rho <= 1.0
+
+
+def test_gqa_shapes_like_llama3() -> None:
+    # v_proj of a GQA model: d_out (KV heads × head dim) much smaller than d_in.
+    v, a, b = random_case(64, 512, 8, seed=3)
+    assert lowrank_similarity(v, a, b).rho == pytest.approx(dense_reference(v, a, b), abs=2e-6)
+
+
+def test_update_inside_the_subspace_has_rho_near_one_and_orthogonal_update_rho_zero() -> None:
+    g = torch.Generator().manual_seed(1)
+    u = torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+    v = u[:, :4] @ torch.randn(4, 48, generator=g)  # V spans the first 4 output directions
+    b_in = u[:, :1]  # update in a single direction of V's column space...
+    a = torch.randn(1, 48, generator=g)
+    # ... aligned with V's dominant right singular vector gives ρ = 1
+    _, _, vh = torch.linalg.svd(v.double())
+    sim_in = lowrank_similarity(v, vh[:1].float(), (v.double() @ vh[0].reshape(-1, 1)).float())
+    assert sim_in.rho == pytest.approx(1.0, abs=1e-6)
+    b_out = u[:, 10:11]  # outside V's column space entirely
+    sim_out = lowrank_similarity(v, a, b_out)
+    assert sim_out.rho < 1e-6  # numerically orthogonal: tiny, not flagged
+    exact = lowrank_similarity(torch.eye(4, 3)[:, :2] @ torch.ones(2, 3), torch.ones(1, 3), torch.eye(4)[:, 3:])
+    assert exact.rho == 0.0 and exact.degenerate == "orthogonal"
+    assert lowrank_similarity(v, a, b_in).rho > 0
+
+
+def test_zero_v_and_zero_update_follow_the_reference_convention() -> None:
+    v, a, b = random_case(32, 32, 4)
+    zero_v = lowrank_similarity(torch.zeros_like(v), a, b)
+    assert zero_v.rho == 0.0 and zero_v.degenerate == "zero-V"
+    zero_b = lowrank_similarity(v, a, torch.zeros_like(b))
+    assert zero_b.rho == 0.0 and zero_b.degenerate == "zero-update"
+    zero_a = lowrank_similarity(v, torch.zeros_like(a), b)
+    assert zero_a.rho == 0.0 and zero_a.degenerate == "zero-update"
+    assert select_threshold([zero_v.rho], 0.35) == [True]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.floats(1e-3, 1e3),
+    st.floats(1e-3, 1e3),
+    st.floats(1e-3, 1e3),
+    st.integers(0, 10_000),
+)
+def test_rho_is_invariant_to_positive_scaling(cv: float, ca: float, cb: float, seed: int) -> None:
+    v, a, b = random_case(24, 20, 3, seed=seed)
+    base = lowrank_similarity(v, a, b).rho
+    assert lowrank_similarity(v * cv, a * ca, b * cb).rho == pytest.approx(base, abs=1e-5)
+
+
+def test_large_magnitudes_fall_back_to_float64() -> None:
+    v, a, b = random_case(16, 16, 2)
+    sim = lowrank_similarity(v * 1e20, a * 1e10, b * 1e10)  # float32 products overflow
+    assert sim.rho == pytest.approx(dense_reference(v, a, b), abs=1e-6)
+
+
+def test_bf16_weights_are_converted_before_subtracting() -> None:
+    w = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
+    w2 = torch.tensor([[1.0078125, 2.0]], dtype=torch.bfloat16)  # one bf16 ulp above 1
+    assert safety_difference(w2, w).dtype == torch.float32
+    assert float(safety_difference(w2, w)[0, 0]) == pytest.approx(0.0078125)
+
+
+def test_threshold_is_strict_and_uses_rounded_rho() -> None:
+    rhos = [0.349994, 0.349996, 0.35, 0.2]
+    # 0.349996 rounds to 0.35, which is not < 0.35
+    assert select_threshold(rhos, 0.35) == [True, False, False, True]
+    assert select_threshold(rhos, 0.0) == [False] * 4
+    assert select_threshold([0.0, 1.0], 1.01) == [True, True]
+
+
+def test_top_k_and_fraction() -> None:
+    rhos = [0.5, 0.1, 0.3, 0.1, 0.9]
+    assert select_top_k(rhos, 2) == [False, True, False, True, False]
+    assert select_top_k(rhos, 0) == [False] * 5
+    assert select_top_k(rhos, 99) == [True] * 5
+    assert fraction_count(5, 0.5) == 3 and fraction_count(4, 0.5) == 2 and fraction_count(10, 0.0) == 0
+    assert select_fraction(rhos, 0.4) == [False, True, False, True, False]
+    for k in range(6):
+        assert sum(select_top_k(rhos, k)) == k
