@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -37,9 +38,171 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
+# --- scan / merge ------------------------------------------------------------------------------------
+# Options default to None so that a YAML config can supply them; the help text states the real default.
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML config whose keys mirror the options; flags override it.")
+]
+AlignedOpt = Annotated[
+    str | None, typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id.")
+]
+UnalignedOpt = Annotated[
+    str | None, typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id.")
+]
+TaskOpt = Annotated[str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),
+]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")]
+FractionOpt = Annotated[
+    float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead.")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="Where the math runs: cpu, cuda or auto (cuda when present). Default cpu.")
+]
+ForceOpt = Annotated[bool | None, typer.Option("--force", help="Overwrite an existing output directory.")]
+PickleOpt = Annotated[
+    bool | None,
+    typer.Option("--allow-pickle", help="Allow pickle (*.bin) checkpoints, loaded with weights_only=True. Default off."),
+]
+PlotOpt = Annotated[bool | None, typer.Option("--plot/--no-plot", help="Write similarity.png. Default on.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
+
+
+@app.command("scan")
+def scan_command(
+    config: ConfigArg = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    task_adapter: TaskOpt = None,
+    threshold: ThresholdOpt = None,
+    top_k: TopKOpt = None,
+    fraction: FractionOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Write the report (JSON, Markdown, plot) here. Optional.")] = None,
+    device: DeviceOpt = None,
+    allow_pickle: PickleOpt = None,
+    force: ForceOpt = None,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute ρ for every module of the task adapter and show which modules SafeMERGE would merge."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
+    from safemerge.config import ScanConfig, load_config
+    from safemerge.pipeline import scan
+    from safemerge.report import print_summary
+
+    def body() -> None:
+        cfg = load_config(ScanConfig, config, _strs(overrides))
+        report = scan(cfg, progress=not quiet)
+        if not quiet:
+            print_summary(report, Console())
+
+    run_guarded(body)
+
+
+@app.command("merge")
+def merge_command(
+    config: ConfigArg = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    task_adapter: TaskOpt = None,
+    safety_adapter: Annotated[
+        str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")] = None,
+    threshold: ThresholdOpt = None,
+    top_k: TopKOpt = None,
+    fraction: FractionOpt = None,
+    weights: Annotated[
+        str | None, typer.Option(help="w_task,w_safety applied to selected modules. Default 0.8,0.2.")
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="exact: lossless rank r_f+r_s merge of the products (default). peft-linear: the released "
+            "code's factor mixing, with its cross terms (needs equal ranks)."
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="linear (default), ties, dare_linear or dare_ties; the last three act on the full ΔW of "
+            "selected modules and re-factorise by truncated SVD."
+        ),
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")
+    ] = None,
+    merge_into_base: Annotated[
+        bool | None,
+        typer.Option("--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."),
+    ] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option(help="Largest shard of the full model. Default 2GB.")
+    ] = None,
+    device: DeviceOpt = None,
+    allow_pickle: PickleOpt = None,
+    force: ForceOpt = None,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Scan, then merge the selected modules with the safety adapter; write a PEFT adapter and a report."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
+    from safemerge.config import MergeConfig, load_config
+    from safemerge.pipeline import merge
+    from safemerge.report import print_summary
+
+    def body() -> None:
+        cfg = load_config(MergeConfig, config, _strs(overrides))
+        report = merge(cfg, progress=not quiet)
+        if not quiet:
+            print_summary(report, Console())
+
+    run_guarded(body)
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to build the inputs and write the results.")] = Path(
+        "demo_out"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output directory.")] = False,
+) -> None:
+    """Run scan + merge on a synthetic toy model with planted 'drifted' modules (seconds, any CPU).
+
+    A sanity check of the engine, not of safety: see the README for what it shows.
+    """
+    from safemerge.demo import run_toy_demo
+    from safemerge.report import print_summary
+
+    def body() -> None:
+        inputs, report = run_toy_demo(out, force=force)
+        print_summary(report, Console())
+        selected = sorted(m.name for m in report.modules if m.selected)
+        verdict = "[green]recovered exactly[/]" if selected == inputs.drifted else "[red]NOT recovered[/]"
+        Console().print(
+            f"planted drifted modules: {len(inputs.drifted)}, selected by SafeMERGE: {len(selected)} — {verdict}"
+        )
+
+    run_guarded(body)
+
+
+def _strs(values: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings, so configs stay plain data."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
 # --- command registration: merge engine (scan, merge, demo) ---
 
 # --- command registration: training and evaluation (train, eval) ---
+from safemerge.evaluate.cli import eval_command  # noqa: E402
+from safemerge.train.cli import train_command  # noqa: E402
+
+app.command("train")(train_command)
+app.command("eval")(eval_command)
 
 # --- command registration: defences and experiments (defend, experiment) ---
 

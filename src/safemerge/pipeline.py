@@ -168,8 +168,8 @@ def _adapter_info(adapter: LoraAdapter, name: str) -> dict[str, Any]:
     }
 
 
-def _check_finite_inputs(tensors: dict[str, tuple[Checkpoint | LoraAdapter, torch.Tensor]]) -> None:
-    for name, (source, t) in tensors.items():
+def _check_finite_inputs(tensors: list[tuple[str, Checkpoint | LoraAdapter, torch.Tensor]]) -> None:
+    for name, source, t in tensors:
         if not bool(torch.isfinite(t.to(torch.float32)).all()):
             where = source.directory
             raise InputError(f"tensor {name!r} of {source.label} {where} has NaN or Inf")
@@ -206,7 +206,7 @@ def _similarities(
                 sim = module_similarity(w_al, w_un, dev_factors, task.fan_in_fan_out)
             except ValueError:
                 _check_finite_inputs(
-                    {key_al: (aligned, w_al), key_un: (unaligned, w_un), f"{module}.lora_A": (task, factors.A)}
+                    [(key_al, aligned, w_al), (key_un, unaligned, w_un), (f"{module}.lora_A", task, factors.A)]
                 )
                 raise
             del w_al, w_un

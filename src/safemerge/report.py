@@ -4,6 +4,7 @@ the merged adapter's model card, and the console summary."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -181,7 +182,7 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
     """A readable summary table on the console (the lowest-ρ modules first when there are many)."""
     s = report.summary
     table = Table(title=f"safemerge {report.command}: {s['selected']} of {s['modules']} modules selected")
-    table.add_column("module")
+    table.add_column("module", overflow="fold", min_width=20)
     table.add_column("ρ", justify="right")
     table.add_column("selected", justify="center")
     if report.command == "merge":
@@ -189,11 +190,15 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
         table.add_column("‖ΔW‖ in → out", justify="right")
     table.add_column("flags")
     rows = report.modules
+    prefix = os.path.commonprefix([m.name for m in rows]) if len(rows) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]  # cut at a dot: "model.layers."
+    if prefix:
+        table.columns[0].header = f"module ({prefix}…)"
     if len(rows) > max_rows:
         rows = sorted(rows, key=lambda m: m.rho)[:max_rows]
         table.caption = f"the {max_rows} lowest-ρ of {len(report.modules)} modules; all in the report"
     for m in rows:
-        cells = [m.name, f"{m.rho:.5f}", "✔" if m.selected else ""]
+        cells = [m.name[len(prefix) :], f"{m.rho:.5f}", "✔" if m.selected else ""]
         if report.command == "merge":
             cells += ["✔" if m.merged else "", f"{_fmt(m.delta_norm_in)} → {_fmt(m.delta_norm_out)}"]
         cells.append(", ".join(m.flags))
