@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,18 +277,17 @@ MODEL_SIDE_FILES = (
 )
 
 
-def write_merged_model(
-    aligned: Checkpoint,
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-    fan_in_fan_out: bool,
+def write_model(
+    source: Checkpoint,
+    edit: Callable[[str, torch.Tensor], torch.Tensor],
     out_dir: Path,
     max_shard_size: str,
     progress: bool = False,
 ) -> None:
-    """Write aligned weights + ΔW (ΔW = scale · B A per module) as sharded safetensors with an index.
+    """Write every tensor of `source`, passed through `edit(name, tensor)`, as sharded safetensors.
 
-    Streams tensor by tensor, holding at most one output shard in memory; every tensor keeps the aligned
-    model's dtype. `deltas` maps module paths to (A, B, scale).
+    Streams tensor by tensor, holding at most one output shard in memory, with an index when there is
+    more than one shard; copies config, generation config and tokenizer files. Refuses NaN/Inf.
     """
     from rich.progress import Progress
     from safetensors.torch import save_file
@@ -296,7 +296,6 @@ def write_merged_model(
 
     limit = parse_size(max_shard_size)
     out_dir.mkdir(parents=True)
-    targets = {find_module_weight(aligned, m): m for m in deltas}
     shards: list[list[str]] = []
     weight_map: dict[str, str] = {}
     current: dict[str, torch.Tensor] = {}
@@ -305,24 +304,17 @@ def write_merged_model(
     def flush() -> None:
         nonlocal current, size
         if current:
-            idx = len(shards)
-            save_file(current, str(out_dir / f"shard-{idx}.tmp"), metadata={"format": "pt"})
+            save_file(current, str(out_dir / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
             shards.append(list(current))
             current, size = {}, 0
 
-    names = sorted(aligned.keys(), key=lambda k: (str(aligned.file_of(k)), k))
+    names = sorted(source.keys(), key=lambda k: (str(source.file_of(k)), k))
     with Progress(transient=True, disable=not progress) as bar:
         job = bar.add_task("writing full model", total=len(names))
         for name in names:
-            t = aligned.get(name)
-            if name in targets:
-                a, b, scale = deltas[targets[name]]
-                delta = (b @ a) * scale
-                if fan_in_fan_out:
-                    delta = delta.T
-                t = (t.to(torch.float32) + delta).to(t.dtype)
+            t = edit(name, source.get(name))
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"tensor {name!r} of the aligned checkpoint {aligned.directory} has NaN or Inf")
+                raise InputError(f"tensor {name!r} of the {source.label} checkpoint {source.directory} has NaN or Inf")
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > limit:
                 flush()
@@ -333,13 +325,37 @@ def write_merged_model(
         flush()
     n = len(shards)
     for idx, keys in enumerate(shards):
-        final = "model.safetensors" if n == 1 else f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
+        final = SAFE_SINGLE if n == 1 else f"model-{idx + 1:05d}-of-{n:05d}.safetensors"
         (out_dir / f"shard-{idx}.tmp").rename(out_dir / final)
         weight_map.update(dict.fromkeys(keys, final))
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     for fname in MODEL_SIDE_FILES:
-        src = aligned.directory / fname
+        src = source.directory / fname
         if src.exists():
             (out_dir / fname).write_bytes(src.read_bytes())
+
+
+def write_merged_model(
+    aligned: Checkpoint,
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    fan_in_fan_out: bool,
+    out_dir: Path,
+    max_shard_size: str,
+    progress: bool = False,
+) -> None:
+    """Write aligned weights + ΔW, with ΔW = scale · B A per module (`deltas`: module → (A, B, scale)).
+
+    Every tensor keeps the aligned model's dtype; the sum is formed in float32.
+    """
+    targets = {find_module_weight(aligned, m): m for m in deltas}
+
+    def add_delta(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in targets:
+            return t
+        a, b, scale = deltas[targets[name]]
+        delta = (b @ a) * scale
+        return (t.to(torch.float32) + (delta.T if fan_in_fan_out else delta)).to(t.dtype)
+
+    write_model(aligned, add_delta, out_dir, max_shard_size, progress)
