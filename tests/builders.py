@@ -43,7 +43,11 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
 
 
 def save_pair(
-    root: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, shard: str | None = None, seed: int = 0
+    root: Path,
+    arch: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    shard: str | None = None,
+    seed: int = 0,
 ) -> tuple[Path, Path]:
     """Save an 'unaligned' model and an 'aligned' one (= unaligned + a perturbation); return their dirs."""
     un = tiny_model(arch, seed)
@@ -73,7 +77,9 @@ def save_adapter(
 ) -> Path:
     """A PEFT LoRA adapter on `base_dir` with random non-zero A and B (as if trained)."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or TARGETS[arch], lora_dropout=0.0, **lora_kwargs)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=targets or TARGETS[arch], lora_dropout=0.0, **lora_kwargs
+    )
     peft_model = get_peft_model(model, cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

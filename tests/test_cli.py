@@ -57,9 +57,11 @@ def edit_tensors(directory: Path, fname: str, fn) -> None:
 
 
 def test_scan_and_merge_succeed_and_print_a_summary(env: dict[str, Path], tmp_path: Path) -> None:
-    code, out = invoke(["scan", "-a", str(env["aligned"]), "-u", str(env["unaligned"]), "-t", str(env["task"])])
+    code, out = invoke(
+        ["scan", "-a", str(env["aligned"]), "-u", str(env["unaligned"]), "-t", str(env["task"])]
+    )
     assert code == 0, out
-    assert "modules selected" in out and "model.layers.0.self_attn.q_proj" in out
+    assert "modules selected" in out and "model.layers.…" in out and "0.self_attn.q_proj" in out
     code, out = invoke([*merge_args(env, tmp_path / "m"), "--top-k", "2", "--weights", "0.7,0.3"])
     assert code == 0, out
     report = json.loads((tmp_path / "m" / "safemerge_report.json").read_text())
@@ -81,7 +83,9 @@ def test_yaml_config_with_flag_overrides(env: dict[str, Path], tmp_path: Path) -
     assert report["options"]["weights"] == [0.6, 0.4]  # from the YAML
     assert report["summary"]["merged"] == 1
     # the resolved config reruns the same merge
-    code, out = invoke(["merge", str(tmp_path / "from_yaml" / "safemerge.yaml"), "--out", str(tmp_path / "again")])
+    code, out = invoke(
+        ["merge", str(tmp_path / "from_yaml" / "safemerge.yaml"), "--out", str(tmp_path / "again")]
+    )
     assert code == 0, out
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == (
         tmp_path / "from_yaml" / "adapter_model.safetensors"
@@ -126,7 +130,9 @@ def test_adapter_for_another_architecture(env: dict[str, Path], tmp_path: Path) 
     g_al, _ = save_pair(tmp_path, "gpt2", torch.float32)
     gpt_adapter = save_adapter(g_al, tmp_path / "gpt2_task", seed=1, arch="gpt2", fan_in_fan_out=True)
     out = tmp_path / "out"
-    assert_bad(env, merge_args(env, out, task=gpt_adapter), out, "transformer.h.0.attn.c_attn", "architecture")
+    assert_bad(
+        env, merge_args(env, out, task=gpt_adapter), out, "transformer.h.0.attn.c_attn", "architecture"
+    )
 
 
 @pytest.mark.parametrize("where", ["aligned", "task", "safety"])
@@ -135,7 +141,10 @@ def test_nan_or_inf_in_inputs(env: dict[str, Path], tmp_path: Path, where: str) 
     if where == "aligned":
         key, fname, val = "model.layers.2.self_attn.q_proj.weight", "model.safetensors", float("nan")
     else:
-        key, fname = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight", "adapter_model.safetensors"
+        key, fname = (
+            "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight",
+            "adapter_model.safetensors",
+        )
         val = float("inf")
 
     def poison(t: dict[str, torch.Tensor]) -> None:
@@ -185,7 +194,11 @@ def test_truncated_or_corrupted_safetensors(env: dict[str, Path], tmp_path: Path
     un = copy_dir(env["unaligned"], tmp_path / "un")
     f = un / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[20:])
+    f.write_bytes(
+        data[: len(data) // 2]
+        if damage == "truncate"
+        else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[20:]
+    )
     out = tmp_path / "out"
     assert_bad(env, merge_args(env, out, unaligned=un), out, str(f))
 

@@ -40,7 +40,14 @@ def random_case(d_out: int, d_in: int, r: int, v_rank: int | None = None, seed: 
 
 @pytest.mark.parametrize(
     ("d_out", "d_in", "r", "v_rank"),
-    [(64, 64, 8, None), (32, 128, 4, None), (128, 32, 8, None), (96, 96, 8, 3), (16, 64, 16, None), (40, 24, 1, 1)],
+    [
+        (64, 64, 8, None),
+        (32, 128, 4, None),
+        (128, 32, 8, None),
+        (96, 96, 8, 3),
+        (16, 64, 16, None),
+        (40, 24, 1, 1),
+    ],
 )
 def test_lowrank_matches_dense(d_out: int, d_in: int, r: int, v_rank: int | None) -> None:
     v, a, b = random_case(d_out, d_in, r, v_rank)
@@ -71,7 +78,9 @@ def test_update_inside_the_subspace_has_rho_near_one_and_orthogonal_update_rho_z
     b_out = u[:, 10:11]  # outside V's column space entirely
     sim_out = lowrank_similarity(v, a, b_out)
     assert sim_out.rho < 1e-6  # numerically orthogonal: tiny, not flagged
-    exact = lowrank_similarity(torch.eye(4, 3)[:, :2] @ torch.ones(2, 3), torch.ones(1, 3), torch.eye(4)[:, 3:])
+    exact = lowrank_similarity(
+        torch.eye(4, 3)[:, :2] @ torch.ones(2, 3), torch.ones(1, 3), torch.eye(4)[:, 3:]
+    )
     assert exact.rho == 0.0 and exact.degenerate == "orthogonal"
     assert lowrank_similarity(v, a, b_in).rho > 0
 

@@ -79,7 +79,9 @@ def cfg(env: dict[str, Path], out: Path, **kw: object) -> MergeConfig:
         ("gpt2", torch.bfloat16, "50KB"),
     ],
 )
-def test_exact_mode_matches_peft_cat_and_the_formula(tmp_path: Path, arch: str, dtype: torch.dtype, shard) -> None:
+def test_exact_mode_matches_peft_cat_and_the_formula(
+    tmp_path: Path, arch: str, dtype: torch.dtype, shard
+) -> None:
     al, un = save_pair(tmp_path, arch, dtype, shard=shard)
     kw = {"fan_in_fan_out": True} if arch == "gpt2" else {}
     task = save_adapter(al, tmp_path / "task", seed=1, r=4, alpha=8, arch=arch, **kw)
@@ -132,7 +134,9 @@ def test_top_k_merges_exactly_k_and_keeps_the_rest(llama: dict[str, Path], tmp_p
     assert len(chosen) == 2 and all(m.merged for m in chosen)
     rest = sorted(m.rho for m in report.modules if not m.selected)
     assert max(m.rho for m in chosen) <= rest[0]
-    ref = peft_deltas(llama["aligned"], {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"})
+    ref = peft_deltas(
+        llama["aligned"], {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"}
+    )
     for m in report.modules:
         got = ref["out"][m.name]
         if m.selected:
@@ -162,7 +166,9 @@ def test_peft_linear_mode_matches_peft_linear(llama: dict[str, Path], tmp_path: 
         assert (got - plain).norm() > 1e-3 * plain.norm()
 
 
-def test_logits_of_output_adapter_match_weights_edited_by_the_formula(llama: dict[str, Path], tmp_path: Path) -> None:
+def test_logits_of_output_adapter_match_weights_edited_by_the_formula(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
     report = merge(cfg(llama, tmp_path / "out", top_k=3, weights=(0.7, 0.4)))
     tokens = torch.tensor([[1, 5, 9, 22, 40, 3]])
     model = AutoModelForCausalLM.from_pretrained(llama["aligned"], dtype=torch.float32)
@@ -211,7 +217,9 @@ def test_merge_into_base_loads_and_matches_adapter_logits(tmp_path: Path, dtype:
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
-def test_dense_methods_are_reproducible_and_report_svd_error(llama: dict[str, Path], tmp_path: Path, method: str) -> None:
+def test_dense_methods_are_reproducible_and_report_svd_error(
+    llama: dict[str, Path], tmp_path: Path, method: str
+) -> None:
     r1 = merge(cfg(llama, tmp_path / "a", top_k=3, method=method, seed=3))
     merge(cfg(llama, tmp_path / "b", top_k=3, method=method, seed=3))
     a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
@@ -223,12 +231,16 @@ def test_dense_methods_are_reproducible_and_report_svd_error(llama: dict[str, Pa
         assert a != (tmp_path / "c" / "adapter_model.safetensors").read_bytes()
 
 
-def test_svd_error_is_zero_for_linear_through_svd_with_enough_rank(llama: dict[str, Path], tmp_path: Path) -> None:
+def test_svd_error_is_zero_for_linear_through_svd_with_enough_rank(
+    llama: dict[str, Path], tmp_path: Path
+) -> None:
     # DARE at density 1 drops nothing: the merge is w_f ΔW_f + w_s ΔW_s, rank 4 + 4 = the output rank.
     with pytest.warns(UserWarning, match="no pruning"):
         report = merge(cfg(llama, tmp_path / "out", threshold=1.01, method="dare_linear", density=1.0))
     assert all(m.svd_rel_error is not None and m.svd_rel_error < 1e-6 for m in report.modules)
-    ref = peft_deltas(llama["aligned"], {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"})
+    ref = peft_deltas(
+        llama["aligned"], {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"}
+    )
     for m in report.modules:
         expected = 0.8 * ref["task"][m.name] + 0.2 * ref["safety"][m.name]
         torch.testing.assert_close(ref["out"][m.name], expected, rtol=1e-5, atol=1e-5)
@@ -239,12 +251,25 @@ def test_report_files_and_fields(llama: dict[str, Path], tmp_path: Path) -> None
     c.plot = True
     merge(c)
     out = tmp_path / "out"
-    for f in ("safemerge_report.json", "safemerge_report.md", "similarity.png", "README.md", "safemerge.yaml"):
+    for f in (
+        "safemerge_report.json",
+        "safemerge_report.md",
+        "similarity.png",
+        "README.md",
+        "safemerge.yaml",
+    ):
         assert (out / f).exists(), f
     data = json.loads((out / "safemerge_report.json").read_text())
-    assert {"name", "rho", "selected", "merged", "layer", "module_type", "delta_norm_in", "delta_norm_out"} <= set(
-        data["modules"][0]
-    )
+    assert {
+        "name",
+        "rho",
+        "selected",
+        "merged",
+        "layer",
+        "module_type",
+        "delta_norm_in",
+        "delta_norm_out",
+    } <= set(data["modules"][0])
     assert data["modules"][0]["name"] == "model.layers.0.self_attn.q_proj"
     assert len(data["inputs"]["task_adapter"]["sha256"]) == 64
     assert data["options"]["threshold"] == 0.35 and data["versions"]["peft"]

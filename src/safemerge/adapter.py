@@ -120,13 +120,17 @@ class LoraAdapter:
                 extra.append(key)
                 continue
             if len(info["shape"]) != 2:
-                raise InputError(f"{weights}: {key!r} has shape {info['shape']}; only Linear/Conv1D LoRA is supported")
+                raise InputError(
+                    f"{weights}: {key!r} has shape {info['shape']}; only Linear/Conv1D LoRA is supported"
+                )
             modules.setdefault(m["module"], set()).add(m["which"])
             if m["which"] == "A":
                 ranks[m["module"]] = int(info["shape"][0])
         incomplete = [mod for mod, which in modules.items() if which != {"A", "B"}]
         if incomplete:
-            raise InputError(f"{weights}: modules without both lora_A and lora_B: {', '.join(incomplete[:5])}")
+            raise InputError(
+                f"{weights}: modules without both lora_A and lora_B: {', '.join(incomplete[:5])}"
+            )
         if not modules:
             raise InputError(f"{weights}: no LoRA tensors found — {label}")
         if extra:
@@ -175,7 +179,9 @@ class LoraAdapter:
             a = fh.get_tensor(_find_key(fh, module, "A")).to(torch.float32)
             b = fh.get_tensor(_find_key(fh, module, "B")).to(torch.float32)
         if a.shape[0] != b.shape[1]:
-            raise InputError(f"{self.weights_file}: {module} lora_A {tuple(a.shape)} vs lora_B {tuple(b.shape)}")
+            raise InputError(
+                f"{self.weights_file}: {module} lora_A {tuple(a.shape)} vs lora_B {tuple(b.shape)}"
+            )
         for which, t in (("lora_A", a), ("lora_B", b)):
             if not bool(torch.isfinite(t).all()):
                 raise InputError(f"{self.weights_file}: {module}.{which} has NaN or Inf")
@@ -198,7 +204,7 @@ class LoraAdapter:
 
 def _find_key(fh: Any, module: str, which: str) -> str:
     for key in (f"{PREFIX}{module}.lora_{which}.weight", f"{module}.lora_{which}.weight"):
-        if key in fh.keys():
+        if key in fh.keys():  # noqa: SIM118 (safe_open handles have keys(), no __contains__)
             return key
     raise InputError(f"lora_{which} of {module} not found")
 

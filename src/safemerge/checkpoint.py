@@ -139,8 +139,7 @@ class Checkpoint:
         found = [c for c in candidates if c.exists()]
         if not found:
             raise InputError(
-                f"{self.directory}: no model.safetensors, {SAFE_INDEX} or *.safetensors found "
-                f"({self.label})"
+                f"{self.directory}: no model.safetensors, {SAFE_INDEX} or *.safetensors found ({self.label})"
             )
         if not allow_pickle:
             raise InputError(
@@ -198,7 +197,7 @@ class Checkpoint:
             # Open per read: the file is memory-mapped while open, and a long-lived handle would keep
             # every page read so far resident (RSS growing with the number of layers).
             with safe_open(str(f), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)  # type: ignore[no-any-return]
+                return handle.get_tensor(name)
         except Exception as exc:
             raise InputError(f"{f}: cannot read tensor {name!r}: {exc}") from exc
 
@@ -206,7 +205,9 @@ class Checkpoint:
         """Read one tensor converted to float32, refusing NaN or Inf values."""
         t = self.get(name).to(torch.float32)
         if not bool(torch.isfinite(t).all()):
-            raise InputError(f"tensor {name!r} of the {self.label} checkpoint {self.directory} has NaN or Inf")
+            raise InputError(
+                f"tensor {name!r} of the {self.label} checkpoint {self.directory} has NaN or Inf"
+            )
         return t
 
     def fingerprint(self) -> str:
@@ -252,7 +253,7 @@ def find_module_weight(ckpt: Checkpoint, module_path: str) -> str:
         if key in ckpt:
             return key
     leaf = module_path.rsplit(".", 1)[-1]
-    near = [k for k in ckpt.keys() if k.endswith(f"{leaf}.weight")][:5]
+    near = [k for k in ckpt.keys() if k.endswith(f"{leaf}.weight")][:5]  # noqa: SIM118
     hint = f" (keys with the same leaf: {', '.join(near)})" if near else ""
     raise InputError(
         f"module {module_path!r}: no weight {module_path}.weight in the {ckpt.label} checkpoint "
@@ -314,7 +315,9 @@ def write_model(
         for name in names:
             t = edit(name, source.get(name))
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InputError(f"tensor {name!r} of the {source.label} checkpoint {source.directory} has NaN or Inf")
+                raise InputError(
+                    f"tensor {name!r} of the {source.label} checkpoint {source.directory} has NaN or Inf"
+                )
             nbytes = t.numel() * t.element_size()
             if current and size + nbytes > limit:
                 flush()

@@ -62,7 +62,7 @@ class MergeConfig(ScanConfig):
     """Inputs and options of `safemerge merge`."""
 
     safety_adapter: str = Field(description="the safety LoRA trained on the aligned model")
-    out: str = Field(description="output directory (PEFT adapter, report, optionally the full model)")  # type: ignore[assignment]
+    out: str = Field(description="output directory (PEFT adapter, report, optionally the full model)")
     weights: tuple[float, float] = Field((0.8, 0.2), description="(w_task, w_safety) on selected modules")
     mode: Literal["exact", "peft-linear"] = "exact"
     method: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"

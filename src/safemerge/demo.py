@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -64,13 +64,13 @@ def build_toy_inputs(root: Path, layers: int = 4, hidden: int = 64, r: int = 4, 
         peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
         with torch.no_grad():
             for module, (u, w) in bases.items():
-                lin = peft_model.base_model.model.get_submodule(module)
+                lin: Any = peft_model.base_model.model.get_submodule(module)  # type: ignore[union-attr]
                 # in the subspace: B spans V's column space; drifted: B spans directions V never uses
                 cols = u[:, -r:] if module in drifted else u[:, :r]
                 noise = 0.3 * torch.randn(cols.shape, generator=gen) / cols.shape[0] ** 0.5
                 lin.lora_B["default"].weight.copy_(scale * (cols + noise))
                 lin.lora_A["default"].weight.copy_(scale * w[:, :r].T)
-        peft_model.save_pretrained(path)
+        peft_model.save_pretrained(str(path))
         peft_model.unload()
 
     modules = list(bases)

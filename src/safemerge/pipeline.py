@@ -154,7 +154,12 @@ def library_versions() -> dict[str, str]:
 def _open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
     directory, revision = resolve_local_dir(name, allow_pickle=allow_pickle)
     ckpt = Checkpoint(directory, allow_pickle=allow_pickle, label=label)
-    info = {"path": str(name), "local_dir": str(directory), "revision": revision, "fingerprint": ckpt.fingerprint()}
+    info = {
+        "path": str(name),
+        "local_dir": str(directory),
+        "revision": revision,
+        "fingerprint": ckpt.fingerprint(),
+    }
     return ckpt, info
 
 
@@ -206,7 +211,11 @@ def _similarities(
                 sim = module_similarity(w_al, w_un, dev_factors, task.fan_in_fan_out)
             except ValueError:
                 _check_finite_inputs(
-                    [(key_al, aligned, w_al), (key_un, unaligned, w_un), (f"{module}.lora_A", task, factors.A)]
+                    [
+                        (key_al, aligned, w_al),
+                        (key_un, unaligned, w_un),
+                        (f"{module}.lora_A", task, factors.A),
+                    ]
                 )
                 raise
             del w_al, w_un
@@ -248,7 +257,9 @@ def _run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, Lo
     report = Report(command, inputs, options, records, library_versions())
     for rec in records:
         if rec.flags:
-            report.warnings.append(f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0")
+            report.warnings.append(
+                f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0"
+            )
     return report, task, aligned
 
 
@@ -317,16 +328,23 @@ def merged_factors(
             if cfg.mode == "peft-linear":
                 if tf.rank != sf.rank:
                     raise InputError(
-                        f"mode peft-linear needs equal ranks: {rec.name} has task r={tf.rank}, safety r={sf.rank}"
+                        f"mode peft-linear needs equal ranks: {rec.name} has task r={tf.rank}, "
+                        f"safety r={sf.rank}"
                     )
                 a, b = peft_linear_merge(tf, sf, w_f, w_s, out_scale)
             elif cfg.method == "linear":
                 a, b = exact_merge(tf, sf, w_f, w_s, out_scale)
             else:
                 dense = merge_dense(
-                    [tf.delta(), sf.delta()], [w_f, w_s], cfg.method, cfg.density, module_seed(cfg.seed, rec.name)
+                    [tf.delta(), sf.delta()],
+                    [w_f, w_s],
+                    cfg.method,
+                    cfg.density,
+                    module_seed(cfg.seed, rec.name),
                 )
-                a, b, rec.svd_rel_error = svd_factors(dense, rank, out_scale, module_seed(cfg.seed + 1, rec.name))
+                a, b, rec.svd_rel_error = svd_factors(
+                    dense, rank, out_scale, module_seed(cfg.seed + 1, rec.name)
+                )
             rec.merged, rec.w_task, rec.w_safety = True, w_f, w_s
         else:
             a, b = exact_merge(tf, None, 1.0, 0.0, out_scale)
@@ -348,7 +366,8 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
     if task.fan_in_fan_out != safety.fan_in_fan_out:
         raise InputError(
-            f"fan_in_fan_out differs: task adapter {task.fan_in_fan_out}, safety adapter {safety.fan_in_fan_out}"
+            f"fan_in_fan_out differs: task adapter {task.fan_in_fan_out}, "
+            f"safety adapter {safety.fan_in_fan_out}"
         )
     task_set = set(task.lora_modules)
     only_safety = [m for m in safety.lora_modules if m not in task_set]
@@ -376,8 +395,12 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         (tmp / "README.md").write_text(model_card(report))
         (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
         if cfg.merge_into_base:
-            deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}
-            write_merged_model(aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.max_shard_size, progress)
+            deltas = {
+                m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()
+            }
+            write_merged_model(
+                aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.max_shard_size, progress
+            )
             report.outputs["full_model"] = str(out / "full_model")
         report.outputs["adapter"] = str(out)
         report.outputs["report"] = str(out / "safemerge_report.json")
@@ -390,6 +413,7 @@ def _config_yaml(cfg: MergeConfig) -> str:
 
     data = cfg.model_dump(mode="json", exclude={"force"})
     data["weights"] = list(cfg.weights)
-    return "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n" + yaml.safe_dump(
-        data, sort_keys=False
+    return (
+        "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n"
+        + yaml.safe_dump(data, sort_keys=False)
     )

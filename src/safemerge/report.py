@@ -119,9 +119,10 @@ def plot_similarity(report: Report, path: Path) -> None:
         sel = [(x, m.rho) for x, m in zip(xs, mods, strict=True) if m.selected]
         rest = [(x, m.rho) for x, m in zip(xs, mods, strict=True) if not m.selected]
         if rest:
-            ax.scatter(*zip(*rest, strict=True), color=color, s=18, marker="o")
+            ax.scatter([x for x, _ in rest], [y for _, y in rest], color=color, s=18, marker="o")
         if sel:
-            ax.scatter(*zip(*sel, strict=True), color=color, s=60, marker="X", edgecolors="black", linewidths=0.5)
+            sx, sy = [x for x, _ in sel], [y for _, y in sel]
+            ax.scatter(sx, sy, color=color, s=60, marker="X", edgecolors="black", linewidths=0.5)
     tau = _threshold(report)
     if tau is not None:
         ax.axhline(tau, color="red", linestyle="--", linewidth=1, label=f"τ = {tau:g}")
@@ -157,10 +158,11 @@ def model_card(report: Report) -> str:
 # SafeMERGE adapter
 
 A LoRA adapter for `{base}` produced by [safemerge](https://arxiv.org/abs/2503.17239): the task adapter
-`{report.inputs['task_adapter']['path']}` with the {s['merged']} of {s['modules']} modules whose update left the
-safety subspace (selection: {o.get('selection_policy')}) merged with the safety adapter
-`{report.inputs['safety_adapter']['path']}` (weights {tuple(o['weights'])}, mode `{o['mode']}`, method
-`{o['method']}`). All other modules are the task adapter's, unchanged.
+`{report.inputs["task_adapter"]["path"]}` with the {s["merged"]} of {s["modules"]} modules whose update left
+the
+safety subspace (selection: {o.get("selection_policy")}) merged with the safety adapter
+`{report.inputs["safety_adapter"]["path"]}` (weights {tuple(o["weights"])}, mode `{o["mode"]}`, method
+`{o["method"]}`). All other modules are the task adapter's, unchanged.
 
 Load it with:
 
@@ -190,7 +192,7 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
         table.add_column("‖ΔW‖ in → out", justify="right")
     table.add_column("flags")
     rows = report.modules
-    prefix = os.path.commonprefix([m.name for m in rows]) if len(rows) > 1 else ""
+    prefix = os.path.commonprefix([m.name for m in rows]) if len(rows) > 1 else ""  # noqa: RUF071
     prefix = prefix[: prefix.rfind(".") + 1]  # cut at a dot: "model.layers."
     if prefix:
         table.columns[0].header = f"module ({prefix}…)"
