@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from safemerge.config import MergeConfig, ScanConfig
+from safemerge.errors import InputError
 from safemerge.pipeline import merge, scan
 
 F64 = torch.float64
@@ -342,3 +343,27 @@ def test_modules_to_save_are_carried_through(llama: dict[str, Path], tmp_path: P
     assert extra and all(torch.equal(t[k], o[k]) for k in extra)
     model = AutoModelForCausalLM.from_pretrained(llama["aligned"], dtype=torch.float32)
     PeftModel.from_pretrained(model, tmp_path / "out")  # loads
+
+
+def test_hub_ids_resolve_from_the_local_cache_offline(
+    llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    for repo, src in (("acme--aligned", "aligned"), ("acme--unaligned", "unaligned"), ("acme--task", "task")):
+        root = cache / f"models--{repo}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(revision)
+        shutil.copytree(llama[src], root / "snapshots" / revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    report = scan(ScanConfig(aligned="acme/aligned", unaligned="acme/unaligned", task_adapter="acme/task"))
+    local = scan(ScanConfig(aligned=str(llama["aligned"]), unaligned=str(llama["unaligned"]),
+                            task_adapter=str(llama["task"])))  # fmt: skip
+    assert [m.rho for m in report.modules] == [m.rho for m in local.modules]
+    assert report.inputs["aligned"]["revision"] == revision
+    with pytest.raises(InputError, match="acme/missing"):
+        scan(ScanConfig(aligned="acme/missing", unaligned="acme/unaligned", task_adapter="acme/task"))
