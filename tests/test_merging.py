@@ -147,3 +147,16 @@ def test_randomised_svd_for_large_matrices_is_exact_on_low_rank_and_seeded() -> 
     a2, b2, _ = svd_factors(low, rank=8, out_scale=1.0, seed=5)
     assert err < 1e-9
     assert torch.equal(a1, a2) and torch.equal(b1, b2)
+
+
+def test_merge_modules_on_in_memory_factors() -> None:
+    from safemerge.pipeline import merge_modules
+
+    task = {"m.q": factors(6, 5, 2, 2.0, 0), "m.v": factors(4, 5, 2, 2.0, 1), "m.k": factors(4, 5, 2, 2.0, 2)}
+    safety = {"m.q": factors(6, 5, 3, 0.5, 3), "m.v": factors(4, 5, 3, 0.5, 4)}
+    out = merge_modules(task, safety, {"m.q", "m.k"}, weights=(0.7, 0.3))
+    assert out.rank == 5 and out.scaling == 2.0 and out.lora_alpha == 10.0
+    assert out.merged == {"m.q"} and out.no_safety_counterpart == ["m.k"]
+    for name, (a, b) in out.factors.items():
+        expected = dw(task[name]) if name not in out.merged else 0.7 * dw(task[name]) + 0.3 * dw(safety[name])
+        torch.testing.assert_close(out.scaling * (b @ a), expected, rtol=1e-12, atol=1e-12)

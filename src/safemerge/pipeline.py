@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import platform
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,14 +281,14 @@ def scan(cfg: ScanConfig, progress: bool = False) -> Report:
 
 
 # --- merge -----------------------------------------------------------------------------------------
-def output_scaling(task: LoraAdapter, rank: int) -> tuple[float, float]:
-    """(out_scale, lora_alpha) of the merged adapter.
+def output_scaling(scalings: Collection[float], rank: int) -> tuple[float, float]:
+    """(out_scale, lora_alpha) of the merged adapter, given the task modules' scalings.
 
     When every task module has the same scaling s, the output keeps s (lora_alpha = s · rank), so the
     factors of unselected modules are stored bit-for-bit unchanged; otherwise the scalings are baked into
     A and the output scaling is 1 (lora_alpha = rank), as in SPEC §4.
     """
-    scales = {task.scaling(m) for m in task.lora_modules}
+    scales = set(scalings)
     if len(scales) == 1:
         s = scales.pop()
         alpha = s * rank
@@ -297,61 +297,77 @@ def output_scaling(task: LoraAdapter, rank: int) -> tuple[float, float]:
     return 1.0, float(rank)
 
 
-def merged_factors(
-    cfg: MergeConfig,
-    records: list[ModuleRecord],
-    task: LoraAdapter,
-    safety: LoraAdapter,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float, float]:
-    """Merge selected modules, keep the others; returns factors (float64), rank, out_scale, lora_alpha."""
-    safety_modules = set(safety.lora_modules)
-    r_safety = {m: safety.rank(m) for m in safety.lora_modules}
-    if cfg.mode == "peft-linear":
-        rank = max(r.rank_task for r in records)
-    elif cfg.method != "linear" and cfg.rank is not None:
-        rank = cfg.rank
-        if rank < max(r.rank_task for r in records):
-            raise InputError(f"--rank {rank} is below the task adapter's rank; unselected modules need it")
+@dataclass
+class MergedAdapter:
+    """The result of merging factors: one (A, B) per module (float64), sharing `rank` and `scaling`."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    scaling: float
+    lora_alpha: float
+    merged: set[str] = field(default_factory=set)
+    no_safety_counterpart: list[str] = field(default_factory=list)
+    svd_rel_errors: dict[str, float] = field(default_factory=dict)
+
+
+def merge_modules(
+    task: Mapping[str, LoraFactors],
+    safety: Mapping[str, LoraFactors],
+    selected: Collection[str],
+    *,
+    weights: tuple[float, float] = (0.8, 0.2),
+    mode: str = "exact",
+    method: str = "linear",
+    density: float = 0.5,
+    seed: int = 0,
+    rank: int | None = None,
+) -> MergedAdapter:
+    """Merge the selected task modules with their safety counterparts; keep every other module.
+
+    Tensor-level API (adapters held in memory); `merge()` calls it with factors read from disk.
+    A selected module without a safety counterpart is kept as fine-tuned and listed.
+    """
+    if not task:
+        raise InputError("no task modules to merge")
+    r_max = max(f.rank for f in task.values())
+    if mode == "peft-linear":
+        out_rank = r_max
+    elif method != "linear" and rank is not None:
+        if rank < r_max:
+            raise InputError(
+                f"--rank {rank} is below the task adapter's rank {r_max}; unselected modules need it"
+            )
+        out_rank = rank
     else:
-        rank = max(r.rank_task + r_safety.get(r.name, 0) for r in records)
-    out_scale, alpha = output_scaling(task, rank)
-    w_f, w_s = cfg.weights
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for rec in records:
-        tf = task.factors(rec.name)
-        has_safety = rec.name in safety_modules
-        rec.rank_safety = r_safety.get(rec.name)
-        if rec.selected and not has_safety:
-            rec.flags.append("no-safety-counterpart")
-        if rec.selected and has_safety:
-            sf = safety.factors(rec.name)
-            if cfg.mode == "peft-linear":
+        out_rank = max(f.rank + (safety[m].rank if m in safety else 0) for m, f in task.items())
+    out_scale, alpha = output_scaling([f.scaling for f in task.values()], out_rank)
+    result = MergedAdapter({}, out_rank, out_scale, alpha)
+    w_f, w_s = weights
+    for name, tf in task.items():
+        sf = safety.get(name)
+        if name in selected and sf is None:
+            result.no_safety_counterpart.append(name)
+        if name in selected and sf is not None:
+            if mode == "peft-linear":
                 if tf.rank != sf.rank:
                     raise InputError(
-                        f"mode peft-linear needs equal ranks: {rec.name} has task r={tf.rank}, "
-                        f"safety r={sf.rank}"
+                        f"mode peft-linear needs equal ranks: {name} has task r={tf.rank}, safety r={sf.rank}"
                     )
                 a, b = peft_linear_merge(tf, sf, w_f, w_s, out_scale)
-            elif cfg.method == "linear":
+            elif method == "linear":
                 a, b = exact_merge(tf, sf, w_f, w_s, out_scale)
             else:
                 dense = merge_dense(
-                    [tf.delta(), sf.delta()],
-                    [w_f, w_s],
-                    cfg.method,
-                    cfg.density,
-                    module_seed(cfg.seed, rec.name),
+                    [tf.delta(), sf.delta()], [w_f, w_s], method, density, module_seed(seed, name)
                 )
-                a, b, rec.svd_rel_error = svd_factors(
-                    dense, rank, out_scale, module_seed(cfg.seed + 1, rec.name)
+                a, b, result.svd_rel_errors[name] = svd_factors(
+                    dense, out_rank, out_scale, module_seed(seed + 1, name)
                 )
-            rec.merged, rec.w_task, rec.w_safety = True, w_f, w_s
+            result.merged.add(name)
         else:
             a, b = exact_merge(tf, None, 1.0, 0.0, out_scale)
-        a, b = pad_rank(a, b, rank)
-        out[rec.name] = (a, b)
-        rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
-    return out, rank, out_scale, alpha
+        result.factors[name] = pad_rank(a, b, out_rank)
+    return result
 
 
 def merge(cfg: MergeConfig, progress: bool = False) -> Report:
@@ -378,8 +394,29 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         )
         warnings.warn(msg, stacklevel=2)
         report.warnings.append(msg)
-    factors, rank, out_scale, alpha = merged_factors(cfg, report.modules, task, safety)
-    missing = [r.name for r in report.modules if "no-safety-counterpart" in r.flags]
+    task_factors = {m: task.factors(m) for m in task.lora_modules}
+    safety_factors = {m: safety.factors(m) for m in safety.lora_modules if m in task_set}
+    result = merge_modules(
+        task_factors,
+        safety_factors,
+        {r.name for r in report.modules if r.selected},
+        weights=cfg.weights,
+        mode=cfg.mode,
+        method=cfg.method,
+        density=cfg.density,
+        seed=cfg.seed,
+        rank=cfg.rank,
+    )
+    for rec in report.modules:
+        rec.rank_safety = safety.rank(rec.name) if rec.name in safety_factors else None
+        if rec.name in result.merged:
+            rec.merged, rec.w_task, rec.w_safety = True, cfg.weights[0], cfg.weights[1]
+        if rec.name in result.no_safety_counterpart:
+            rec.flags.append("no-safety-counterpart")
+        rec.svd_rel_error = result.svd_rel_errors.get(rec.name)
+        a, b = result.factors[rec.name]
+        rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, result.scaling))
+    missing = result.no_safety_counterpart
     if missing:
         msg = (
             f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
@@ -387,11 +424,12 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         )
         warnings.warn(msg, stacklevel=2)
         report.warnings.append(msg)
-    report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=alpha)
+    rank, out_scale = result.rank, result.scaling
+    report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=result.lora_alpha)
     dtype = task.storage_dtype()
-    stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
+    stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in result.factors.items()}
     with atomic_output_dir(out, cfg.force) as tmp:
-        write_adapter(tmp, task.config, stored, rank, alpha, cfg.aligned, task.read_extra())
+        write_adapter(tmp, task.config, stored, rank, result.lora_alpha, cfg.aligned, task.read_extra())
         (tmp / "README.md").write_text(model_card(report))
         (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
         if cfg.merge_into_base:
