@@ -24,6 +24,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+PACKAGED_ALIASES = ("smollm2", "packaged:smollm2")
 # Files worth fetching from the hub for a base model: weights, configs, tokenizer.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -37,6 +38,10 @@ def resolve_local_dir(
     `huggingface_hub.snapshot_download`, fetching only safetensors, json and tokenizer files (and pickle
     weights only when `allow_pickle`); with HF_HUB_OFFLINE=1 this reads the local cache.
     """
+    if str(name_or_path) in PACKAGED_ALIASES:  # the model that ships inside a package (SPEC §8)
+        from safemerge.packaged import resolve_model
+
+        name_or_path = resolve_model(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():

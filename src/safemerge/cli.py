@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,17 +43,23 @@ ConfigArg = Annotated[
     Path | None, typer.Argument(help="YAML config whose keys mirror the options; flags override it.")
 ]
 AlignedOpt = Annotated[
-    str | None, typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id.")
+    str | None,
+    typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id."),
 ]
 UnalignedOpt = Annotated[
-    str | None, typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id.")
+    str | None,
+    typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id."),
 ]
-TaskOpt = Annotated[str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")]
+TaskOpt = Annotated[
+    str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")
+]
 ThresholdOpt = Annotated[
     float | None,
     typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),
 ]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")]
+TopKOpt = Annotated[
+    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")
+]
 FractionOpt = Annotated[
     float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead.")
 ]
@@ -64,7 +69,9 @@ DeviceOpt = Annotated[
 ForceOpt = Annotated[bool | None, typer.Option("--force", help="Overwrite an existing output directory.")]
 PickleOpt = Annotated[
     bool | None,
-    typer.Option("--allow-pickle", help="Allow pickle (*.bin) checkpoints, loaded with weights_only=True. Default off."),
+    typer.Option(
+        "--allow-pickle", help="Allow pickle (*.bin) checkpoints, loaded with weights_only=True. Default off."
+    ),
 ]
 PlotOpt = Annotated[bool | None, typer.Option("--plot/--no-plot", help="Write similarity.png. Default on.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
@@ -79,7 +86,9 @@ def scan_command(
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     fraction: FractionOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Write the report (JSON, Markdown, plot) here. Optional.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the report (JSON, Markdown, plot) here. Optional.")
+    ] = None,
     device: DeviceOpt = None,
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
@@ -110,7 +119,9 @@ def merge_command(
     safety_adapter: Annotated[
         str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")
+    ] = None,
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     fraction: FractionOpt = None,
@@ -132,13 +143,17 @@ def merge_command(
         ),
     ] = None,
     density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")
+    ] = None,
     rank: Annotated[
         int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")
     ] = None,
     merge_into_base: Annotated[
         bool | None,
-        typer.Option("--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."),
+        typer.Option(
+            "--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."
+        ),
     ] = None,
     max_shard_size: Annotated[
         str | None, typer.Option(help="Largest shard of the full model. Default 2GB.")
@@ -166,19 +181,37 @@ def merge_command(
 
 @app.command("demo")
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to build the inputs and write the results.")] = Path(
-        "demo_out"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to build the inputs and write the results.")
+    ] = Path("demo_out"),
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Larger τ × weights grid, all task items, longer generations, U too."),
+    ] = False,
+    toy: Annotated[
+        bool,
+        typer.Option("--toy", help="The synthetic toy (planted modules, seconds) instead of the organism."),
+    ] = False,
+    reduced: Annotated[
+        bool, typer.Option("--reduced", hidden=True, help="Tiny organism and prompt sets (tests only).")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output directory.")] = False,
 ) -> None:
-    """Run scan + merge on a synthetic toy model with planted 'drifted' modules (seconds, any CPU).
+    """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
+    then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.
 
-    A sanity check of the engine, not of safety: see the README for what it shows.
+    First run builds the organism (cached); see docs/organism.md. `--toy`: the seconds-long synthetic check.
     """
-    from safemerge.demo import run_toy_demo
-    from safemerge.report import print_summary
 
     def body() -> None:
+        if not toy:
+            from safemerge.organism.cli import run_organism_demo
+
+            run_organism_demo(out, full=full, force=force, reduced=reduced)
+            return
+        from safemerge.demo import run_toy_demo
+        from safemerge.report import print_summary
+
         inputs, report = run_toy_demo(out, force=force)
         print_summary(report, Console())
         selected = sorted(m.name for m in report.modules if m.selected)
@@ -197,6 +230,11 @@ def _strs(values: dict[str, Any]) -> dict[str, Any]:
 
 # --- command registration: merge engine (scan, merge, demo) ---
 
+# --- command registration: model organism (organism build; demo above) ---
+from safemerge.organism.cli import organism_app  # noqa: E402
+
+app.add_typer(organism_app, name="organism")
+
 # --- command registration: training and evaluation (train, eval) ---
 from safemerge.evaluate.cli import eval_command  # noqa: E402
 from safemerge.train.cli import train_command  # noqa: E402
@@ -205,6 +243,11 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 
 # --- command registration: defences and experiments (defend, experiment) ---
+from safemerge.defenses.cli import defend_command  # noqa: E402
+from safemerge.experiment import experiment_command  # noqa: E402
+
+app.command("defend")(defend_command)
+app.command("experiment")(experiment_command)
 
 
 def main() -> None:
@@ -213,4 +256,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

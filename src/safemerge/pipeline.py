@@ -151,7 +151,8 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
+def open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
+    """Open a base checkpoint and describe it for the report (path, hub revision, fingerprint)."""
     directory, revision = resolve_local_dir(name, allow_pickle=allow_pickle)
     ckpt = Checkpoint(directory, allow_pickle=allow_pickle, label=label)
     info = {
@@ -240,13 +241,14 @@ def _similarities(
 
 def _scan_inputs(cfg: ScanConfig) -> tuple[Checkpoint, Checkpoint, LoraAdapter, dict[str, Any]]:
     task = LoraAdapter.load(cfg.task_adapter, label="task adapter")
-    aligned, info_al = _open_checkpoint(cfg.aligned, "aligned", cfg.allow_pickle)
-    unaligned, info_un = _open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
+    aligned, info_al = open_checkpoint(cfg.aligned, "aligned", cfg.allow_pickle)
+    unaligned, info_un = open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
     inputs = {"aligned": info_al, "unaligned": info_un, "task_adapter": _adapter_info(task, cfg.task_adapter)}
     return aligned, unaligned, task, inputs
 
 
-def _run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint]:
+def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint]:
+    """ρ and the selection for every task module; returns the report, the task adapter, the aligned model."""
     aligned, unaligned, task, inputs = _scan_inputs(cfg)
     device = resolve_device(cfg.device)
     records = _similarities(aligned, unaligned, task, device, progress)
@@ -272,7 +274,7 @@ def scan(cfg: ScanConfig, progress: bool = False) -> Report:
 
     if cfg.out:
         check_output_dir(Path(cfg.out), cfg.force)
-    report, _, _ = _run_scan(cfg, "scan", progress)
+    report, _, _ = run_scan(cfg, "scan", progress)
     if cfg.out:
         with atomic_output_dir(cfg.out, cfg.force) as tmp:
             write_report(report, tmp, plot=cfg.plot)
@@ -377,7 +379,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     out = Path(cfg.out)
     check_output_dir(out, cfg.force)
     safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
-    report, task, aligned = _run_scan(cfg, "merge", progress)
+    report, task, aligned = run_scan(cfg, "merge", progress)
     report.command = "merge"
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
     if task.fan_in_fan_out != safety.fan_in_fan_out:

@@ -47,6 +47,11 @@ def _threshold(report: Report) -> float | None:
     return float(t) if t is not None else None
 
 
+def _has_merge(report: Report) -> bool:
+    """Whether the report carries merge results (merge and the adapter-writing defences)."""
+    return any(m.delta_norm_out is not None for m in report.modules)
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
 
@@ -75,7 +80,7 @@ def markdown(report: Report) -> str:
     lines += [
         "",
         f"**{s['selected']} of {s['modules']} modules selected**"
-        + (f", {s['merged']} merged" if report.command == "merge" else "")
+        + (f", {s['merged']} merged" if _has_merge(report) else "")
         + f"; ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
         "",
     ]
@@ -83,7 +88,7 @@ def markdown(report: Report) -> str:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     header = "| module | ρ | selected |"
     rule = "|---|---:|:---:|"
-    if report.command == "merge":
+    if _has_merge(report):
         header += " merged | w_task | w_safety | ‖ΔW‖ in | ‖ΔW‖ out | SVD error |"
         rule += ":---:|---:|---:|---:|---:|---:|"
     header += " flags |"
@@ -91,7 +96,7 @@ def markdown(report: Report) -> str:
     lines += ["## Modules", "", header, rule]
     for m in report.modules:
         row = f"| `{m.name}` | {m.rho:.5f} | {'yes' if m.selected else ''} |"
-        if report.command == "merge":
+        if _has_merge(report):
             row += (
                 f" {'yes' if m.merged else ''} | {m.w_task:g} | {m.w_safety:g} | {_fmt(m.delta_norm_in)} |"
                 f" {_fmt(m.delta_norm_out)} | {_fmt(m.svd_rel_error)} |"
@@ -187,7 +192,7 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
     table.add_column("module", overflow="fold", min_width=20)
     table.add_column("ρ", justify="right")
     table.add_column("selected", justify="center")
-    if report.command == "merge":
+    if _has_merge(report):
         table.add_column("merged", justify="center")
         table.add_column("‖ΔW‖ in → out", justify="right")
     table.add_column("flags")
@@ -201,7 +206,7 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
         table.caption = f"the {max_rows} lowest-ρ of {len(report.modules)} modules; all in the report"
     for m in rows:
         cells = [m.name[len(prefix) :], f"{m.rho:.5f}", "✔" if m.selected else ""]
-        if report.command == "merge":
+        if _has_merge(report):
             cells += ["✔" if m.merged else "", f"{_fmt(m.delta_norm_in)} → {_fmt(m.delta_norm_out)}"]
         cells.append(", ".join(m.flags))
         table.add_row(*cells)

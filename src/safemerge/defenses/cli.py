@@ -1,0 +1,135 @@
+"""`safemerge defend`: thin typer wrapper over `safemerge.defenses.defend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from safemerge.cli import (
+    AlignedOpt,
+    ConfigArg,
+    DeviceOpt,
+    ForceOpt,
+    PickleOpt,
+    PlotOpt,
+    QuietOpt,
+    TaskOpt,
+    UnalignedOpt,
+    _strs,
+    run_guarded,
+)
+
+
+def defend_command(
+    config: ConfigArg = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="The defence: safemerge (default), merge-all, safelora, resta or none (docs/defenses.md).",
+        ),
+    ] = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    task_adapter: TaskOpt = None,
+    safety_adapter: Annotated[
+        str | None,
+        typer.Option("--safety-adapter", "-s", help="Safety LoRA (safemerge, merge-all). No default."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory (must not exist, see --force). Required."),
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Selection threshold τ. safemerge: round(ρ,5) < τ, default 0.35; safelora: round(ρ,5) ≤ τ, "
+            "default 0.5 (used when no --top-k/--fraction is given)."
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Select exactly the K lowest-ρ modules (Safe LoRA: K=10). No default."),
+    ] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉). No default.")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="w_task,w_safety on merged modules. Default 0.8,0.2; 0.8,0 is the scale-only control."
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="exact (default) or peft-linear (the released code's factor mixing).")
+    ] = None,
+    merge_method: Annotated[
+        str | None, typer.Option(help="Merge operator: linear (default), ties, dare_linear or dare_ties.")
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option(help="Kept fraction for TIES/DARE, and for RESTA's --dare. Default 0.5.")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")
+    ] = None,
+    preserve_norm: Annotated[
+        bool | None,
+        typer.Option(
+            "--preserve-norm",
+            help="safelora: rescale C·B_f so ‖ΔW‖ is unchanged (not in the published method). Default off.",
+        ),
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="resta: scale β of the safety vector W_al − W_un. Default 0.5.")
+    ] = None,
+    scope: Annotated[
+        str | None,
+        typer.Option(help="resta: add β·V to all-linear layers (default) or only the LoRA-targeted modules."),
+    ] = None,
+    dare: Annotated[
+        bool | None,
+        typer.Option(
+            "--dare", help="resta: DARE on the fine-tuning delta first (seeded, --density). Default off."
+        ),
+    ] = None,
+    merge_into_base: Annotated[
+        bool | None,
+        typer.Option(
+            "--merge-into-base",
+            help="Adapter outputs: also write the full model to OUT/full_model. Default off.",
+        ),
+    ] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option(help="Largest shard of a full model. Default 2GB.")
+    ] = None,
+    device: DeviceOpt = None,
+    allow_pickle: PickleOpt = None,
+    force: ForceOpt = None,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Apply one post-fine-tuning defence to a task LoRA: safemerge, merge-all, safelora, resta or none."""
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
+    from safemerge.config import load_config
+    from safemerge.defenses import DefendConfig, defend
+    from safemerge.report import print_summary
+
+    def body() -> None:
+        cfg = load_config(DefendConfig, config, _strs(overrides))
+        result = defend(cfg, progress=not quiet)
+        if not quiet:
+            print_summary(result.report, Console())
+            Console().print(
+                f"defence {cfg.method}: {result.modified} modules/tensors changed; "
+                f"{result.kind} written to {result.out}",
+                highlight=False,
+            )
+
+    run_guarded(body)

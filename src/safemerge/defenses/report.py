@@ -1,0 +1,118 @@
+"""Reports of `safemerge defend`: the engine's report files plus the defence's settings.
+
+`safemerge_report.json` is the engine's JSON with a `defense` block (and, for RESTA, a `tensors` list);
+`safemerge_report.md` shows per module ρ, the decision and ‖ΔW‖ before and after the defence;
+`similarity.png` is the engine's ρ plot; `defense.yaml` the resolved config (rerun with
+`safemerge defend defense.yaml`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from safemerge.report import REPORT_JSON, REPORT_MD, _fmt, markdown, plot_similarity, report_dict
+
+if TYPE_CHECKING:
+    from safemerge.defenses.config import DefendConfig
+    from safemerge.pipeline import Report
+
+DEFENSE_YAML = "defense.yaml"
+
+
+@dataclass
+class TensorEdit:
+    """One full-model tensor changed by RESTA: ‖ΔW_f‖ (after DARE), ‖β V‖ and ‖W_out − W_al‖."""
+
+    key: str
+    lora_module: str | None
+    task_norm: float
+    safety_norm: float
+    change_norm: float
+
+
+def write_defense_report(
+    report: Report, directory: Path, cfg: DefendConfig, edits: list[TensorEdit] | None = None
+) -> None:
+    """Write the JSON and Markdown reports, the ρ plot and the resolved config into `directory`."""
+    data = report_dict(report)
+    data["defense"] = cfg.settings()
+    if edits is not None:
+        data["tensors"] = [asdict(e) for e in edits]
+    (directory / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    (directory / REPORT_MD).write_text(defense_markdown(report, cfg, edits))
+    if cfg.plot and report.modules:
+        plot_similarity(report, directory / "similarity.png")
+    resolved = cfg.model_dump(mode="json", exclude={"force"})
+    resolved["weights"] = list(cfg.weights)
+    header = "# resolved defence configuration (rerun: safemerge defend defense.yaml --out NEW_DIR)\n"
+    (directory / DEFENSE_YAML).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _settings_line(cfg: DefendConfig) -> str:
+    items = [f"{k}={v}" for k, v in cfg.settings().items() if k != "method"]
+    return f"**Defence `{cfg.method}`**" + (f": {', '.join(items)}" if items else "")
+
+
+def defense_markdown(report: Report, cfg: DefendConfig, edits: list[TensorEdit] | None = None) -> str:
+    """The engine's Markdown for merges; for the other defences a table with ‖ΔW‖ in → out."""
+    if report.command == "merge":
+        return f"{_settings_line(cfg)}\n\n" + markdown(report)
+    s = report.summary
+    verb = {"safelora": "projected (B ← C·B)", "resta": "edited", "none": "changed"}[cfg.method]
+    lines = [
+        f"# SafeMERGE defend report: `{cfg.method}`",
+        "",
+        _settings_line(cfg),
+        "",
+        f"- aligned: `{report.inputs['aligned']['path']}`",
+        f"- unaligned: `{report.inputs['unaligned']['path']}`",
+        f"- task adapter: `{report.inputs['task_adapter']['path']}`",
+        f"- selection: {report.options.get('selection_policy')}",
+        "",
+        f"**{s['merged']} of {s['modules']} LoRA modules {verb}**; ρ from {_fmt(s['rho_min'])} to "
+        f"{_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
+        "",
+    ]
+    if cfg.method == "safelora":
+        lines += [
+            "Safe LoRA's C = V Vᵀ/‖V‖_F is not a projector (eigenvalues σ_j²/‖V‖_F), so B ← C B also",
+            "rescales the update: compare ‖ΔW‖ in and out below"
+            + (" (here rescaled back: preserve_norm)." if cfg.preserve_norm else "."),
+            "",
+        ]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    lines += [
+        "## Modules",
+        "",
+        "| module | ρ | selected | changed | ‖ΔW‖ in | ‖ΔW‖ out | out/in | flags |",
+        "|---|---:|:---:|:---:|---:|---:|---:|---|",
+    ]
+    for m in report.modules:
+        ratio = (
+            m.delta_norm_out / m.delta_norm_in if m.delta_norm_out is not None and m.delta_norm_in else None
+        )
+        lines.append(
+            f"| `{m.name}` | {m.rho:.5f} | {'yes' if m.selected else ''} | {'yes' if m.merged else ''} |"
+            f" {_fmt(m.delta_norm_in)} | {_fmt(m.delta_norm_out)} | {_fmt(ratio)} | {', '.join(m.flags)} |"
+        )
+    if edits:
+        lines += [
+            "",
+            f"## Full-model tensors edited ({len(edits)})",
+            "",
+            "‖ΔW_f‖: the task update (after DARE); ‖βV‖: the safety vector; change: ‖W_out − W_al‖.",
+            "",
+            "| tensor | ‖ΔW_f‖ | ‖βV‖ | change |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| `{e.key}` | {_fmt(e.task_norm)} | {_fmt(e.safety_norm)} | {_fmt(e.change_norm)} |"
+            for e in edits
+        ]
+    return "\n".join(lines) + "\n"
