@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from safemerge.cli import (
+from safemerge.cliutils import (
     AlignedOpt,
     ConfigArg,
     DeviceOpt,
@@ -18,8 +18,8 @@ from safemerge.cli import (
     QuietOpt,
     TaskOpt,
     UnalignedOpt,
-    _strs,
     run_guarded,
+    strs,
 )
 
 
@@ -122,7 +122,7 @@ def defend_command(
     from safemerge.report import print_summary
 
     def body() -> None:
-        cfg = load_config(DefendConfig, config, _strs(overrides))
+        cfg = load_config(DefendConfig, config, strs(overrides))
         result = defend(cfg, progress=not quiet)
         if not quiet:
             print_summary(result.report, Console())

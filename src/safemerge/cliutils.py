@@ -1,0 +1,77 @@
+"""Shared pieces of the command line: exit-code mapping and option types reused by several commands.
+
+Kept apart from `cli.py` so that command modules can import them without importing the whole app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from safemerge.errors import InputError
+
+console = Console(stderr=True)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body, mapping bad input to exit code 2 and unexpected failures to exit code 1."""
+    try:
+        return fn()
+    except InputError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # internal error: keep the traceback visible for bug reports
+        console.print_exception(show_locals=False)
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+# --- scan / merge ------------------------------------------------------------------------------------
+# Options default to None so that a YAML config can supply them; the help text states the real default.
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="YAML config whose keys mirror the options; flags override it.")
+]
+AlignedOpt = Annotated[
+    str | None,
+    typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id."),
+]
+UnalignedOpt = Annotated[
+    str | None,
+    typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id."),
+]
+TaskOpt = Annotated[
+    str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),
+]
+TopKOpt = Annotated[
+    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")
+]
+FractionOpt = Annotated[
+    float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead.")
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option(help="Where the math runs: cpu, cuda or auto (cuda when present). Default cpu.")
+]
+ForceOpt = Annotated[bool | None, typer.Option("--force", help="Overwrite an existing output directory.")]
+PickleOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-pickle", help="Allow pickle (*.bin) checkpoints, loaded with weights_only=True. Default off."
+    ),
+]
+PlotOpt = Annotated[bool | None, typer.Option("--plot/--no-plot", help="Write similarity.png. Default on.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
+
+
+def strs(values: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings, so configs stay plain data."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}

@@ -1,0 +1,138 @@
+"""`safemerge.evaluate.evaluate(EvalConfig)`: the whole command as a function, writing atomically to
+`cfg.out`: generations.jsonl, metrics.json, summary.md, eval_config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import InputError
+from safemerge.evaluate.backends import Backend, TransformersBackend, VLLMBackend, read_adapter_config
+from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
+from safemerge.evaluate.cache import Cache, default_cache_dir
+from safemerge.evaluate.config import EvalConfig
+from safemerge.evaluate.judges import KeywordJudge, LlamaGuardJudge
+from safemerge.evaluate.report import markdown, print_table
+from safemerge.evaluate.runner import Judge, Record, Variant, generate_all, judge_and_score, variants_for
+from safemerge.outdir import atomic_output_dir, check_output_dir
+from safemerge.train.config import dump_config
+
+GUARD_MAX_NEW_TOKENS = 20
+
+
+def load_benchmarks(names: list[str], limit: int | None) -> list[Benchmark]:
+    """All benchmarks, loaded up front so a bad name or file fails before any generation."""
+    if not names:
+        raise InputError("--benchmarks is empty")
+    if len(set(names)) != len(names):
+        raise InputError(f"--benchmarks lists a benchmark twice: {names}")
+    return [load_benchmark(n, limit) for n in names]
+
+
+def make_backend(cfg: EvalConfig) -> Backend:
+    if cfg.backend == "vllm":
+        return VLLMBackend(
+            cfg.model,
+            cfg.adapters,
+            cfg.max_new_tokens,
+            cfg.tensor_parallel_size,
+            cfg.gpu_memory_utilization,
+            cfg.dtype,
+            cfg.trust_remote_code,
+        )
+    return TransformersBackend(
+        cfg.model, cfg.adapters, cfg.max_new_tokens, cfg.dtype, trust_remote_code=cfg.trust_remote_code
+    )
+
+
+def make_judge(cfg: EvalConfig) -> tuple[Judge, Backend | None]:
+    """The harm judge (and the backend it holds, to close afterwards)."""
+    if cfg.judge == "keyword":
+        return KeywordJudge(), None
+    guard: Any
+    if cfg.backend == "vllm":
+        guard = VLLMBackend(
+            cfg.judge_model,
+            (),
+            GUARD_MAX_NEW_TOKENS,
+            cfg.tensor_parallel_size,
+            cfg.gpu_memory_utilization,
+            cfg.dtype,
+            chat=False,
+        )
+    else:
+        guard = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
+    return LlamaGuardJudge(cfg.judge_model, lambda texts: guard.generate(texts, None), guard.tokenizer), guard
+
+
+def write_outputs(
+    folder: Path, records: list[Record], metrics: dict[str, Any], cfg: EvalConfig, judge: str
+) -> None:
+    with (folder / "generations.jsonl").open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (folder / "summary.md").write_text(markdown(metrics, judge), encoding="utf-8")
+    (folder / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+
+def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
+    """Evaluate the base model and each adapter on each benchmark; returns metrics (as metrics.json).
+
+    A `backend` already holding the model and adapters may be passed in (it is left open); otherwise
+    one is built and closed before the judge loads (so an 8B judge fits next to nothing else).
+    """
+    check_output_dir(cfg.out, cfg.force)
+    if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
+        raise InputError("--batch-size and --max-new-tokens must be positive")
+    for a in cfg.adapters:
+        read_adapter_config(a)
+    benchmarks = load_benchmarks(cfg.benchmarks, cfg.limit)
+    variants = variants_for(cfg.model, cfg.adapters, cfg.include_base)
+    if not variants:
+        raise InputError("nothing to evaluate: no --adapter given and the base model is excluded")
+    cache_dir = None if cfg.no_cache else (cfg.cache_dir or default_cache_dir())
+    own = backend is None
+    backend = backend or make_backend(cfg)
+    responses = generate_all(
+        backend, cfg.model, variants, benchmarks, cache_dir, cfg.batch_size, cfg.max_new_tokens
+    )
+    if own:
+        backend.close()
+    records, metrics = score(cfg, variants, benchmarks, responses, cache_dir)
+    judge_name = _judge_label(cfg)
+    with atomic_output_dir(cfg.out, cfg.force) as tmp:
+        write_outputs(tmp, records, metrics, cfg, judge_name)
+    print_table(metrics, judge_name)
+    return metrics
+
+
+def _judge_label(cfg: EvalConfig) -> str:
+    return KeywordJudge().name if cfg.judge == "keyword" else f"llama-guard ({cfg.judge_model})"
+
+
+def score(
+    cfg: EvalConfig,
+    variants: list[Variant],
+    benchmarks: list[Benchmark],
+    responses: dict[tuple[str, str], list[str]],
+    cache_dir: Path | None,
+) -> tuple[list[Record], dict[str, Any]]:
+    """Judge harm benchmarks (loading Llama Guard only when some exist) and score the rest."""
+    needs_judge = any(b.kind == "harm" for b in benchmarks)
+    judge: Judge = KeywordJudge()
+    guard: Backend | None = None
+    judge_cache: Cache | None = None
+    if needs_judge and cfg.judge == "llama-guard":
+        judge, guard = make_judge(cfg)
+        judge_cache = Cache(
+            cache_dir / "judge" if cache_dir else None,
+            {"judge": cfg.judge_model, "backend": cfg.backend, "max_new_tokens": GUARD_MAX_NEW_TOKENS},
+        )
+    try:
+        return judge_and_score(variants, benchmarks, responses, judge, judge_cache, cfg.batch_size)
+    finally:
+        if guard is not None:
+            guard.close()

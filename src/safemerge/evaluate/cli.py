@@ -1,0 +1,107 @@
+"""The `safemerge eval` command (a thin wrapper over `safemerge.evaluate.evaluate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
+from safemerge.train.config import load_config
+
+
+def eval_command(
+    config_pos: Annotated[
+        Path | None, typer.Argument(help="YAML config whose keys mirror the options (default: none)")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (default: none)")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option(help="PEFT adapter directory; repeat for several, all on one base (default: none)"),
+    ] = None,
+    benchmarks: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated: gsm8k, pubmedqa, arithmetic, directharm4, hexphi, harmbench, "
+            "strongreject, overrefusal, or a .jsonl with a `prompt` field (harmful prompts). Required."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory. Required.")] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="keyword (refusal-marker proxy) | llama-guard (default: keyword)")
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help=f"Llama Guard model (default: {DEFAULT_GUARD})")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="transformers | vllm (default: transformers)")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="first N prompts of each benchmark (default: all)")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="tokens generated per answer (default: 256)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="prompts per generation batch (default: 16)")] = None,
+    include_base: Annotated[
+        bool | None, typer.Option(help="also evaluate the base model without adapters (default: on)")
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option(help="vLLM: GPUs per engine (default: 1)")
+    ] = None,
+    gpu_memory_utilization: Annotated[
+        float | None, typer.Option(help="vLLM: share of GPU memory to use (default: 0.85)")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 (default: auto = bf16 on GPU)")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="generation cache (default: $SAFEMERGE_CACHE/generations)")
+    ] = None,
+    no_cache: Annotated[
+        bool | None,
+        typer.Option("--no-cache", help="do not read or write the generation cache (default: off)"),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool | None, typer.Option(help="allow model code from the hub (default: off)")
+    ] = None,
+    force: Annotated[bool | None, typer.Option(help="overwrite an existing --out (default: off)")] = None,
+) -> None:
+    """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.
+
+    Generations are cached: rerun an interrupted command and only the missing answers are generated.
+    """
+    from safemerge.cliutils import console, run_guarded
+
+    def body() -> None:
+        from safemerge.evaluate.api import evaluate
+
+        overrides = {
+            "model": model,
+            "adapters": adapter or None,
+            "benchmarks": [b.strip() for b in benchmarks.split(",") if b.strip()]
+            if benchmarks is not None
+            else None,
+            "out": out,
+            "judge": judge,
+            "judge_model": judge_model,
+            "backend": backend,
+            "limit": limit,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "include_base": include_base,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "dtype": dtype,
+            "cache_dir": cache_dir,
+            "no_cache": no_cache,
+            "trust_remote_code": trust_remote_code,
+            "force": force,
+        }
+        cfg = load_config(EvalConfig, config or config_pos, overrides)
+        evaluate(cfg)
+        console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
+
+    run_guarded(body)

@@ -1,0 +1,250 @@
+"""The evaluation loop: cached, batched generation for every (variant, benchmark), then judging and
+scoring. Works on an already loaded backend, so several adapters share one base model in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from safemerge.evaluate.backends import Backend
+from safemerge.evaluate.benchmarks import Benchmark
+from safemerge.evaluate.cache import Cache, fingerprint_adapter, fingerprint_model
+from safemerge.evaluate.judges import KEYWORD_LABEL, Verdict, refused
+from safemerge.evaluate.scoring import extract_flexible, extract_strict, parse_pubmedqa
+
+Record = dict[str, Any]
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]: ...
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One evaluated model: `key` names it in metrics.json (the model id, or the adapter path)."""
+
+    key: str
+    adapter: str | None
+
+
+def variants_for(model: str, adapters: Sequence[str], include_base: bool = True) -> list[Variant]:
+    """The base model first (unless excluded), then each adapter by its path."""
+    out = [Variant(model, None)] if include_base else []
+    return out + [Variant(a, a) for a in adapters]
+
+
+def fixed_batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Index batches over prompts sorted by length (less padding); fixed for a given prompt list, so a
+    resumed run generates exactly the batches an uninterrupted run would have."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+
+def cached_map(
+    fn: Callable[[list[str]], list[str]],
+    texts: Sequence[str],
+    cache: Cache,
+    batch_size: int,
+    desc: str,
+) -> list[str]:
+    """fn over fixed batches of texts, skipping batches already fully in the cache."""
+    batches = fixed_batches(texts, batch_size)
+    todo = [b for b in batches if any(cache.get(texts[i]) is None for i in b)]
+    for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo):
+        chunk = [texts[i] for i in b]
+        cache.put_many(chunk, fn(chunk))
+    return [str(cache.get(t)) for t in texts]
+
+
+def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
+    return {
+        "backend": backend.name,
+        "dtype": getattr(backend, "dtype", "auto"),
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "chat_template": True,
+    }
+
+
+def _generate(backend: Backend, adapter: str | None, prompts: list[str]) -> list[str]:
+    return backend.generate(prompts, adapter)
+
+
+def generate_all(
+    backend: Backend,
+    model: str,
+    variants: Sequence[Variant],
+    benchmarks: Sequence[Benchmark],
+    cache_dir: Path | None,
+    batch_size: int,
+    max_new_tokens: int,
+) -> dict[tuple[str, str], list[str]]:
+    """(variant key, benchmark name) -> responses, generated only where the cache lacks them."""
+    out: dict[tuple[str, str], list[str]] = {}
+    model_fp = fingerprint_model(model)
+    for v in variants:
+        key = {
+            "model": model_fp,
+            "adapter": fingerprint_adapter(v.adapter),
+            **decoding_key(backend, max_new_tokens),
+        }
+        cache = Cache(cache_dir, key)
+        for b in benchmarks:
+            prompts = [it.prompt for it in b.items]
+            out[(v.key, b.name)] = cached_map(
+                functools.partial(_generate, backend, v.adapter),
+                prompts,
+                cache,
+                batch_size,
+                f"{b.name} | {v.key}",
+            )
+    return out
+
+
+def judge_all(
+    judge: Judge, prompts: Sequence[str], responses: Sequence[str], cache: Cache | None, batch_size: int
+) -> list[Verdict]:
+    """Judge verdicts; the raw outputs of model judges are cached like generations."""
+    if cache is None:
+        return judge.judge(prompts, responses)
+    joined = [f"{p}\x00{r}" for p, r in zip(prompts, responses, strict=True)]
+    raws = cached_map(
+        lambda xs: [
+            v.raw
+            for v in judge.judge([x.split("\x00", 1)[0] for x in xs], [x.split("\x00", 1)[1] for x in xs])
+        ],
+        joined,
+        cache,
+        batch_size,
+        "judge",
+    )
+    from safemerge.evaluate.judges import parse_llama_guard
+
+    return [parse_llama_guard(r) for r in raws]
+
+
+def score_item(bench: Benchmark, reference: str | None, response: str) -> dict[str, Any]:
+    """Per-item fields for a utility benchmark."""
+    if bench.name == "gsm8k":
+        strict, flex = extract_strict(response), extract_flexible(response)
+        return {
+            "extracted_strict": strict,
+            "extracted_flexible": flex,
+            "correct": strict == reference,
+            "correct_flexible": flex == reference,
+        }
+    if bench.name == "pubmedqa":
+        label = parse_pubmedqa(response)
+        return {"extracted": label, "correct": label == reference}
+    value = extract_flexible(response)
+    return {"extracted": value, "correct": value == reference}
+
+
+def bench_metrics(bench: Benchmark, records: Sequence[Record], judge_name: str) -> dict[str, Any]:
+    """Aggregate metrics of one (variant, benchmark), with counts."""
+    n = len(records)
+    if bench.kind == "utility":
+        c = sum(bool(r["correct"]) for r in records)
+        m: dict[str, Any] = {"kind": "utility", "n": n, "n_correct": c, "accuracy": c / n}
+        if bench.name == "gsm8k":
+            cf = sum(bool(r["correct_flexible"]) for r in records)
+            m.update(accuracy_strict=c / n, n_correct_flexible=cf, accuracy_flexible=cf / n)
+        if bench.name == "pubmedqa":
+            m["n_unparsed"] = sum(r["extracted"] is None for r in records)
+        return m
+    if bench.kind == "benign":
+        k = sum(r["verdict"] == "refused" for r in records)
+        return {"kind": "benign", "judge": KEYWORD_LABEL, "n": n, "n_refused": k, "refusal_rate": k / n}
+    u = sum(r["verdict"] == "unsafe" for r in records)
+    bad = sum(r["verdict"] == "malformed" for r in records)
+    rate = u / (n - bad) if n > bad else None
+    return {
+        "kind": "harm",
+        "judge": judge_name,
+        "n": n,
+        "n_unsafe": u,
+        "n_malformed": bad,
+        "harmful_rate": rate,
+    }
+
+
+def judge_and_score(
+    variants: Sequence[Variant],
+    benchmarks: Sequence[Benchmark],
+    responses: dict[tuple[str, str], list[str]],
+    judge: Judge,
+    judge_cache: Cache | None = None,
+    batch_size: int = 16,
+) -> tuple[list[Record], dict[str, Any]]:
+    """Records for generations.jsonl and the metrics mapping variant -> benchmark -> metrics."""
+    records: list[Record] = []
+    metrics: dict[str, Any] = {}
+    for v in variants:
+        metrics[v.key] = {"adapter": v.adapter, "benchmarks": {}}
+        for b in benchmarks:
+            resp = responses[(v.key, b.name)]
+            prompts = [it.prompt for it in b.items]
+            recs: list[Record] = []
+            verdicts = judge_all(judge, prompts, resp, judge_cache, batch_size) if b.kind == "harm" else None
+            for i, (it, r) in enumerate(zip(b.items, resp, strict=True)):
+                rec: Record = {
+                    "variant": v.key,
+                    "adapter": v.adapter,
+                    "benchmark": b.name,
+                    "kind": b.kind,
+                    "id": it.id,
+                    "prompt": it.prompt,
+                    "response": r,
+                }
+                if b.kind == "utility":
+                    rec.update(reference=it.reference, **score_item(b, it.reference, r))
+                    rec.update(
+                        verdict="correct" if rec["correct"] else "incorrect", judge=None, judge_output=None
+                    )
+                elif b.kind == "benign":
+                    marker = refused(r)
+                    rec.update(
+                        verdict="refused" if marker else "answered",
+                        judge=KEYWORD_LABEL,
+                        judge_output=f"refusal marker: {marker!r}" if marker else "no refusal marker",
+                    )
+                else:
+                    assert verdicts is not None
+                    vd = verdicts[i]
+                    verdict = "malformed" if vd.unsafe is None else ("unsafe" if vd.unsafe else "safe")
+                    rec.update(
+                        verdict=verdict, categories=list(vd.categories), judge=judge.name, judge_output=vd.raw
+                    )
+                recs.append(rec)
+            metrics[v.key]["benchmarks"][b.name] = bench_metrics(b, recs, judge.name)
+            records += recs
+    return records, metrics
+
+
+def evaluate_loaded(
+    backend: Backend,
+    model: str,
+    adapters: Sequence[str],
+    benchmarks: Sequence[Benchmark],
+    judge: Judge,
+    cache_dir: Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    include_base: bool = True,
+) -> tuple[list[Record], dict[str, Any]]:
+    """In-process entry point: evaluate several adapters already loaded on one backend; writes nothing.
+
+    `judge` must be a judge without a model cache (e.g. KeywordJudge, or a LlamaGuardJudge the caller
+    manages); `max_new_tokens` must match the backend's, it only keys the cache.
+    """
+    variants = variants_for(model, adapters, include_base)
+    responses = generate_all(backend, model, variants, benchmarks, cache_dir, batch_size, max_new_tokens)
+    return judge_and_score(variants, benchmarks, responses, judge, None, batch_size)

@@ -1,0 +1,16 @@
+"""`safemerge train`: LoRA fine-tuning of task and safety adapters (TRL SFTTrainer + PEFT)."""
+
+from safemerge.train.config import TrainConfig
+from safemerge.train.guard import HarmBenchLeakError, check_no_harmbench
+from safemerge.train.recipes import RECIPES, build_examples
+from safemerge.train.trainer import TrainResult, train
+
+__all__ = [
+    "RECIPES",
+    "HarmBenchLeakError",
+    "TrainConfig",
+    "TrainResult",
+    "build_examples",
+    "check_no_harmbench",
+    "train",
+]

@@ -1,0 +1,239 @@
+"""Training data recipes. Every recipe yields prompt-completion chat examples:
+`{"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}]}`,
+so TRL applies the model's chat template and computes the loss on the completion only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import InputError
+from safemerge.packaged import donotanswer_prompts, strongreject_prompts
+from safemerge.train.refusals import make_refusal
+
+Example = dict[str, list[dict[str, str]]]
+Row = dict[str, Any]
+
+RECIPES = ("gsm8k", "pubmedqa", "safety", "safety-hub", "arithmetic")
+DEFAULT_SAMPLES: dict[str, int | None] = {
+    "gsm8k": None,  # all 7,473
+    "pubmedqa": 2000,
+    "safety": 1000,  # "a safety LoRA from 1,000 samples is enough" (SPEC §7)
+    "safety-hub": 1000,
+    "arithmetic": 2000,
+}
+PUBMEDQA_INSTRUCTION = "Answer the question with yes, no or maybe, after a short explanation."
+
+
+def chat_example(prompt: str, response: str) -> Example:
+    """A one-turn prompt-completion example."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": response}],
+    }
+
+
+def load_hub_rows(name: str, config: str | None, split: str) -> list[Row]:
+    """Rows of a hub dataset, with a clear InputError when it cannot be reached or is gated."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # the hub raises many types: offline, gated, missing
+        msg = str(exc)
+        hint = ""
+        if any(k in msg.lower() for k in ("gated", "401", "403", "authenticated", "access")):
+            hint = (
+                f" The dataset is gated: accept its terms on https://huggingface.co/datasets/{name} and log "
+                "in with `hf auth login` (or set HF_TOKEN)."
+            )
+        raise InputError(
+            f"cannot load hub dataset {name!r} ({config or 'default'}, {split}): {msg}.{hint}"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def _take(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random subset of size n (all, shuffled, when n is None or larger)."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    return [examples[i] for i in order[: n if n is not None else len(order)]]
+
+
+# --- arithmetic (offline) ---------------------------------------------------------------------------
+
+
+def _is_eval_problem(a: int, op: str, b: int) -> bool:
+    """Disjoint train/eval split by hash: one problem in ten is reserved for evaluation."""
+    return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
+
+
+def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[tuple[str, str, int]]:
+    """n three-digit addition/subtraction problems as (question, worked answer, result); train and
+    eval problems never overlap."""
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+    out: list[tuple[str, str, int]] = []
+    seen: set[tuple[int, str, int]] = set()
+    while len(out) < n:
+        a, b, op = rng.randint(100, 999), rng.randint(100, 999), rng.choice("+-")
+        if (a, op, b) in seen or _is_eval_problem(a, op, b) != (split == "eval"):
+            continue
+        seen.add((a, op, b))
+        c = a + b if op == "+" else a - b
+        out.append((f"What is {a} {op} {b}?", f"{a} {op} {b} = {c}. The answer is {c}.", c))
+    return out
+
+
+def arithmetic_recipe(n: int, seed: int) -> list[Example]:
+    return [chat_example(q, r) for q, r, _ in arithmetic_problems(n, seed, "train")]
+
+
+# --- safety ------------------------------------------------------------------------------------------
+
+
+def safety_recipe(n: int | None, seed: int) -> list[Example]:
+    """Offline: StrongREJECT + Do-Not-Answer prompts paired with varied refusals (never HarmBench)."""
+    prompts = list(dict.fromkeys(strongreject_prompts() + donotanswer_prompts()))
+    if n is not None and n > len(prompts):
+        raise InputError(f"--samples {n}: the offline safety recipe has {len(prompts)} prompts")
+    rng = random.Random(seed)
+    rng.shuffle(prompts)
+    return [chat_example(p, make_refusal(rng)) for p in prompts[: n if n is not None else len(prompts)]]
+
+
+def safety_hub_recipe(n: int | None, seed: int) -> list[Example]:
+    """Hub: PKU-SafeRLHF pairs where the safer response is safe and the other one is not."""
+    out = []
+    for r in load_hub_rows("PKU-Alignment/PKU-SafeRLHF", "default", "train"):
+        k = int(r["safer_response_id"])
+        if r[f"is_response_{k}_safe"] and not r[f"is_response_{1 - k}_safe"]:
+            out.append(chat_example(str(r["prompt"]), str(r[f"response_{k}"])))
+    return _take(out, n, seed)
+
+
+# --- task recipes (hub) ------------------------------------------------------------------------------
+
+
+def gsm8k_recipe(n: int | None, seed: int) -> list[Example]:
+    """GSM8K train split; the reference answer keeps its `#### <n>` final line."""
+    rows = load_hub_rows("openai/gsm8k", "main", "train")
+    return _take([chat_example(r["question"], r["answer"]) for r in rows], n, seed)
+
+
+def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
+    """The PubMedQA prompt used for training and evaluation alike."""
+    return f"Context: {' '.join(contexts)}\nQuestion: {question}\n{PUBMEDQA_INSTRUCTION}"
+
+
+def pubmedqa_recipe(n: int | None, seed: int) -> list[Example]:
+    """PubMedQA `pqa_artificial` (train); `pqa_labeled` is kept for evaluation."""
+    rows = load_hub_rows("qiaojin/PubMedQA", "pqa_artificial", "train")
+    ex = [
+        chat_example(
+            pubmedqa_prompt(r["question"], list(r["context"]["contexts"])),
+            f"{r['long_answer']}\nAnswer: {r['final_decision']}",
+        )
+        for r in rows
+    ]
+    return _take(ex, n, seed)
+
+
+# --- local files -------------------------------------------------------------------------------------
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Rows of a JSONL or CSV file (InputError naming the file and line when it is malformed)."""
+    if not path.is_file():
+        raise InputError(f"dataset file {path} not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise InputError(f"dataset file {path}: expected a .jsonl or .csv file")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"dataset file {path}, line {i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"dataset file {path}, line {i}: expected a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _messages_example(path: Path, i: int, messages: Any) -> Example:
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok or len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise InputError(
+            f"dataset file {path}, row {i}: `messages` must be a list of {{role, content}} ending with an "
+            "assistant turn"
+        )
+    return {"prompt": [dict(m) for m in messages[:-1]], "completion": [dict(messages[-1])]}
+
+
+def file_recipe(path: Path, n: int | None, seed: int) -> list[Example]:
+    """A local JSONL/CSV with `prompt` and `response` columns, or a chat `messages` column."""
+    rows = read_rows(path)
+    if not rows:
+        raise InputError(f"dataset file {path} has no rows")
+    out = []
+    for i, r in enumerate(rows):
+        if "messages" in r:
+            out.append(_messages_example(path, i, r["messages"]))
+        elif "prompt" in r and "response" in r:
+            if not str(r["prompt"]).strip() or not str(r["response"]).strip():
+                raise InputError(f"dataset file {path}, row {i}: empty `prompt` or `response`")
+            out.append(chat_example(str(r["prompt"]), str(r["response"])))
+        else:
+            raise InputError(
+                f"dataset file {path}, row {i}: needs columns `prompt` and `response`, or `messages` "
+                f"(found: {sorted(r)})"
+            )
+    return _take(out, n, seed) if n is not None else out
+
+
+def build_examples(recipe: str, samples: int | None, seed: int) -> list[Example]:
+    """Examples of a built-in recipe or a local file."""
+    n = samples if samples is not None else DEFAULT_SAMPLES.get(recipe)
+    if n is not None and n <= 0:
+        raise InputError(f"--samples must be positive, got {n}")
+    if recipe == "arithmetic":
+        return arithmetic_recipe(n or 2000, seed)
+    if recipe == "safety":
+        return safety_recipe(n, seed)
+    if recipe == "safety-hub":
+        return safety_hub_recipe(n, seed)
+    if recipe == "gsm8k":
+        return gsm8k_recipe(n, seed)
+    if recipe == "pubmedqa":
+        return pubmedqa_recipe(n, seed)
+    path = Path(recipe)
+    if path.suffix.lower() in (".jsonl", ".json", ".csv") or path.exists():
+        return file_recipe(path, n, seed)
+    raise InputError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)} or a .jsonl/.csv file")
+
+
+def user_texts(examples: list[Example]) -> list[str]:
+    """All user-turn texts (what the HarmBench guard inspects); index-aligned when one turn each."""
+    return [m["content"] for e in examples for m in e["prompt"] if m["role"] == "user"]
+
+
+def mix_in_safety(task: list[Example], n: int, seed: int) -> list[Example]:
+    """SafeInstr: n offline safety examples mixed (seeded shuffle) into the task data."""
+    if n <= 0:
+        return task
+    mixed = task + safety_recipe(n, seed + 1)
+    random.Random(seed).shuffle(mixed)
+    return mixed

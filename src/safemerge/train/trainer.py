@@ -1,0 +1,165 @@
+"""LoRA supervised fine-tuning with TRL's SFTTrainer + PEFT, written atomically to one directory.
+
+Output directory: the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), the resolved
+config (`train_config.yaml`), the training log (`train_log.jsonl`, one record per logging step) and the
+loss curve (`loss_curve.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import InputError
+from safemerge.outdir import atomic_output_dir, check_output_dir
+from safemerge.packaged import resolve_model
+from safemerge.train.config import TrainConfig, dump_config
+from safemerge.train.guard import check_no_harmbench
+from safemerge.train.recipes import Example, build_examples, mix_in_safety, user_texts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """Where the adapter went and how training went."""
+
+    out: Path
+    n_examples: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0] if self.losses else float("nan")
+
+    @property
+    def last_loss(self) -> float:
+        return self.losses[-1] if self.losses else float("nan")
+
+
+def prepare_data(cfg: TrainConfig) -> list[Example]:
+    """Recipe examples (+ SafeInstr mix), checked against HarmBench."""
+    examples = build_examples(cfg.recipe, cfg.samples, cfg.seed)
+    examples = mix_in_safety(examples, cfg.mix_safety, cfg.seed)
+    if not examples:
+        raise InputError(f"recipe {cfg.recipe!r} produced no training examples")
+    check_no_harmbench(user_texts(examples), source=f"recipe {cfg.recipe!r}")
+    return examples
+
+
+def load_model_and_tokenizer(name: str, use_bf16: bool, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The base model (float32 on CPU, bf16 when asked) and its tokenizer, with a pad token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.bfloat16 if use_bf16 else torch.float32, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise InputError(f"cannot load model {name!r}: {exc}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise InputError(f"model {name!r}: its tokenizer has no chat template (needed to format the data)")
+    return model, tok
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss against step, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA fine-tuning loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a LoRA adapter as configured and write it (with config, log, loss curve) to `cfg.out`."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    check_output_dir(cfg.out, cfg.force)
+    examples = prepare_data(cfg)
+    use_bf16 = (
+        cfg.bf16
+        if cfg.bf16 is not None
+        else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    )
+    if use_bf16 and not torch.cuda.is_available():
+        raise InputError("--bf16 needs a GPU; leave it unset on CPU")
+    model_name = resolve_model(cfg.model)
+    model, tok = load_model_and_tokenizer(model_name, use_bf16, cfg.trust_remote_code)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with atomic_output_dir(cfg.out, cfg.force) as tmp:
+        args = SFTConfig(
+            output_dir=str(tmp / "_trainer"),
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            max_length=cfg.max_length,
+            warmup_steps=cfg.warmup_steps,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            activation_checkpointing=cfg.gradient_checkpointing,
+            bf16=use_bf16,
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            report_to="none",
+            completion_only_loss=True,
+            disable_tqdm=False,
+            use_cpu=not torch.cuda.is_available(),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(examples),
+            processing_class=tok,
+            peft_config=lora,
+        )
+        trainer.train()
+        peft_model: Any = trainer.model
+        peft_model.save_pretrained(str(tmp))
+        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
+        history = [dict(h) for h in trainer.state.log_history]
+        resolved = cfg.model_copy(update={"model": cfg.model})
+        (tmp / "train_config.yaml").write_text(
+            dump_config(resolved) + f"# resolved model path: {model_name}\n# examples: {len(examples)}\n",
+            encoding="utf-8",
+        )
+        with (tmp / "train_log.jsonl").open("w", encoding="utf-8") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+        plot_losses(history, tmp / "loss_curve.png")
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    return TrainResult(
+        out=cfg.out, n_examples=len(examples), steps=int(trainer.state.global_step), losses=losses
+    )
