@@ -15,6 +15,7 @@ from safemerge.criterion import (
     select_fraction,
     select_threshold,
     select_top_k,
+    weights_similarity,
 )
 
 
@@ -139,3 +140,30 @@ def test_top_k_and_fraction() -> None:
     assert select_fraction(rhos, 0.4) == [False, True, False, True, False]
     for k in range(6):
         assert sum(select_top_k(rhos, k)) == k
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(
+    ("d_rows", "d_cols", "block"), [(64, 48, 16), (70, 33, 32), (40, 40, 256), (96, 24, 1)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_from_weights_matches_full_v(transposed, d_rows, d_cols, block, dtype) -> None:
+    g = torch.Generator().manual_seed(d_rows + d_cols)
+    w_un = torch.randn(d_rows, d_cols, generator=g).to(dtype)
+    w_al = (w_un.float() + 0.1 * torch.randn(d_rows, d_cols, generator=g)).to(dtype)
+    d_out, d_in = (d_cols, d_rows) if transposed else (d_rows, d_cols)
+    a, b = torch.randn(4, d_in, generator=g), torch.randn(d_out, 4, generator=g)
+    v = safety_difference(w_al, w_un)
+    full = lowrank_similarity(v.T if transposed else v, a, b)
+    streamed = weights_similarity(w_al, w_un, a, b, transposed=transposed, block_rows=block)
+    assert streamed.rho == pytest.approx(full.rho, abs=1e-6)
+    assert streamed.rho == pytest.approx(dense_reference(v.T if transposed else v, a, b), abs=2e-6)
+
+
+def test_streaming_from_weights_falls_back_for_degenerate_inputs() -> None:
+    w = torch.randn(8, 6)
+    a, b = torch.randn(2, 6), torch.randn(8, 2)
+    assert weights_similarity(w, w.clone(), a, b).degenerate == "zero-V"
+    assert weights_similarity(w + 1, w, a, torch.zeros_like(b)).degenerate == "zero-update"
+    with pytest.raises(ValueError, match="does not fit"):
+        weights_similarity(w, w, a, b, transposed=True)

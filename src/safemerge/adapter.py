@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -161,10 +160,13 @@ class LoraAdapter:
     def scaling(self, module: str) -> float:
         """s = alpha / r (or alpha / √r with rsLoRA), honouring rank_pattern / alpha_pattern."""
         cfg = self.config
-        r_key = get_pattern_key(list((cfg.get("rank_pattern") or {}).keys()), module)
-        a_key = get_pattern_key(list((cfg.get("alpha_pattern") or {}).keys()), module)
-        r = (cfg.get("rank_pattern") or {}).get(r_key, cfg.get("r", 8))
-        alpha = (cfg.get("alpha_pattern") or {}).get(a_key, cfg.get("lora_alpha", 8))
+        r_pat, a_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+        if r_pat or a_pat:  # PEFT's own matching rule (imported lazily: peft is slow to import)
+            from peft.utils.other import get_pattern_key
+
+            r = r_pat.get(get_pattern_key(list(r_pat), module), r)
+            alpha = a_pat.get(get_pattern_key(list(a_pat), module), alpha)
         if r != self._ranks[module]:
             raise InputError(
                 f"{self.weights_file}: module {module} has rank {self._ranks[module]} but the config says {r}"

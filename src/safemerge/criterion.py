@@ -35,7 +35,8 @@ def safety_difference(w_aligned: torch.Tensor, w_unaligned: torch.Tensor) -> tor
     """V = W_al − W_un, both converted to float32 before subtracting (bf16 inputs lose nothing)."""
     if w_aligned.shape != w_unaligned.shape:
         raise ValueError(f"aligned {tuple(w_aligned.shape)} vs unaligned {tuple(w_unaligned.shape)}")
-    return w_aligned.to(torch.float32) - w_unaligned.to(torch.float32)
+    v = w_aligned.to(torch.float32, copy=True)
+    return v.sub_(w_unaligned)  # in place: one float32 buffer, the same V bit for bit
 
 
 def _trace_product(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> float:
@@ -63,6 +64,57 @@ def lowrank_similarity(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Sim
         # Overflow in float32 (or non-finite input): redo everything in float64.
         return _lowrank_similarity_f64(v, a, b)
     return _finish(num, cdw2, dw2, v)
+
+
+def weights_similarity(
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    transposed: bool = False,
+    block_rows: int = 256,
+) -> Similarity:
+    """ρ straight from the two stored weights, streaming V = W_al − W_un in float32 row blocks.
+
+    Same result as `lowrank_similarity(safety_difference(...), a, b)`, but V never exists whole: each
+    block of rows is converted into one reused buffer while it is hot in cache (the full-V route reads a
+    float32 V twice more). `transposed` is for Conv1D weights stored d_in × d_out (V = Dᵀ). Degenerate or
+    non-finite cases fall back to the full-V route, which names the degeneracy.
+    """
+    d_rows, d_cols = w_aligned.shape
+    if w_aligned.shape != w_unaligned.shape:
+        raise ValueError(f"aligned {tuple(w_aligned.shape)} vs unaligned {tuple(w_unaligned.shape)}")
+    d_out, d_in = (d_cols, d_rows) if transposed else (d_rows, d_cols)
+    if (d_out, d_in) != (b.shape[0], a.shape[1]) or a.shape[0] != b.shape[1]:
+        raise ValueError(f"V {(d_out, d_in)} does not fit A {tuple(a.shape)}, B {tuple(b.shape)}")
+    dev, r = w_aligned.device, a.shape[0]
+    b32 = b.to(device=dev, dtype=torch.float32)
+    a64 = a.to(device=dev, dtype=torch.float64)
+    g = a64 @ a64.T
+    buf = torch.empty(min(block_rows, d_rows), d_cols, device=dev)
+    p = torch.zeros(d_in, r, device=dev)  # Vᵀ B
+    m = torch.zeros(d_out, r, device=dev)  # V Vᵀ B
+
+    def block(i: int) -> torch.Tensor:
+        d = buf[: min(block_rows, d_rows - i)]
+        d.copy_(w_aligned[i : i + block_rows])
+        return d.sub_(w_unaligned[i : i + block_rows])
+
+    if not transposed:  # V = D: P = Σ D_kᵀ B_k, then M_k = D_k P
+        for i in range(0, d_rows, block_rows):
+            p.addmm_(block(i).T, b32[i : i + block_rows])
+        for i in range(0, d_rows, block_rows):
+            torch.mm(block(i), p, out=m[i : i + block_rows])
+    else:  # V = Dᵀ: P_k = D_k B, M = Σ D_kᵀ P_k (one pass)
+        for i in range(0, d_rows, block_rows):
+            d = block(i)
+            torch.mm(d, b32, out=p[i : i + block_rows])
+            m.addmm_(d.T, p[i : i + block_rows])
+    num, cdw2, dw2 = _trace_product(p, p, g), _trace_product(m, m, g), _trace_product(b32, b32, g)
+    if not all(math.isfinite(x) and x > 0.0 for x in (num, cdw2, dw2)):
+        v = safety_difference(w_aligned, w_unaligned)
+        return lowrank_similarity(v.T if transposed else v, a, b)
+    return Similarity(min(max(num / math.sqrt(cdw2 * dw2), 0.0), 1.0))
 
 
 def _lowrank_similarity_f64(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Similarity:

@@ -11,7 +11,6 @@ import hashlib
 import math
 
 import torch
-from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties
 
 from safemerge.adapter import LoraFactors
 
@@ -85,6 +84,8 @@ def merge_dense(
     linear: Σ w_i ΔW_i. ties: trim to `density` by magnitude, elect signs, disjoint mean (PEFT `ties`).
     dare_linear / dare_ties: random drop with keep-probability `density` and 1/density rescale first.
     """
+    from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties  # slow import: lazy
+
     w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device)
     if method == "linear":
         return task_arithmetic(deltas, w)

@@ -31,11 +31,10 @@ from safemerge.checkpoint import (
 from safemerge.config import MergeConfig, ScanConfig, SelectionConfig
 from safemerge.criterion import (
     Similarity,
-    lowrank_similarity,
-    safety_difference,
     select_fraction,
     select_threshold,
     select_top_k,
+    weights_similarity,
 )
 from safemerge.errors import InputError
 from safemerge.merging import exact_merge, merge_dense, module_seed, pad_rank, peft_linear_merge, svd_factors
@@ -104,10 +103,8 @@ def module_similarity(
     w_aligned: torch.Tensor, w_unaligned: torch.Tensor, task: LoraFactors, fan_in_fan_out: bool = False
 ) -> Similarity:
     """ρ of one module from its aligned/unaligned weights and the task factors (tensors in memory)."""
-    v = safety_difference(w_aligned, w_unaligned)
-    if fan_in_fan_out:  # Conv1D stores the weight as d_in × d_out
-        v = v.T
-    return lowrank_similarity(v, task.A, task.B)
+    block_rows = w_aligned.shape[0] if w_aligned.is_cuda else 256  # CPU: blocks that stay in cache
+    return weights_similarity(w_aligned, w_unaligned, task.A, task.B, fan_in_fan_out, block_rows)
 
 
 def select(rhos: list[float], selection: SelectionConfig) -> list[bool]:
@@ -137,18 +134,11 @@ def progress_bar(enabled: bool) -> Iterator[Progress]:
 
 
 def library_versions() -> dict[str, str]:
-    import peft
-    import safetensors
-    import transformers
+    """Versions of the libraries that shape the result (read from metadata: no slow imports)."""
+    from importlib.metadata import version
 
-    return {
-        "safemerge": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "safetensors": safetensors.__version__,
-    }
+    libs = {name: version(name) for name in ("transformers", "peft", "safetensors")}
+    return {"safemerge": __version__, "python": platform.python_version(), "torch": torch.__version__, **libs}
 
 
 def open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
