@@ -265,7 +265,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(root: Path) -> dict[str, Any]:
     import psutil
 
     vm = psutil.virtual_memory()
@@ -273,7 +273,7 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_total": vm.total,
         "ram_available": vm.available, "loadavg": os.getloadavg(), "python": platform.python_version(),
         "torch": torch.__version__, "platform": platform.platform(),
-        "disk_free": shutil.disk_usage(bench_root()).free,
+        "disk_free": shutil.disk_usage(root).free,
     }
 
 
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = args.data_root or bench_root()
     root.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"preset": args.preset, "cold": args.cold, "machine": machine_info()}
+    res: dict[str, Any] = {"preset": args.preset, "cold": args.cold, "machine": machine_info(root)}
     data, manifest = ensure_data(args.preset, root, args.layers)
     res["data"] = manifest
     names = module_weight_names(data)
