@@ -14,9 +14,13 @@ from safemerge.cliutils import (
     DeviceOpt,
     ForceOpt,
     FractionOpt,
+    MaxShardOpt,
+    MergeIntoBaseOpt,
     PickleOpt,
     PlotOpt,
     QuietOpt,
+    RankOpt,
+    SeedOpt,
     TaskOpt,
     ThresholdOpt,
     TopKOpt,
@@ -101,21 +105,10 @@ def merge_command(
         ),
     ] = None,
     density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")
-    ] = None,
-    rank: Annotated[
-        int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")
-    ] = None,
-    merge_into_base: Annotated[
-        bool | None,
-        typer.Option(
-            "--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."
-        ),
-    ] = None,
-    max_shard_size: Annotated[
-        str | None, typer.Option(help="Largest shard of the full model. Default 2GB.")
-    ] = None,
+    seed: SeedOpt = None,
+    rank: RankOpt = None,
+    merge_into_base: MergeIntoBaseOpt = None,
+    max_shard_size: MaxShardOpt = None,
     device: DeviceOpt = None,
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,

@@ -69,6 +69,15 @@ PickleOpt = Annotated[
     ),
 ]
 PlotOpt = Annotated[bool | None, typer.Option("--plot/--no-plot", help="Write similarity.png. Default on.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")]
+RankOpt = Annotated[int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")]
+MaxShardOpt = Annotated[str | None, typer.Option(help="Largest shard of a full model. Default 2GB.")]
+MergeIntoBaseOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
 
 

@@ -13,9 +13,13 @@ from safemerge.cliutils import (
     ConfigArg,
     DeviceOpt,
     ForceOpt,
+    MaxShardOpt,
+    MergeIntoBaseOpt,
     PickleOpt,
     PlotOpt,
     QuietOpt,
+    RankOpt,
+    SeedOpt,
     TaskOpt,
     UnalignedOpt,
     run_guarded,
@@ -73,12 +77,8 @@ def defend_command(
     density: Annotated[
         float | None, typer.Option(help="Kept fraction for TIES/DARE, and for RESTA's --dare. Default 0.5.")
     ] = None,
-    seed: Annotated[
-        int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")
-    ] = None,
-    rank: Annotated[
-        int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")
-    ] = None,
+    seed: SeedOpt = None,
+    rank: RankOpt = None,
     preserve_norm: Annotated[
         bool | None,
         typer.Option(
@@ -99,16 +99,8 @@ def defend_command(
             "--dare", help="resta: DARE on the fine-tuning delta first (seeded, --density). Default off."
         ),
     ] = None,
-    merge_into_base: Annotated[
-        bool | None,
-        typer.Option(
-            "--merge-into-base",
-            help="Adapter outputs: also write the full model to OUT/full_model. Default off.",
-        ),
-    ] = None,
-    max_shard_size: Annotated[
-        str | None, typer.Option(help="Largest shard of a full model. Default 2GB.")
-    ] = None,
+    merge_into_base: MergeIntoBaseOpt = None,
+    max_shard_size: MaxShardOpt = None,
     device: DeviceOpt = None,
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
