@@ -1,0 +1,70 @@
+"""`safemerge organism build` and the organism side of `safemerge demo` (thin wrappers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+organism_app = typer.Typer(
+    help="The CPU model organism: SmolLM2-135M aligned, fine-tuned and repaired (see docs/organism.md).",
+    no_args_is_help=True,
+)
+
+
+@organism_app.command("build")
+def build_command(
+    reduced: Annotated[
+        bool, typer.Option("--reduced", help="A tiny organism (a few steps and prompts) for tests.")
+    ] = False,
+    mix_safety: Annotated[
+        bool, typer.Option("--mix-safety/--no-mix-safety", help="Also build the SafeInstr variant of T.")
+    ] = True,
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T."""
+    from safemerge.cliutils import run_guarded
+    from safemerge.organism import OrganismRecipe, build_organism, reduced_recipe
+
+    def body() -> None:
+        stages = ("aligned", "task", "safety") + (("safeinstr",) if mix_safety else ())
+        org = build_organism(reduced_recipe() if reduced else OrganismRecipe(), cache, not quiet, stages)
+        con = Console()
+        con.print(f"unaligned U : {org.unaligned}")
+        con.print(f"aligned A   : {org.aligned}")
+        con.print(f"task T      : {org.task}")
+        con.print(f"safety S    : {org.safety}")
+        if mix_safety:
+            con.print(f"SafeInstr T : {org.safeinstr}")
+        con.print(
+            "seconds per stage (0 = cached): " + ", ".join(f"{k} {v:.0f}" for k, v in org.timings.items())
+        )
+
+    run_guarded(body)
+
+
+def run_organism_demo(
+    out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None
+) -> None:
+    """Run the organism demo and print its table and target checks."""
+    from safemerge.organism.demo import DemoSettings, run_demo
+    from safemerge.organism.recipe import reduced_recipe
+
+    if reduced:
+        s = DemoSettings(
+            out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),
+            task_limit=4, harm_limit=4, benign_limit=4, val_task=4, val_limit=4, force=force,
+        )  # fmt: skip
+    elif full:
+        s = DemoSettings.full(out, cache=cache, force=force)
+    else:
+        s = DemoSettings(out=out, cache=cache, force=force)
+    result = run_demo(s)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    met = sum(t["met"] for t in result["targets"])
+    typer.echo(f"targets met: {met}/{len(result['targets'])}; files in {out}")

@@ -1,0 +1,92 @@
+"""The organism's recipe: every size, step count, learning rate and seed, in one hashable object.
+
+Each build stage is cached under a key that hashes its own part of the recipe plus the keys of the
+stages it depends on, so changing the task LoRA's steps reuses the aligned model, and so on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+RECIPE_VERSION = "2"  # bump when the build code changes what a stage produces
+
+
+class AlignedRecipe(BaseModel):
+    """A: full fine-tune of attention + MLP weights of U on refusals + U's own benign answers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_harmful: int = 320
+    n_benign: int = 320
+    steps: int = 90
+    batch_size: int = 8
+    learning_rate: float = 3e-5
+    warmup_steps: int = 5
+    max_length: int = 128
+    benign_max_new_tokens: int = 24  # U's benign answers are truncated here (the opening is what counts)
+    seed: int = 0
+
+
+class LoraRecipe(BaseModel):
+    """A LoRA trained on A with the harness (`safemerge.train`): r = 8 on q_proj / v_proj."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int
+    steps: int
+    batch_size: int = 4
+    learning_rate: float = 3e-4
+    max_length: int = 128
+    lora_r: int = 8
+    lora_alpha: int = 16
+    seed: int = 0
+
+
+class OrganismRecipe(BaseModel):
+    """The whole organism: U, A, T (task), S (safety) and T_SafeInstr (task + mixed-in safety data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = 0
+    n_val_strongreject: int = 40
+    n_benign_val: int = 30
+    aligned: AlignedRecipe = AlignedRecipe()
+    task: LoraRecipe = LoraRecipe(samples=600, steps=150)
+    safety: LoraRecipe = LoraRecipe(samples=200, steps=100)
+    safeinstr_mix: int = 60  # SafeInstr: safety examples mixed into T's data (same steps as T)
+
+    def stage_key(self, stage: str, upstream: str = "") -> str:
+        """Content key of one stage (12 hex digits)."""
+        part: dict[str, Any] = {"version": RECIPE_VERSION, "stage": stage, "upstream": upstream}
+        if stage == "aligned":
+            part.update(seed=self.seed, n_val=self.n_val_strongreject, recipe=self.aligned.model_dump())
+        elif stage == "task":
+            part.update(recipe=self.task.model_dump())
+        elif stage == "safety":
+            part.update(seed=self.seed, n_val=self.n_val_strongreject, recipe=self.safety.model_dump())
+        elif stage == "safeinstr":
+            part.update(
+                seed=self.seed,
+                n_val=self.n_val_strongreject,
+                mix=self.safeinstr_mix,
+                recipe=self.task.model_dump(),
+            )
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def reduced_recipe() -> OrganismRecipe:
+    """A tiny organism for tests: a few steps and prompts; shows nothing, exercises everything."""
+    return OrganismRecipe(
+        n_val_strongreject=4,
+        n_benign_val=4,
+        aligned=AlignedRecipe(n_harmful=8, n_benign=8, steps=2, batch_size=4, benign_max_new_tokens=8),
+        task=LoraRecipe(samples=8, steps=2),
+        safety=LoraRecipe(samples=8, steps=2),
+        safeinstr_mix=4,
+    )

