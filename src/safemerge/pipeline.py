@@ -313,11 +313,13 @@ def merge_modules(
     density: float = 0.5,
     seed: int = 0,
     rank: int | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> MergedAdapter:
     """Merge the selected task modules with their safety counterparts; keep every other module.
 
-    Tensor-level API (adapters held in memory); `merge()` calls it with factors read from disk.
-    A selected module without a safety counterpart is kept as fine-tuned and listed.
+    Tensor-level API (adapters held in memory); `merge()` calls it with factors read lazily from disk.
+    Results are computed in float64 and stored in `dtype`, module by module (memory holds the output and
+    one module's inputs). A selected module without a safety counterpart is kept as fine-tuned and listed.
     """
     if not task:
         raise InputError("no task modules to merge")
@@ -358,8 +360,27 @@ def merge_modules(
             result.merged.add(name)
         else:
             a, b = exact_merge(tf, None, 1.0, 0.0, out_scale)
-        result.factors[name] = pad_rank(a, b, out_rank)
+        a, b = pad_rank(a, b, out_rank)
+        result.factors[name] = (a.to(dtype), b.to(dtype))
     return result
+
+
+class LazyFactors(Mapping[str, LoraFactors]):
+    """An adapter's modules as a mapping whose factors are read from disk on access, not held."""
+
+    def __init__(self, adapter: LoraAdapter, modules: Collection[str]):
+        self.adapter, self.modules = adapter, [m for m in adapter.lora_modules if m in modules]
+
+    def __getitem__(self, module: str) -> LoraFactors:
+        if module not in self.modules:
+            raise KeyError(module)
+        return self.adapter.factors(module)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
 
 
 def merge(cfg: MergeConfig, progress: bool = False) -> Report:
@@ -386,8 +407,9 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         )
         warnings.warn(msg, stacklevel=2)
         report.warnings.append(msg)
-    task_factors = {m: task.factors(m) for m in task.lora_modules}
-    safety_factors = {m: safety.factors(m) for m in safety.lora_modules if m in task_set}
+    task_factors = LazyFactors(task, task_set)
+    safety_factors = LazyFactors(safety, task_set)
+    dtype = task.storage_dtype()
     result = merge_modules(
         task_factors,
         safety_factors,
@@ -398,6 +420,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         density=cfg.density,
         seed=cfg.seed,
         rank=cfg.rank,
+        dtype=dtype,
     )
     for rec in report.modules:
         rec.rank_safety = safety.rank(rec.name) if rec.name in safety_factors else None
@@ -418,8 +441,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         report.warnings.append(msg)
     rank, out_scale = result.rank, result.scaling
     report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=result.lora_alpha)
-    dtype = task.storage_dtype()
-    stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in result.factors.items()}
+    stored = result.factors
     with atomic_output_dir(out, cfg.force) as tmp:
         write_adapter(tmp, task.config, stored, rank, result.lora_alpha, cfg.aligned, task.read_extra())
         (tmp / "README.md").write_text(model_card(report))
