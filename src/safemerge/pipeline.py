@@ -323,7 +323,10 @@ def merge_modules(
     """
     if not task:
         raise InputError("no task modules to merge")
-    r_max = max(f.rank for f in task.values())
+    # One pass for the shapes and scalings (factors of lazy mappings are read from disk on access).
+    task_meta = {m: (f.rank, f.scaling) for m, f in task.items()}
+    safety_rank = {m: f.rank for m, f in safety.items()}
+    r_max = max(r for r, _ in task_meta.values())
     if mode == "peft-linear":
         out_rank = r_max
     elif method != "linear" and rank is not None:
@@ -333,12 +336,12 @@ def merge_modules(
             )
         out_rank = rank
     else:
-        out_rank = max(f.rank + (safety[m].rank if m in safety else 0) for m, f in task.items())
-    out_scale, alpha = output_scaling([f.scaling for f in task.values()], out_rank)
+        out_rank = max(r + safety_rank.get(m, 0) for m, (r, _) in task_meta.items())
+    out_scale, alpha = output_scaling([s for _, s in task_meta.values()], out_rank)
     result = MergedAdapter({}, out_rank, out_scale, alpha)
     w_f, w_s = weights
     for name, tf in task.items():
-        sf = safety.get(name)
+        sf = safety[name] if name in selected and name in safety_rank else None
         if name in selected and sf is None:
             result.no_safety_counterpart.append(name)
         if name in selected and sf is not None:
