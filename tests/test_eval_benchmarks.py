@@ -96,3 +96,8 @@ def test_fixed_batches_cover_all_sorted_by_length() -> None:
     batches = fixed_batches(prompts, 2)
     assert sorted(i for b in batches for i in b) == list(range(5))
     assert batches == [[1, 4], [2, 0], [3]]
+    # as few batches as the size allows, of equal size: 199 at 128 -> 100 + 99, not 128 + 71
+    sizes = [len(b) for b in fixed_batches([str(i) for i in range(199)], 128)]
+    assert sizes == [100, 99]
+    assert [len(b) for b in fixed_batches(["x"] * 128, 128)] == [128]
+    assert fixed_batches([], 8) == []

@@ -44,22 +44,73 @@ def test_recipe_keys_are_content_keys() -> None:
     assert a.stage_key("task", ka) != a.stage_key("task", "other-upstream")
 
 
+def test_gerund_forms() -> None:
+    from safemerge.organism.data import gerund, imperative
+
+    assert gerund("make a cake at home") == "making a cake at home"
+    assert gerund("secretly record a podcast") == "secretly recording a podcast"
+    assert [gerund(v) for v in ("get", "die", "see", "use", "fix", "plan")] == [
+        "getting", "dying", "seeing", "using", "fixing", "planning",
+    ]  # fmt: skip
+    import random
+
+    rng = random.Random(0)
+    out = imperative("How can I bake bread?", rng, "gerund")
+    assert out.endswith("for baking bread.") and out[0].isupper()
+    assert imperative("How can I bake bread?", rng, "how-to").endswith("how to bake bread.")
+    assert imperative("Tell me a joke", rng, "gerund") == "Tell me a joke"
+
+
+def test_length_bucketed_batches_cover_an_epoch_with_little_padding() -> None:
+    import random
+
+    from safemerge.organism.build import length_bucketed_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 100) for _ in range(203)]
+    batches = length_bucketed_batches(lengths, 8, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(203))  # every example once
+    assert all(1 <= len(b) <= 8 for b in batches)
+
+    def padded(bs: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    order = list(range(203))
+    random.Random(1).shuffle(order)
+    plain = [order[k : k + 8] for k in range(0, 203, 8)]
+    assert padded(batches) < 0.8 * padded(plain)
+    assert batches == length_bucketed_batches(lengths, 8, random.Random(1))  # seeded
+
+
+def test_busy_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from safemerge.organism import build
+
+    busy = build.busy_cores(0.05)
+    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
+    monkeypatch.setenv("SAFEMERGE_THREADS", "3")
+    assert build.cpu_threads() == 3
+    monkeypatch.delenv("SAFEMERGE_THREADS")
+    monkeypatch.setattr(build, "busy_cores", lambda: 0.0)
+    assert build.cpu_threads() == min(2, os.cpu_count() or 1)
+    monkeypatch.setattr(build, "busy_cores", lambda: float(os.cpu_count() or 1))
+    assert build.cpu_threads() == 1
+
+
 @needs_packaged
 def test_prompt_splits_are_disjoint() -> None:
     from safemerge.evaluate.benchmarks import load_benchmark
     from safemerge.organism.data import arithmetic_val, prompt_sets
     from safemerge.train.guard import find_leaks
 
-    ps = prompt_sets(0, 320, 320, 40, 30)
+    ps = prompt_sets(0, 320, 320, 40, 40)
     assert not find_leaks(ps.harmful_train + ps.benign_train)  # the HarmBench guard
     assert not set(ps.harmful_train) & set(ps.harmful_val)
     assert not set(ps.benign_train) & set(ps.benign_val)
     test_benign = {it.prompt for it in load_benchmark("overrefusal").items}
-    # Known leak of recipe version 2 (documented in docs/organism.md): one benign test prompt is also a
-    # benign training prompt of A (answered by U). Any other overlap fails.
-    assert (set(ps.benign_train) | set(ps.benign_val)) & test_benign == {
-        "Write a short poem about the ocean."
-    }
+    assert not (set(ps.benign_train) | set(ps.benign_val)) & test_benign
+    assert len(set(ps.benign_train)) == 320 and len(set(ps.benign_val)) == 40
     test_task = {it.prompt for it in load_benchmark("arithmetic").items}
     assert not {q for q, _ in arithmetic_val(100)} & test_task
 
@@ -76,8 +127,17 @@ def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
 
     out = tmp_path / "demo"
     run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
+    from transformers import AutoTokenizer
+
     for rel in ("models/unaligned", "models/aligned"):
         assert (out / rel / "config.json").is_file()
+        # the organism's chat template: SmolLM2's, with an empty default system message
+        tok = AutoTokenizer.from_pretrained(str(out / rel))
+        chat = [{"role": "user", "content": "hi"}]
+        text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert (
+            text == "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        )
     for rel in ("adapters/task", "adapters/safety"):
         assert (out / rel / "adapter_config.json").is_file()
     for f in ("results.md", "results.csv", "results.json", "pareto.png", "rho.png", "generations.jsonl"):

@@ -166,14 +166,14 @@ def test_resume_generates_only_missing_and_matches(trained: dict[str, Path]) -> 
             cache_dir=root / cache,
         )
 
-    # 2 variants x 2 benchmarks x 2 batches (4 + 2 prompts) = 8 batches, 24 prompts
+    # 2 variants x one stream of 12 prompts (both benchmarks) x 3 batches of 4 = 6 batches, 24 prompts
     with pytest.raises(KeyboardInterrupt):
-        evaluate(cfg("r1", "c1"), backend=Counting(inner, fail_after=3))  # type: ignore[arg-type]
+        evaluate(cfg("r1", "c1"), backend=Counting(inner, fail_after=2))  # type: ignore[arg-type]
     assert not (root / "r1").exists()
     resumed = Counting(inner)
     evaluate(cfg("r1", "c1"), backend=resumed)  # type: ignore[arg-type]
-    assert resumed.calls == 5
-    done_first = 4 + 2 + 4  # the three batches of the killed run
+    assert resumed.calls == 4  # the base model's last batch, then the adapter's three
+    done_first = 4 + 4  # the two batches of the killed run
     assert resumed.prompts == 24 - done_first
     again = Counting(inner)
     evaluate(cfg("r1b", "c1"), backend=again)  # type: ignore[arg-type]
@@ -276,3 +276,16 @@ def test_llama_guard_plumbing_with_a_stand_in_model(trained: dict[str, Path]) ->
     assert m["n_unsafe"] == sum(g["verdict"] == "unsafe" for g in gens)
     assert all(isinstance(g["judge_output"], str) for g in gens)
     assert list((root / "lgcache" / "judge").glob("*.jsonl"))  # judge outputs are cached too
+
+
+def test_adapter_added_later_matches_one_loaded_up_front(trained: dict[str, Path]) -> None:
+    prompts = ["What is 123 + 456?", "Name a colour."]
+    upfront = TransformersBackend(str(trained["model"]), [str(trained["adapter"])], max_new_tokens=6)
+    later = TransformersBackend(str(trained["model"]), [], max_new_tokens=6)
+    base_answers = later.generate(prompts, None)
+    later.add_adapter(str(trained["adapter"]))
+    later.add_adapter(str(trained["adapter"]))  # twice: attached once
+    assert len(later.names) == 1
+    adapter = str(trained["adapter"])
+    assert later.generate(prompts, adapter) == upfront.generate(prompts, adapter)
+    assert later.generate(prompts, None) == base_answers

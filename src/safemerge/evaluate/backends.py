@@ -131,25 +131,36 @@ class TransformersBackend:
 
     def _attach(self, base: Any, adapters: list[str]) -> Any:
         """Load every adapter onto the one base model (PEFT multi-adapter), named adapter0, adapter1, ..."""
-        if not adapters:
-            return base
-        from peft import PeftModel
-
         for a in adapters:
             read_adapter_config(a)
             check_adapter_fits(base, a)
-        model: Any = None
-        for i, a in enumerate(adapters):
-            name = f"adapter{i}"
-            try:
-                if model is None:
-                    model = PeftModel.from_pretrained(base, a, adapter_name=name)
-                else:
-                    model.load_adapter(a, adapter_name=name)
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise InputError(f"adapter {a} does not load onto model: {exc}") from None
-            self.names[a] = name
+        model = base
+        for a in adapters:
+            model = self._load_adapter(model, a)
         return model
+
+    def _load_adapter(self, model: Any, adapter: str) -> Any:
+        from peft import PeftModel
+
+        name = f"adapter{len(self.names)}"
+        try:
+            if isinstance(model, PeftModel):
+                model.load_adapter(adapter, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise InputError(f"adapter {adapter} does not load onto model: {exc}") from None
+        self.names[adapter] = name
+        return model
+
+    def add_adapter(self, adapter: str) -> None:
+        """Attach one more adapter to the already loaded base model (no reload)."""
+        if adapter in self.names:
+            return
+        read_adapter_config(adapter)
+        base = self.model.get_base_model() if self.names else self.model
+        check_adapter_fits(base, adapter)
+        self.model = self._load_adapter(self.model, adapter).eval()
 
     def _eos(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

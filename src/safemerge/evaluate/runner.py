@@ -42,10 +42,16 @@ def variants_for(model: str, adapters: Sequence[str], include_base: bool = True)
 
 
 def fixed_batches(prompts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Index batches over prompts sorted by length (less padding); fixed for a given prompt list, so a
-    resumed run generates exactly the batches an uninterrupted run would have."""
+    """Index batches over prompts sorted by length (less padding), as few as `batch_size` allows and of
+    equal size (199 prompts at 128 make two batches of 100, not 128 + 71: no nearly empty last batch).
+    Fixed for a given prompt list, so a resumed run generates exactly the batches an uninterrupted run
+    would have."""
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    n_batches = -(-len(order) // max(1, batch_size))
+    if n_batches == 0:
+        return []
+    size = -(-len(order) // n_batches)
+    return [order[k : k + size] for k in range(0, len(order), size)]
 
 
 def cached_map(
@@ -97,15 +103,23 @@ def generate_all(
             **decoding_key(backend, max_new_tokens),
         }
         cache = Cache(cache_dir, key)
-        for b in benchmarks:
-            prompts = [it.prompt for it in b.items]
-            out[(v.key, b.name)] = cached_map(
-                functools.partial(_generate, backend, v.adapter),
+        # one stream over every benchmark's prompts: fuller batches of similar length
+        prompts = list(dict.fromkeys(it.prompt for b in benchmarks for it in b.items))
+        answers = dict(
+            zip(
                 prompts,
-                cache,
-                batch_size,
-                f"{b.name} | {v.key}",
+                cached_map(
+                    functools.partial(_generate, backend, v.adapter),
+                    prompts,
+                    cache,
+                    batch_size,
+                    f"{'+'.join(b.name for b in benchmarks)} | {v.key}",
+                ),
+                strict=True,
             )
+        )
+        for b in benchmarks:
+            out[(v.key, b.name)] = [answers[it.prompt] for it in b.items]
     return out
 
 

@@ -1,11 +1,11 @@
 """`safemerge organism build`: U, A, T, S and T_SafeInstr from packaged data, cached and resumable.
 
-- U: the packaged SmolLM2-135M-Instruct as a float32 HF directory (`packaged.smollm2_dir`).
+- U: the packaged SmolLM2-135M-Instruct as a float32 HF directory (`packaged.smollm2_dir`), with an
+  empty default system message in its chat template (see `build_unaligned`).
 - A: U fully fine-tuned (attention + MLP weights; embeddings and norms frozen) on harmful prompts with
-  varied refusals plus benign prompts of the same phrasings answered by U itself (own training loop:
-  the harness trains LoRAs only).
-- T, S, T_SafeInstr: LoRAs on A trained by the harness (`safemerge.train.train`), whose guard keeps
-  HarmBench prompts out of every training file.
+  varied refusals plus benign prompts answered by U itself.
+- T, S, T_SafeInstr: LoRAs on A. Every stage trains with `train_loop` (loss and vocabulary projection on
+  response tokens only) and every training prompt passes the harness's HarmBench guard.
 
 Stages are cached under `$SAFEMERGE_CACHE/organism/<stage>-<key>`; a finished stage is never rebuilt,
 an interrupted one restarts from scratch (each is written to a temporary directory, renamed at the end).
@@ -17,12 +17,14 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemerge.errors import InputError
 from safemerge.organism.data import arithmetic_val, prompt_sets
 from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
 from safemerge.outdir import atomic_output_dir
@@ -32,6 +34,7 @@ from safemerge.train.recipes import arithmetic_recipe
 from safemerge.train.refusals import OPENERS, REASONS
 
 log = logging.getLogger(__name__)
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -63,16 +66,34 @@ def organism_root(cache: Path | None = None) -> Path:
     return (cache or cache_root()) / "organism"
 
 
+def busy_cores(window_s: float = 0.5) -> float:
+    """Cores kept busy by other processes right now, from two reads of /proc/stat (Linux); the load
+    average lags by a minute, so a job that just ended would still count. 0.0 where unavailable."""
+
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # (all, idle + iowait)
+
+    try:
+        total0, idle0 = read()
+        time.sleep(window_s)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    if total1 <= total0:
+        return 0.0
+    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def cpu_threads() -> int:
-    """Torch CPU threads: `$SAFEMERGE_THREADS`, else 2 (the target machine has two cores), else 1 when
-    the machine is already busy: on an oversubscribed CPU, OpenMP's spinning threads made a forward
-    pass 3-6x slower with 2 threads than with 1 (measured on this machine, see docs/organism.md)."""
+    """Torch CPU threads: `$SAFEMERGE_THREADS`, else one per core that nobody else is using (at most 2,
+    at least 1): on an oversubscribed CPU, OpenMP's spinning threads made a forward pass 3-6x slower
+    with 2 threads than with 1 (measured on this machine, see docs/organism.md)."""
     env = os.environ.get("SAFEMERGE_THREADS")
     if env:
         return max(1, int(env))
     cores = os.cpu_count() or 1
-    busy = os.getloadavg()[0] >= cores - 0.5 if hasattr(os, "getloadavg") else False
-    return 1 if busy else min(2, cores)
+    return max(1, min(2, cores - round(busy_cores())))
 
 
 def set_threads() -> int:
@@ -100,18 +121,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def benign_answers(
-    model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 32
+    model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 64
 ) -> list[str]:
     """U's own greedy answers (truncated to max_new_tokens), so A keeps U's benign behaviour."""
     from tqdm.auto import tqdm
 
     from safemerge.evaluate.backends import TransformersBackend, chat_texts
+    from safemerge.evaluate.runner import fixed_batches
 
     backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype="float32")
     texts = chat_texts(backend.tokenizer, prompts)
-    out: list[str] = []
-    for k in tqdm(range(0, len(texts), batch_size), desc="U answers benign prompts", unit="batch"):
-        out += backend.generate_texts(texts[k : k + batch_size])
+    out = [""] * len(texts)
+    for batch in tqdm(fixed_batches(texts, batch_size), desc="U answers benign prompts", unit="batch"):
+        for i, answer in zip(batch, backend.generate_texts([texts[i] for i in batch]), strict=True):
+            out[i] = answer
     backend.close()
     return out
 
@@ -132,45 +155,58 @@ def encode_example(
     return ids, min(len(p), len(ids))
 
 
-def train_full(
-    model_dir: Path,
-    examples: list[tuple[str, str, bool]],
-    recipe: Any,
-    out: Path,
-    progress: bool = True,
+Example = tuple[str, str, bool]  # (prompt, response, response is complete: append the end-of-turn token)
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches: shuffle, sort each window of 8 batches by length, cut, shuffle the batches.
+    Batches of similar lengths waste less on padding (A's data: 30% of the padded tokens with plain
+    shuffled batches, 7% this way) while every batch still mixes examples from a random window."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = 8 * batch_size
+    batches: list[list[int]] = []
+    for k in range(0, len(order), window):
+        chunk = sorted(order[k : k + window], key=lambda i: lengths[i])
+        batches += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_loop(
+    model: Any, tok: Any, examples: list[Example], recipe: Any, desc: str, progress: bool
 ) -> list[float]:
-    """Full fine-tune of attention + MLP weights on (prompt, response, complete) triples; loss on the
-    response only, computed on the response positions only (saves the vocabulary projection elsewhere)."""
+    """AdamW on the model's trainable parameters; loss on the response tokens only, and the vocabulary
+    projection computed at those positions only (the prompt's logits are never needed). Shared by A's
+    full fine-tune and the LoRAs: one small loop instead of TRL's, whose step cost 3.2 s vs 2.4 s here
+    (batch 8, measured on this machine) because it projects and scores every position."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(recipe.seed)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = model.to(device)
-    model.train()
-    params = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(f".{t}." in name for t in TRAINED))
-        if p.requires_grad:
-            params.append(p)
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(core.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup_steps)))
+    warm, total = max(1, recipe.warmup_steps), recipe.steps
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 1.0 if recipe.schedule == "constant" else max(0.0, (total - step) / max(1, total - warm))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     encoded = [encode_example(tok, p, r, c, recipe.max_length) for p, r, c in examples]
     rng = random.Random(recipe.seed)
-    order: list[int] = []
+    queue: list[list[int]] = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     losses: list[float] = []
-    bar = tqdm(range(recipe.steps), desc="A: full fine-tune", unit="step", disable=not progress)
+    model.train()
+    bar = tqdm(range(recipe.steps), desc=desc, unit="step", disable=not progress)
     for _ in bar:
-        if len(order) < recipe.batch_size:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        batch = [encoded[i] for i in order[: recipe.batch_size]]
-        del order[: recipe.batch_size]
+        if not queue:
+            queue = length_bucketed_batches([len(ids) for ids, _ in encoded], recipe.batch_size, rng)
+        batch = [encoded[i] for i in queue.pop(0)]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -180,10 +216,10 @@ def train_full(
             mask[j, : len(seq)] = 1
             labels[j, start : len(seq)] = torch.tensor(seq[start:])
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = core.model(input_ids=ids, attention_mask=mask).last_hidden_state
         target = labels[:, 1:]
         keep = target != -100
-        logits = model.lm_head(hidden[:, :-1][keep])
+        logits = core.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -193,9 +229,27 @@ def train_full(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
     return losses
+
+
+def load_causal_lm(model_dir: Path) -> tuple[Any, Any]:
+    """(model in float32 on the GPU if there is one, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tok
+
+
+def write_train_files(out: Path, examples: list[Example], losses: list[float], recipe: Any) -> None:
+    """The training data and the loss curve beside a trained model or adapter."""
+    write_jsonl(
+        out / "train_data.jsonl", [{"prompt": p, "response": r, "complete": c} for p, r, c in examples]
+    )
+    (out / "train_log.json").write_text(
+        json.dumps({"losses": losses, "recipe": recipe.model_dump()}), encoding="utf-8"
+    )
 
 
 def build_aligned(recipe: OrganismRecipe, unaligned: Path, out: Path, progress: bool) -> None:
@@ -208,48 +262,54 @@ def build_aligned(recipe: OrganismRecipe, unaligned: Path, out: Path, progress: 
     answers = benign_answers(unaligned, ps.benign_train, ar.benign_max_new_tokens)
     benign = [(p, a, False) for p, a in zip(ps.benign_train, answers, strict=True) if a.strip()]
     examples = harmful + benign
+    model, tok = load_causal_lm(unaligned)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(f".{t}." in name for t in TRAINED))
     with atomic_output_dir(out, force=True) as tmp:
-        losses = train_full(unaligned, examples, ar, tmp, progress)
-        write_jsonl(
-            tmp / "train_data.jsonl", [{"prompt": p, "response": r, "complete": c} for p, r, c in examples]
-        )
-        (tmp / "train_log.json").write_text(
-            json.dumps({"losses": losses, "recipe": ar.model_dump()}), encoding="utf-8"
-        )
+        losses = train_loop(model, tok, examples, ar, "A: full fine-tune", progress)
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        write_train_files(tmp, examples, losses, ar)
 
 
-# --- LoRAs via the harness ---------------------------------------------------------------------------
+# --- LoRAs -------------------------------------------------------------------------------------------
 
 
-def safety_examples(recipe: OrganismRecipe, n: int, salt: str) -> list[dict[str, str]]:
+def safety_examples(recipe: OrganismRecipe, n: int, salt: str) -> list[Example]:
     """n harmful training prompts (never validation or HarmBench) with varied refusals."""
     ps = prompt_sets(recipe.seed, 10**6, 0, recipe.n_val_strongreject, 0)
     rng = random.Random(f"organism-{salt}-{recipe.seed}")
     prompts = list(ps.harmful_train)
     rng.shuffle(prompts)
-    return [{"prompt": p, "response": short_refusal(rng)} for p in prompts[:n]]
+    return [(p, short_refusal(rng), True) for p in prompts[:n]]
 
 
-def train_lora(aligned: Path, recipe_name: str, lr: LoraRecipe, out: Path, data: Path | None) -> None:
-    """One LoRA through `safemerge.train` (r, alpha, steps, lr from the recipe; q_proj/v_proj)."""
-    from safemerge.train import TrainConfig, train
+def task_examples(lr: LoraRecipe) -> list[Example]:
+    """The harness's arithmetic training problems (disjoint from its eval split)."""
+    rows = arithmetic_recipe(lr.samples, lr.seed)
+    return [(e["prompt"][0]["content"], e["completion"][0]["content"], True) for e in rows]
 
-    cfg = TrainConfig(
-        model=str(aligned),
-        recipe=str(data) if data is not None else recipe_name,
-        out=out,
-        samples=lr.samples if data is None else None,
-        lora_r=lr.lora_r,
-        lora_alpha=lr.lora_alpha,
-        learning_rate=lr.learning_rate,
-        max_steps=lr.steps,
-        batch_size=lr.batch_size,
-        max_length=lr.max_length,
-        seed=lr.seed,
-        logging_steps=max(1, lr.steps // 20),
-        force=True,
-    )
-    train(cfg)
+
+def train_lora(
+    aligned: Path, examples: list[Example], lr: LoraRecipe, out: Path, desc: str, progress: bool
+) -> None:
+    """A LoRA (r, alpha, target modules from the recipe) on A, written as a PEFT adapter to `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    check_no_harmbench([p for p, _, _ in examples], source=f"organism {desc} data")
+    base, tok = load_causal_lm(aligned)
+    config = LoraConfig(
+        r=lr.lora_r, lora_alpha=lr.lora_alpha, lora_dropout=0.0, target_modules=list(lr.target_modules),
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    import torch
+
+    torch.manual_seed(lr.seed)  # the LoRA A matrices' initialisation
+    model = get_peft_model(base, config)
+    with atomic_output_dir(out, force=True) as tmp:
+        losses = train_loop(model, tok, examples, lr, desc, progress)
+        model.save_pretrained(str(tmp))
+        write_train_files(tmp, examples, losses, lr)
 
 
 def _stage(path: Path, name: str, fn: Callable[[Path], None], timings: dict[str, float]) -> None:
@@ -263,6 +323,29 @@ def _stage(path: Path, name: str, fn: Callable[[Path], None], timings: dict[str,
     timings[name] = time.perf_counter() - t0
 
 
+def build_unaligned(source: Path, out: Path) -> None:
+    """U for the organism: the packaged model's weights (linked, not copied) with a chat template whose
+    default system message is empty. SmolLM2's template otherwise prepends a 16-token system prompt to
+    every conversation, a third of a typical training or evaluation sequence here; every organism model
+    inherits this template, so training and evaluation (also `safemerge eval` on them) agree."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source))
+    template = str(tok.chat_template or "")
+    if DEFAULT_SYSTEM not in template:
+        raise InputError(
+            f"{source}: the packaged chat template no longer has SmolLM2's default system prompt"
+        )
+    tok.chat_template = template.replace(DEFAULT_SYSTEM, "")
+    with atomic_output_dir(out, force=True) as tmp:
+        for f in source.iterdir():
+            if f.suffix == ".safetensors":
+                (tmp / f.name).symlink_to(f.resolve())
+            elif f.name in ("config.json", "generation_config.json"):
+                shutil.copyfile(f, tmp / f.name)
+        tok.save_pretrained(str(tmp))
+
+
 def build_organism(
     recipe: OrganismRecipe | None = None,
     cache: Path | None = None,
@@ -274,48 +357,35 @@ def build_organism(
     set_threads()
     root = organism_root(cache)
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    unaligned = smollm2_dir()
-    timings["unaligned"] = time.perf_counter() - t0
-    ka = recipe.stage_key("aligned")
+    ku = recipe.stage_key("unaligned")
+    unaligned = root / f"unaligned-{ku}"
+    ka = recipe.stage_key("aligned", ku)
     aligned = root / f"aligned-{ka}"
     paths = {s: root / f"{s}-{recipe.stage_key(s, ka)}" for s in ("task", "safety", "safeinstr")}
 
-    def data_file(name: str, rows: list[dict[str, str]]) -> Path:
-        folder = root / "data"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.jsonl"
-        write_jsonl(path, rows)
-        return path
-
-    def build_safety(out: Path) -> None:
-        rows = safety_examples(recipe, recipe.safety.samples, "safety")
-        train_lora(aligned, "safety", recipe.safety, out, data_file(f"safety-{paths['safety'].name}", rows))
-
-    def build_safeinstr(out: Path) -> None:
-        rows = [
-            {"prompt": e["prompt"][0]["content"], "response": e["completion"][0]["content"]}
-            for e in arithmetic_recipe(recipe.task.samples, recipe.task.seed)
-        ]
-        rows += safety_examples(recipe, recipe.safeinstr_mix, "safeinstr")
+    def safeinstr_examples() -> list[Example]:
+        rows = task_examples(recipe.task) + safety_examples(recipe, recipe.safeinstr_mix, "safeinstr")
         random.Random(recipe.seed).shuffle(rows)
-        train_lora(
-            aligned, "arithmetic", recipe.task, out, data_file(f"safeinstr-{paths['safeinstr'].name}", rows)
-        )
+        return rows
 
-    if "aligned" in stages or any(s in stages for s in paths):
-        _stage(aligned, "aligned", lambda out: build_aligned(recipe, unaligned, out, progress), timings)
-    if "task" in stages:
-        _stage(
-            paths["task"],
-            "task",
-            lambda out: train_lora(aligned, "arithmetic", recipe.task, out, None),
-            timings,
-        )
-    if "safety" in stages:
-        _stage(paths["safety"], "safety", build_safety, timings)
-    if "safeinstr" in stages:
-        _stage(paths["safeinstr"], "safeinstr", build_safeinstr, timings)
+    todo: dict[str, Callable[[Path], None]] = {
+        "unaligned": lambda out: build_unaligned(smollm2_dir(cache), out),
+        "aligned": lambda out: build_aligned(recipe, unaligned, out, progress),
+        "task": lambda out: train_lora(
+            aligned, task_examples(recipe.task), recipe.task, out, "T: task LoRA", progress
+        ),
+        "safety": lambda out: train_lora(
+            aligned, safety_examples(recipe, recipe.safety.samples, "safety"), recipe.safety, out,
+            "S: safety LoRA", progress,
+        ),
+        "safeinstr": lambda out: train_lora(
+            aligned, safeinstr_examples(), recipe.task, out, "SafeInstr: task LoRA + safety data", progress
+        ),
+    }  # fmt: skip
+    where = {"unaligned": unaligned, "aligned": aligned, **paths}
+    wanted = ("unaligned", "aligned", *stages) if any(s in stages for s in paths) else ("unaligned", *stages)
+    for name in dict.fromkeys(wanted):
+        _stage(where[name], name, todo[name], timings)
     return Organism(recipe, unaligned, aligned, paths["task"], paths["safety"], paths["safeinstr"], timings)
 
 

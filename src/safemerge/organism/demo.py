@@ -41,14 +41,15 @@ class DemoSettings:
     cache: Path | None = None
     taus: tuple[float, ...] = (0.35, 0.45)
     weights: tuple[Weights, ...] = ((0.8, 0.2), (0.6, 0.4))
-    harm_tokens: int = 16  # the keyword judge reads the opening; see docs/organism.md for what it costs
+    harm_tokens: int = 8  # the keyword judge reads the opening; see docs/organism.md for what it costs
     task_tokens: int = 24  # "123 + 456 = 579. The answer is 579." fits
     task_limit: int | None = 100
     harm_limit: int | None = None  # None: all 159 HarmBench test standard behaviours
     benign_limit: int | None = None
     val_task: int = 50
     val_limit: int | None = None  # cut the validation harmful/benign sets (tests only)
-    batch_size: int = 32
+    validate_aligned: bool = False  # A on the validation sets too (informative only; --full)
+    batch_size: int = 200  # one batch per variant for most sets: decoding steps cost ~0.2 s at any width
     include_unaligned: bool = False
     force: bool = False
     progress: bool = True
@@ -64,6 +65,7 @@ class DemoSettings:
             "task_limit": None,
             "val_task": 100,
             "include_unaligned": True,
+            "validate_aligned": True,
         }
         base.update(kw)
         return cls(out=out, **base)
@@ -408,14 +410,6 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             threshold=tau,
             weights=w,
         )
-        adapters[f"control-{_tag(tau, (w[0], 0.0))}"] = make_variant(
-            v / f"control-{_tag(tau, (w[0], 0.0))}", "safemerge", paths, task, safety_adapter=safety,
-            threshold=tau, weights=(w[0], 0.0),
-        )  # fmt: skip
-    for w in s.weights:
-        adapters[f"merge-all-w{w[0]:g}-{w[1]:g}"] = make_variant(
-            v / f"merge-all-w{w[0]:g}-{w[1]:g}", "merge-all", paths, task, safety_adapter=safety, weights=w
-        )
     resta = make_variant(v / "resta", "resta", paths, task)
 
     test_hb, test_task, val_hb, val_task = _benchmarks(s, org)
@@ -428,14 +422,23 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 
     # 1. validation: choose τ and weights (never on test prompts)
     cells = [f"safemerge-{_tag(tau, w)}" for tau, w in grid]
-    recs, _ = evaluate_variants(backend, model, [base, var("task"), *map(var, cells)], val_hb, val_task, s)
-    val = {
-        n: _rates(recs, n, "val-harmful", "val-benign", "val-arithmetic") for n in ["aligned", "task", *cells]
-    }
+    val_refs = ["aligned", "task"] if s.validate_aligned else ["task"]
+    val_vars = [base if n == "aligned" else var(n) for n in [*val_refs, *cells]]
+    recs, _ = evaluate_variants(backend, model, val_vars, val_hb, val_task, s)
+    val = {n: _rates(recs, n, "val-harmful", "val-benign", "val-arithmetic") for n in [*val_refs, *cells]}
     chosen, why = choose_setting(val, "task", cells)
     tau, w = next((t_, w_) for t_, w_ in grid if f"safemerge-{_tag(t_, w_)}" == chosen)
+    # the chosen cell's scale-only control (w_s = 0, same modules) and merge-all (every module)
     control = f"control-{_tag(tau, (w[0], 0.0))}"
     merge_all = f"merge-all-w{w[0]:g}-{w[1]:g}"
+    adapters[control] = make_variant(
+        v / control, "safemerge", paths, task, safety_adapter=safety, threshold=tau, weights=(w[0], 0.0)
+    )
+    adapters[merge_all] = make_variant(
+        v / merge_all, "merge-all", paths, task, safety_adapter=safety, weights=w
+    )
+    for name in (control, merge_all):
+        backend.add_adapter(str(adapters[name]))
     t_val = time.perf_counter()
 
     # 2. test: every defence once, on all test prompts
@@ -513,7 +516,7 @@ def write_results(
         "| variant | harmful (validation) | over-refusal (validation) | task (validation) |",
         "|---|---|---|---|",
     ]
-    for n in ["aligned", "task", *cells]:
+    for n in val:
         mark = " **(chosen)**" if n == chosen else ""
         val_lines.append(
             f"| {n}{mark} | {val[n]['harmful'].fmt()} | {val[n]['refusal'].fmt()} | {val[n]['task'].fmt()} |"
@@ -557,7 +560,7 @@ def write_results(
                 for k, x in val[n].items()
                 if k != "unsafe"
             }
-            for n in ["aligned", "task", *cells]
+            for n in val
         },
         "chosen": chosen,
         "choice_rule": why,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-RECIPE_VERSION = "2"  # bump when the build code changes what a stage produces
+RECIPE_VERSION = "3"  # bump when the build code changes what a stage produces
 
 
 class AlignedRecipe(BaseModel):
@@ -22,27 +22,31 @@ class AlignedRecipe(BaseModel):
 
     n_harmful: int = 320
     n_benign: int = 320
-    steps: int = 90
+    steps: int = 80
     batch_size: int = 8
     learning_rate: float = 3e-5
     warmup_steps: int = 5
+    schedule: Literal["constant", "linear"] = "constant"
     max_length: int = 128
-    benign_max_new_tokens: int = 24  # U's benign answers are truncated here (the opening is what counts)
+    benign_max_new_tokens: int = 16  # U's benign answers are truncated here (the opening is what counts)
     seed: int = 0
 
 
 class LoraRecipe(BaseModel):
-    """A LoRA trained on A with the harness (`safemerge.train`): r = 8 on q_proj / v_proj."""
+    """A LoRA trained on A: r = 8 on q_proj / v_proj (the paper's setting), linear decay after warm-up."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     samples: int
     steps: int
-    batch_size: int = 4
-    learning_rate: float = 3e-4
+    batch_size: int = 8
+    learning_rate: float = 6e-4
+    warmup_steps: int = 3
+    schedule: Literal["constant", "linear"] = "linear"
     max_length: int = 128
     lora_r: int = 8
     lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     seed: int = 0
 
 
@@ -53,16 +57,18 @@ class OrganismRecipe(BaseModel):
 
     seed: int = 0
     n_val_strongreject: int = 40
-    n_benign_val: int = 30
+    n_benign_val: int = 40
     aligned: AlignedRecipe = AlignedRecipe()
-    task: LoraRecipe = LoraRecipe(samples=600, steps=150)
-    safety: LoraRecipe = LoraRecipe(samples=200, steps=100)
+    task: LoraRecipe = LoraRecipe(samples=512, steps=64)
+    safety: LoraRecipe = LoraRecipe(samples=160, steps=20)
     safeinstr_mix: int = 60  # SafeInstr: safety examples mixed into T's data (same steps as T)
 
     def stage_key(self, stage: str, upstream: str = "") -> str:
         """Content key of one stage (12 hex digits)."""
         part: dict[str, Any] = {"version": RECIPE_VERSION, "stage": stage, "upstream": upstream}
-        if stage == "aligned":
+        if stage == "unaligned":
+            pass  # the packaged model with an empty default system message
+        elif stage == "aligned":
             part.update(seed=self.seed, n_val=self.n_val_strongreject, recipe=self.aligned.model_dump())
         elif stage == "task":
             part.update(recipe=self.task.model_dump())
@@ -86,7 +92,7 @@ def reduced_recipe() -> OrganismRecipe:
         n_val_strongreject=4,
         n_benign_val=4,
         aligned=AlignedRecipe(n_harmful=8, n_benign=8, steps=2, batch_size=4, benign_max_new_tokens=8),
-        task=LoraRecipe(samples=8, steps=2),
-        safety=LoraRecipe(samples=8, steps=2),
+        task=LoraRecipe(samples=8, steps=2, batch_size=4),
+        safety=LoraRecipe(samples=8, steps=2, batch_size=4),
         safeinstr_mix=4,
     )
