@@ -158,6 +158,7 @@ def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
     for n in names:
         assert f"| {n} |" in md
     assert len(data["targets"]) >= 8
+    assert set(data["validation"]) == {"aligned", "task", chosen}  # the reduced grid has one cell
 
     # a rerun reuses the organism, the variants and every generation
     run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)

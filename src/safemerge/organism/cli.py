@@ -59,6 +59,7 @@ def run_organism_demo(
         s = DemoSettings(
             out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),
             task_limit=4, harm_limit=4, benign_limit=4, val_task=4, val_limit=4, force=force,
+            validate_aligned=True,
         )  # fmt: skip
     elif full:
         s = DemoSettings.full(out, cache=cache, force=force)

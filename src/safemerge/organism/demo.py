@@ -249,6 +249,14 @@ def markdown_table(rows: list[Row], judge: str) -> str:
     return head + body + f"\nHarm judge: {judge}. Rates: k/n = p% [Wilson 95% interval].\n"
 
 
+def _label_groups(rows: Sequence[Row]) -> dict[tuple[float, float], list[str]]:
+    """Variant names by plotted point (harmful %, task %): variants at the same point share one label."""
+    groups: dict[tuple[float, float], list[str]] = {}
+    for r in rows:
+        groups.setdefault((100 * r.harmful.p, 100 * r.task.p), []).append(r.name)
+    return groups
+
+
 def plot_pareto(rows: list[Row], path: Path) -> None:
     """Harmful rate (x, lower is better) vs task accuracy (y, higher is better), 95% intervals, front."""
     import matplotlib
@@ -271,7 +279,12 @@ def plot_pareto(rows: list[Row], path: Path) -> None:
             color="tab:red" if r.name in front else "tab:gray",
             alpha=0.9 if r.name in front else 0.6,
         )
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    placed: list[tuple[float, float]] = []
+    for (x, y), names in _label_groups(rows).items():
+        near = sum(abs(x - px) < 4 and abs(y - py) < 2 for px, py in placed)  # stagger close labels
+        placed.append((x, y))
+        label = ", ".join(names)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5 - 11 * near), fontsize=8)
     pts = sorted((100 * r.harmful.p, 100 * r.task.p) for r in rows if r.name in front)
     if len(pts) > 1:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", lw=1, alpha=0.6)
