@@ -151,7 +151,8 @@ def demo_command(
     """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
     then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.
 
-    First run builds the organism (cached); see docs/organism.md. `--toy`: the seconds-long synthetic check.
+    The first run builds the organism (about 14 minutes on 2 idle CPU cores) and caches it and every
+    generation; a rerun takes seconds. See docs/organism.md. `--toy`: the seconds-long synthetic check.
     """
 
     def body() -> None:
