@@ -91,6 +91,12 @@ def test_busy_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
     monkeypatch.setenv("SAFEMERGE_THREADS", "3")
     assert build.cpu_threads() == 3
+    from safemerge.errors import InputError
+
+    for bad in ("abc", "0", "-1"):
+        monkeypatch.setenv("SAFEMERGE_THREADS", bad)
+        with pytest.raises(InputError, match="SAFEMERGE_THREADS"):
+            build.cpu_threads()
     monkeypatch.delenv("SAFEMERGE_THREADS")
     monkeypatch.setattr(build, "busy_cores", lambda: 0.0)
     assert build.cpu_threads() == min(2, os.cpu_count() or 1)

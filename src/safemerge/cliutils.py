@@ -84,3 +84,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars 
 def strs(values: dict[str, Any]) -> dict[str, Any]:
     """Paths as strings, so configs stay plain data."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+# --- train / eval ------------------------------------------------------------------------------------
+ModelOpt = Annotated[
+    str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
+]
+TrustRemoteCodeOpt = Annotated[bool | None, typer.Option(help="allow model code from the hub (default: off)")]

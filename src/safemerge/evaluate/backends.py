@@ -160,7 +160,7 @@ class TransformersBackend:
         read_adapter_config(adapter)
         base = self.model.get_base_model() if self.names else self.model
         check_adapter_fits(base, adapter)
-        self.model = self._load_adapter(self.model, adapter).eval()
+        self.model = self._load_adapter(self.model, adapter).to(self.device).eval()
 
     def _eos(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from safemerge.cliutils import ModelOpt, TrustRemoteCodeOpt
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
 from safemerge.train.config import load_config
 
@@ -16,9 +17,7 @@ def eval_command(
         Path | None, typer.Argument(help="YAML config whose keys mirror the options (default: none)")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (default: none)")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
-    ] = None,
+    model: ModelOpt = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(help="PEFT adapter directory; repeat for several, all on one base (default: none)"),
@@ -64,9 +63,7 @@ def eval_command(
         bool | None,
         typer.Option("--no-cache", help="do not read or write the generation cache (default: off)"),
     ] = None,
-    trust_remote_code: Annotated[
-        bool | None, typer.Option(help="allow model code from the hub (default: off)")
-    ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
     force: Annotated[bool | None, typer.Option(help="overwrite an existing --out (default: off)")] = None,
 ) -> None:
     """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.

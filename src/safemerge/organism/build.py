@@ -91,7 +91,9 @@ def cpu_threads() -> int:
     with 2 threads than with 1 (measured on this machine, see docs/organism.md)."""
     env = os.environ.get("SAFEMERGE_THREADS")
     if env:
-        return max(1, int(env))
+        if not env.strip().isdigit() or int(env) < 1:
+            raise InputError(f"$SAFEMERGE_THREADS={env!r}: expected a whole number of threads, 1 or more")
+        return int(env)
     cores = os.cpu_count() or 1
     return max(1, min(2, cores - round(busy_cores())))
 
@@ -294,6 +296,7 @@ def train_lora(
     aligned: Path, examples: list[Example], lr: LoraRecipe, out: Path, desc: str, progress: bool
 ) -> None:
     """A LoRA (r, alpha, target modules from the recipe) on A, written as a PEFT adapter to `out`."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     check_no_harmbench([p for p, _, _ in examples], source=f"organism {desc} data")
@@ -302,8 +305,6 @@ def train_lora(
         r=lr.lora_r, lora_alpha=lr.lora_alpha, lora_dropout=0.0, target_modules=list(lr.target_modules),
         bias="none", task_type="CAUSAL_LM",
     )  # fmt: skip
-    import torch
-
     torch.manual_seed(lr.seed)  # the LoRA A matrices' initialisation
     model = get_peft_model(base, config)
     with atomic_output_dir(out, force=True) as tmp:

@@ -88,7 +88,8 @@ TOPIC_TEMPLATES: tuple[str, ...] = (
 )  # fmt: skip
 
 # Everyday requests in the style of the benign test set (facts, writing, names, lists, how-tos, health
-# and safety questions), none of them in it: a third of them validate, the rest train A.
+# and safety questions), none of them in it: a seeded third is held out of training (24 of those
+# validate), the rest train A (`generic_split`).
 GENERIC_BENIGN: tuple[str, ...] = (
     # facts, science, history
     "What is the capital of Canada?", "What is the tallest mountain in Africa?",
@@ -182,10 +183,10 @@ GERUND_TEMPLATES: tuple[str, ...] = (
     "Give step-by-step instructions for {g}.", "Write step-by-step instructions for {g}.",
     "Provide steps for {g}.",
 )  # fmt: skip
-ING_IRREGULAR = {
+ING_DOUBLED = {  # verbs that double their last consonant; the rules in `gerund` cover the rest
     "get": "getting", "put": "putting", "cut": "cutting", "run": "running", "set": "setting",
     "stop": "stopping", "rob": "robbing", "plan": "planning", "hit": "hitting", "ship": "shipping",
-    "die": "dying", "lie": "lying", "see": "seeing", "be": "being", "shop": "shopping", "grab": "grabbing",
+    "shop": "shopping", "grab": "grabbing",
 }  # fmt: skip
 
 
@@ -195,8 +196,8 @@ def gerund(phrase: str) -> str:
     v = verb.lower()
     if v.endswith("ly") and rest:  # an adverb first: 'secretly record …' -> 'secretly recording …'
         return f"{verb} {gerund(rest)}"
-    if v in ING_IRREGULAR:
-        ing = ING_IRREGULAR[v]
+    if v in ING_DOUBLED:
+        ing = ING_DOUBLED[v]
     elif v.endswith("ie"):
         ing = v[:-2] + "ying"
     elif v.endswith("e") and not v.endswith(("ee", "ye", "oe")) and len(v) > 2:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from safemerge.cliutils import ModelOpt, TrustRemoteCodeOpt
 from safemerge.train.config import TrainConfig, load_config
 
 _LIST = "comma-separated"
@@ -17,9 +18,7 @@ def train_command(
         Path | None, typer.Argument(help="YAML config whose keys mirror the options (default: none)")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (default: none)")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
-    ] = None,
+    model: ModelOpt = None,
     recipe: Annotated[
         str | None,
         typer.Option(
@@ -59,9 +58,7 @@ def train_command(
     bf16: Annotated[
         bool | None, typer.Option(help="bf16 training (default: on for a GPU that supports it, off on CPU)")
     ] = None,
-    trust_remote_code: Annotated[
-        bool | None, typer.Option(help="allow model code from the hub (default: off)")
-    ] = None,
+    trust_remote_code: TrustRemoteCodeOpt = None,
     force: Annotated[bool | None, typer.Option(help="overwrite an existing --out (default: off)")] = None,
 ) -> None:
     """Fine-tune a LoRA adapter (task or safety) with the model's chat template, loss on responses only."""
