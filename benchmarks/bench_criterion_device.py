@@ -3,7 +3,7 @@
     python benchmarks/bench_criterion_device.py --device cuda     # on a GPU machine
     python benchmarks/bench_criterion_device.py --device cpu --shapes 4096x4096
 
-Prints, per shape: time of `lowrank_similarity` (V already on the device), time of the dense SPEC
+Prints, per shape: time of `lowrank_similarity` (V already on the device), time of the dense reference
 formula in float32 and float64 (C = V Vᵀ/‖V‖_F formed), their ratio, and |Δρ| against dense float64.
 """
 
@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from safemerge.criterion import lowrank_similarity
+from safemerge.engine.criterion import lowrank_similarity
 
 
 def dense_rho(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> float:
-    """SPEC §3 with C and ΔW formed explicitly, in `dtype`, on v's device."""
+    """docs/method.md §3 with C and ΔW formed explicitly, in `dtype`, on v's device."""
     v = v.to(dtype)
     dw = b.to(dtype) @ a.to(dtype)
     c = (v @ v.T) / torch.linalg.vector_norm(v)

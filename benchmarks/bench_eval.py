@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from safemerge.common.packaged import smollm2_dir
 from safemerge.evaluate.backends import TransformersBackend
 from safemerge.evaluate.benchmarks import load_benchmark
-from safemerge.packaged import smollm2_dir
 
 
 def count_tokens(backend: TransformersBackend, texts: list[str]) -> int:

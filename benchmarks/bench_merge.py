@@ -1,4 +1,4 @@
-"""Merge-engine benchmark (issue 2): scan + merge against the I/O floor, peak RSS, dense vs low-rank ρ.
+"""Merge-engine benchmark: scan + merge against the I/O floor, peak RSS, dense vs low-rank ρ.
 
 In one run, for a synthetic preset (see `synthetic.py`, generated on first use):
 
@@ -83,7 +83,7 @@ def evict(data: Path) -> None:
 # --- measured passes -------------------------------------------------------------------------------
 def floor_pass(data: Path, names: list[str]) -> float:
     """Read the aligned/unaligned weights scan reads, convert to float32, V = W_al − W_un; seconds."""
-    from safemerge.checkpoint import Checkpoint
+    from safemerge.engine.checkpoint import Checkpoint
 
     t0 = time.perf_counter()
     al = Checkpoint(data / "aligned", label="aligned")
@@ -97,7 +97,7 @@ def floor_pass(data: Path, names: list[str]) -> float:
 
 
 def merge_config(data: Path, out: Path) -> Any:
-    from safemerge.config import MergeConfig
+    from safemerge.engine.config import MergeConfig
 
     return MergeConfig(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
                        task_adapter=str(data / "task_adapter"), safety_adapter=str(data / "safety_adapter"),
@@ -105,8 +105,8 @@ def merge_config(data: Path, out: Path) -> Any:
 
 
 def merge_pass(data: Path, out: Path) -> tuple[float, dict[str, Any]]:
-    """Wall time of `safemerge.pipeline.merge` (scan inside), and the report's summary."""
-    from safemerge.pipeline import merge
+    """Wall time of `safemerge.engine.pipeline.merge` (scan inside), and the report's summary."""
+    from safemerge.engine.pipeline import merge
 
     cfg = merge_config(data, out)
     t0 = time.perf_counter()
@@ -116,9 +116,9 @@ def merge_pass(data: Path, out: Path) -> tuple[float, dict[str, Any]]:
 
 
 def scan_pass(data: Path) -> float:
-    """Wall time of `safemerge.pipeline.scan` without an output directory."""
-    from safemerge.config import ScanConfig
-    from safemerge.pipeline import scan
+    """Wall time of `safemerge.engine.pipeline.scan` without an output directory."""
+    from safemerge.engine.config import ScanConfig
+    from safemerge.engine.pipeline import scan
 
     cfg = ScanConfig(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
                      task_adapter=str(data / "task_adapter"), plot=False)
@@ -177,8 +177,8 @@ def _status() -> dict[str, int]:
 def child_merge(data: Path, out: Path) -> dict[str, Any]:
     """Run in a fresh process: merge once, report peaks (bytes) and wall time."""
     t_start = time.perf_counter()
-    import safemerge.pipeline
-    import safemerge.report  # noqa: F401
+    import safemerge.engine.pipeline
+    import safemerge.engine.report  # noqa: F401
 
     base = _status()
     peaks = {"RssAnon": base.get("RssAnon", 0), "RssFile": base.get("RssFile", 0)}
@@ -240,7 +240,7 @@ def best_of(fn: Callable[[], Any], n: int) -> tuple[float, Any]:
 
 def dense_vs_lowrank(d: int = 4096, r: int = 8, seed: int = 0, dense_repeats: int = 2) -> dict[str, Any]:
     """Per-module ρ timings at d_out = d_in = d, rank r, V in memory (float32)."""
-    from safemerge.criterion import dense_similarity, lowrank_similarity
+    from safemerge.engine.criterion import dense_similarity, lowrank_similarity
 
     g = torch.Generator().manual_seed(seed)
     spec = TensorSpec("bench.q_proj.weight", (d, d), True)

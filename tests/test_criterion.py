@@ -1,4 +1,4 @@
-"""ρ from the low-rank path against an independent dense float64 computation of SPEC §3."""
+"""ρ from the low-rank path against an independent dense float64 computation of docs/method.md §3."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safemerge.criterion import (
+from safemerge.engine.criterion import (
     dense_similarity,
     fraction_count,
     lowrank_similarity,
@@ -20,7 +20,7 @@ from safemerge.criterion import (
 
 
 def dense_reference(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """SPEC §3 written out independently: C explicit, ΔW explicit, everything float64."""
+    """docs/method.md §3 written out independently: C explicit, ΔW explicit, everything float64."""
     v = v.double()
     dw = b.double() @ a.double()
     c = v @ v.T / math.sqrt(float((v * v).sum()))

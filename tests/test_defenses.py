@@ -11,11 +11,9 @@ from builders import save_adapter, save_pair
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from safemerge.adapter import LoraAdapter
-from safemerge.checkpoint import Checkpoint, find_module_weight
 from safemerge.cli import app
-from safemerge.config import ScanConfig, load_config
-from safemerge.criterion import dense_similarity
+from safemerge.common.config_io import load_config
+from safemerge.common.errors import InputError
 from safemerge.defenses import (
     DefendConfig,
     dare,
@@ -24,9 +22,12 @@ from safemerge.defenses import (
     linear_weight_keys,
     safelora_project,
 )
-from safemerge.errors import InputError
-from safemerge.merging import module_seed
-from safemerge.pipeline import scan
+from safemerge.engine.checkpoint import Checkpoint, find_module_weight
+from safemerge.engine.config import ScanConfig
+from safemerge.engine.criterion import dense_similarity
+from safemerge.engine.lora import LoraAdapter
+from safemerge.engine.merging import module_seed
+from safemerge.engine.pipeline import scan
 
 F64 = torch.float64
 
@@ -287,7 +288,7 @@ def test_scale_only_control_scales_the_safemerge_selection(env: dict[str, Path],
 
 
 def test_safemerge_defence_equals_the_merge_command(env: dict[str, Path], tmp_path: Path) -> None:
-    from safemerge.pipeline import merge
+    from safemerge.engine.pipeline import merge
 
     defend(dcfg(env, tmp_path / "d", threshold=0.4, weights=(0.7, 0.3)))
     merge(dcfg(env, tmp_path / "unused", threshold=0.4, weights=(0.7, 0.3)).merge_config(str(tmp_path / "m")))

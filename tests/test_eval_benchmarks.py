@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
 from safemerge.evaluate import benchmarks as bm
 from safemerge.evaluate.cache import Cache
 from safemerge.evaluate.runner import fixed_batches

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import safemerge.evaluate
 from safemerge.cli import app
-from safemerge.errors import InputError
-from safemerge.experiment import run_experiment
+from safemerge.common.errors import InputError
+from safemerge.experiment.runner import run_experiment
 
 SHIPPED = sorted(
     p for p in resources.files("safemerge").joinpath("configs").iterdir() if p.name.endswith(".yaml")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from builders import save_adapter, save_pair
 
-from safemerge.config import MergeConfig
-from safemerge.criterion import dense_similarity, lowrank_similarity
-from safemerge.pipeline import merge
+from safemerge.engine.config import MergeConfig
+from safemerge.engine.criterion import dense_similarity, lowrank_similarity
+from safemerge.engine.pipeline import merge
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

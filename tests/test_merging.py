@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safemerge.adapter import LoraFactors
-from safemerge.merging import (
+from safemerge.engine.lora import LoraFactors
+from safemerge.engine.merging import (
     exact_merge,
     merge_dense,
     module_seed,
@@ -150,7 +150,7 @@ def test_randomised_svd_for_large_matrices_is_exact_on_low_rank_and_seeded() -> 
 
 
 def test_merge_modules_on_in_memory_factors() -> None:
-    from safemerge.pipeline import merge_modules
+    from safemerge.engine.pipeline import merge_modules
 
     task = {"m.q": factors(6, 5, 2, 2.0, 0), "m.v": factors(4, 5, 2, 2.0, 1), "m.k": factors(4, 5, 2, 2.0, 2)}
     safety = {"m.q": factors(6, 5, 3, 0.5, 3), "m.v": factors(4, 5, 3, 0.5, 4)}

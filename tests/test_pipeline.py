@@ -13,9 +13,9 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from safemerge.config import MergeConfig, ScanConfig
-from safemerge.errors import InputError
-from safemerge.pipeline import merge, scan
+from safemerge.common.errors import InputError
+from safemerge.engine.config import MergeConfig, ScanConfig
+from safemerge.engine.pipeline import merge, scan
 
 F64 = torch.float64
 
@@ -106,7 +106,7 @@ def test_exact_mode_matches_peft_cat_and_the_formula(
 
 
 def _keys(directory: Path) -> list[str]:
-    from safemerge.checkpoint import Checkpoint
+    from safemerge.engine.checkpoint import Checkpoint
 
     return Checkpoint(directory).keys()
 

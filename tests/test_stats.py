@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from safemerge.organism.stats import mcnemar_exact, paired_flips, wilson
+from safemerge.common.stats import mcnemar_exact, paired_flips, wilson
 
 
 def test_wilson_hand_computed() -> None:

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from safemerge.cli import app
-from safemerge.errors import InputError
+from safemerge.common.config_io import load_config
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import harmbench_prompts
 from safemerge.evaluate.judges import refused
-from safemerge.packaged import harmbench_prompts
 from safemerge.train import HarmBenchLeakError, TrainConfig, build_examples, check_no_harmbench
-from safemerge.train.config import load_config
 from safemerge.train.recipes import arithmetic_problems, mix_in_safety, user_texts
 from safemerge.train.trainer import prepare_data
 

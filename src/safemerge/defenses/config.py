@@ -8,11 +8,11 @@ config (`defense.yaml`) still loads.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safemerge.config import DEFAULT_THRESHOLD, MergeConfig
+from safemerge.engine.config import DEFAULT_THRESHOLD, SELECTION_OPTIONS, MergeConfig
 
 Method = Literal["safemerge", "merge-all", "safelora", "resta", "none"]
 METHODS: tuple[str, ...] = ("safemerge", "merge-all", "safelora", "resta", "none")
@@ -37,6 +37,7 @@ class DefendConfig(BaseModel):
     """Inputs and options of `safemerge defend` (YAML keys are these field names)."""
 
     model_config = ConfigDict(extra="forbid")
+    EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
 
     method: Method = Field("safemerge", description="the defence")
     aligned: str = Field(description="aligned model the adapters were trained on (directory or hub id)")

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from safemerge.report import REPORT_JSON, REPORT_MD, _fmt, markdown, plot_similarity, report_dict
+from safemerge.engine.report import REPORT_JSON, REPORT_MD, _fmt, markdown, plot_similarity, report_dict
 
 if TYPE_CHECKING:
     from safemerge.defenses.config import DefendConfig
-    from safemerge.pipeline import Report
+    from safemerge.engine.pipeline import Report
 
 DEFENSE_YAML = "defense.yaml"
 

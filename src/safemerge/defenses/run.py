@@ -20,17 +20,17 @@ from typing import Literal
 
 import torch
 
-from safemerge.adapter import LoraFactors
-from safemerge.checkpoint import Checkpoint, find_module_weight, write_merged_model, write_model
-from safemerge.config import ScanConfig
-from safemerge.criterion import DECISION_DECIMALS, safety_difference
+from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import TensorEdit, write_defense_report
 from safemerge.defenses.tensors import dare, rescale, resta_weight, safelora_project
-from safemerge.errors import InputError
-from safemerge.merging import exact_merge, module_seed, pad_rank
-from safemerge.outdir import atomic_output_dir, check_output_dir
-from safemerge.pipeline import (
+from safemerge.engine.checkpoint import Checkpoint, find_module_weight
+from safemerge.engine.config import ScanConfig
+from safemerge.engine.criterion import DECISION_DECIMALS, safety_difference
+from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
+from safemerge.engine.merging import exact_merge, module_seed, pad_rank
+from safemerge.engine.pipeline import (
     Report,
     lora_delta_norm,
     merge,
@@ -40,6 +40,7 @@ from safemerge.pipeline import (
     run_scan,
     select,
 )
+from safemerge.engine.writer import write_merged_model, write_model
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # Checkpoint keys that are not linear layers even when 2-D (RESTA's all-linear scope skips them).
@@ -188,8 +189,6 @@ def _write_adapter_outputs(
     out_scale: float,
     progress: bool,
 ) -> Path | None:
-    from safemerge.adapter import LoraAdapter, write_adapter
-
     assert isinstance(task, LoraAdapter)
     dtype = task.storage_dtype()
     stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}

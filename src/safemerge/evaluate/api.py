@@ -8,7 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
+from safemerge.common.config_io import dump_config
+from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.evaluate.backends import Backend, TransformersBackend, VLLMBackend, read_adapter_config
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
@@ -16,8 +18,6 @@ from safemerge.evaluate.config import EvalConfig
 from safemerge.evaluate.judges import KeywordJudge, LlamaGuardJudge
 from safemerge.evaluate.report import markdown, print_table
 from safemerge.evaluate.runner import Judge, Record, Variant, generate_all, judge_and_score, variants_for
-from safemerge.outdir import atomic_output_dir, check_output_dir
-from safemerge.train.config import dump_config
 
 GUARD_MAX_NEW_TOKENS = 20
 

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from safemerge.errors import InputError
-from safemerge.packaged import resolve_model
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import resolve_model
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

@@ -13,8 +13,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from safemerge.errors import InputError
-from safemerge.packaged import harmbench_prompts, strongreject_prompts
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import harmbench_prompts, strongreject_prompts
+from safemerge.evaluate.scoring import gsm8k_reference
 from safemerge.train.recipes import arithmetic_problems, load_hub_rows, pubmedqa_prompt, read_rows
 
 Kind = Literal["utility", "harm", "benign"]
@@ -48,8 +49,6 @@ def _harm(name: str, prompts: list[str]) -> Benchmark:
 
 
 def _gsm8k() -> Benchmark:
-    from safemerge.evaluate.scoring import gsm8k_reference
-
     rows = load_hub_rows("openai/gsm8k", "main", "test")
     items = tuple(Item(f"gsm8k-{i}", r["question"], gsm8k_reference(r["answer"])) for i, r in enumerate(rows))
     return Benchmark("gsm8k", "utility", items)

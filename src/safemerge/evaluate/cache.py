@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge.packaged import cache_root, resolve_model
+from safemerge.common.packaged import cache_root, resolve_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 

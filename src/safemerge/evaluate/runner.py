@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from safemerge.evaluate.backends import Backend
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.evaluate.cache import Cache, fingerprint_adapter, fingerprint_model
-from safemerge.evaluate.judges import KEYWORD_LABEL, Verdict, refused
+from safemerge.evaluate.judges import KEYWORD_LABEL, Verdict, parse_llama_guard, refused
 from safemerge.evaluate.scoring import extract_flexible, extract_strict, parse_pubmedqa
 
 Record = dict[str, Any]
@@ -140,7 +140,6 @@ def judge_all(
         batch_size,
         "judge",
     )
-    from safemerge.evaluate.judges import parse_llama_guard
 
     return [parse_llama_guard(r) for r in raws]
 

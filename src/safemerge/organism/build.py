@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir
+from safemerge.common.packaged import cache_root, smollm2_dir
+from safemerge.evaluate.backends import TransformersBackend, chat_texts
+from safemerge.evaluate.runner import fixed_batches
 from safemerge.organism.data import arithmetic_val, prompt_sets
 from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
-from safemerge.outdir import atomic_output_dir
-from safemerge.packaged import cache_root, smollm2_dir
 from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import arithmetic_recipe
 from safemerge.train.refusals import OPENERS, REASONS
@@ -128,8 +130,6 @@ def benign_answers(
     """U's own greedy answers (truncated to max_new_tokens), so A keeps U's benign behaviour."""
     from tqdm.auto import tqdm
 
-    from safemerge.evaluate.backends import TransformersBackend, chat_texts
-    from safemerge.evaluate.runner import fixed_batches
 
     backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype="float32")
     texts = chat_texts(backend.tokenizer, prompts)

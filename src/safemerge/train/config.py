@@ -1,14 +1,11 @@
-"""Training configuration (pydantic) and YAML config loading shared by `train` and `eval`."""
+"""Training configuration (pydantic); the YAML keys of `safemerge train` are these field names."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from safemerge.errors import InputError
+from pydantic import BaseModel, ConfigDict, Field
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -40,27 +37,3 @@ class TrainConfig(BaseModel):
     logging_steps: int = 1
     trust_remote_code: bool = False
     force: bool = False
-
-
-def load_config(cls: type[M], path: Path | None, overrides: dict[str, Any]) -> M:
-    """Build `cls` from an optional YAML file, then the options given on the command line (not None)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise InputError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(loaded, dict):
-            raise InputError(f"config file {path}: expected a mapping of option names to values")
-        data.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        where = f"config {path}" if path else "options"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '?'}: {e['msg']}" for e in exc.errors())
-        raise InputError(f"invalid {where}: {problems}") from None
-
-
-def dump_config(cfg: BaseModel) -> str:
-    """The resolved config as YAML (paths as strings), for the output directory."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

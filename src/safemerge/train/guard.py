@@ -6,8 +6,8 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from safemerge.errors import InputError
-from safemerge.packaged import harmbench_all_texts
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import harmbench_all_texts
 
 MIN_SUBSTRING = 24  # a behaviour at least this long found inside a prompt counts as a leak
 

@@ -12,8 +12,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
-from safemerge.packaged import donotanswer_prompts, strongreject_prompts
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import donotanswer_prompts, strongreject_prompts
 from safemerge.train.refusals import make_refusal
 
 Example = dict[str, list[dict[str, str]]]
@@ -23,7 +23,7 @@ RECIPES = ("gsm8k", "pubmedqa", "safety", "safety-hub", "arithmetic")
 DEFAULT_SAMPLES: dict[str, int | None] = {
     "gsm8k": None,  # all 7,473
     "pubmedqa": 2000,
-    "safety": 1000,  # "a safety LoRA from 1,000 samples is enough" (SPEC §7)
+    "safety": 1000,  # "a safety LoRA from 1,000 samples is enough" (docs/method.md §7)
     "safety-hub": 1000,
     "arithmetic": 2000,
 }

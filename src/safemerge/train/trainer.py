@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import InputError
-from safemerge.outdir import atomic_output_dir, check_output_dir
-from safemerge.packaged import resolve_model
-from safemerge.train.config import TrainConfig, dump_config
+from safemerge.common.config_io import dump_config
+from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir, check_output_dir
+from safemerge.common.packaged import resolve_model
+from safemerge.train.config import TrainConfig
 from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import Example, build_examples, mix_in_safety, user_texts
 

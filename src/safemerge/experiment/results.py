@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from safemerge.experiment import Cell, ExperimentConfig
+    from safemerge.experiment.runner import Cell, ExperimentConfig
 
 HEADLINE = {"utility": "accuracy", "harm": "harmful_rate", "benign": "refusal_rate"}
 COUNT = {"utility": "n_correct", "harm": "n_unsafe", "benign": "n_refused"}
@@ -46,7 +46,7 @@ def modules_changed(variant: Path, method: str) -> tuple[int | None, int | None]
 
 def build_rows(cfg: ExperimentConfig, out: Path, cells: list[Cell]) -> list[dict[str, Any]]:
     """One flat row per cell with its metrics (None where a benchmark has no value)."""
-    from safemerge.experiment import eval_dir, variant_dir
+    from safemerge.experiment.runner import eval_dir, variant_dir
 
     rows = []
     for c in cells:

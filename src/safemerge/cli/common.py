@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
 
 console = Console(stderr=True)
 
@@ -81,9 +81,11 @@ MergeIntoBaseOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
 
 
-def strs(values: dict[str, Any]) -> dict[str, Any]:
-    """Paths as strings, so configs stay plain data."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+def given_options(ctx: typer.Context, *skip: str) -> dict[str, Any]:
+    """The command's parsed options by parameter name (= config field name), Paths as strings, minus
+    `skip` (options that steer the command rather than the config). Options left unset are None, so
+    `load_config` lets the YAML file or the field default decide them."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k not in skip}
 
 
 # --- train / eval ------------------------------------------------------------------------------------

@@ -1,23 +1,82 @@
-"""Reports of a scan or merge: `safemerge_report.json`, `safemerge_report.md`, `similarity.png`,
-the merged adapter's model card, and the console summary."""
+"""Reports of a scan or merge: the `Report` and `ModuleRecord` records, and their files
+(`safemerge_report.json`, `safemerge_report.md`, `similarity.png`), the merged adapter's model card and
+the console summary."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+import platform
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from safemerge.pipeline import ModuleRecord, Report
+from safemerge import __version__
 
 REPORT_JSON = "safemerge_report.json"
 REPORT_MD = "safemerge_report.md"
 PLOT_PNG = "similarity.png"
+
+
+@dataclass
+class ModuleRecord:
+    """One row of the report: a LoRA module, its ρ, the decision and what the merge did."""
+
+    name: str
+    layer: int | None
+    module_type: str
+    shape: tuple[int, int]
+    rank_task: int
+    rho: float
+    rho_rounded: float
+    selected: bool
+    delta_norm_in: float
+    flags: list[str] = field(default_factory=list)
+    rank_safety: int | None = None
+    merged: bool = False
+    w_task: float = 1.0
+    w_safety: float = 0.0
+    delta_norm_out: float | None = None
+    svd_rel_error: float | None = None
+
+
+@dataclass
+class Report:
+    """What `scan` or `merge` computed: inputs, resolved options, versions, and one record per module."""
+
+    command: str
+    inputs: dict[str, Any]
+    options: dict[str, Any]
+    modules: list[ModuleRecord]
+    versions: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        sel = [m for m in self.modules if m.selected]
+        rhos = [m.rho for m in self.modules]
+        return {
+            "modules": len(self.modules),
+            "selected": len(sel),
+            "merged": sum(m.merged for m in self.modules),
+            "flagged": sum(bool(m.flags) for m in self.modules),
+            "rho_min": min(rhos) if rhos else None,
+            "rho_max": max(rhos) if rhos else None,
+            "rho_mean": sum(rhos) / len(rhos) if rhos else None,
+        }
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the result (read from metadata: no slow imports)."""
+    from importlib.metadata import version
+
+    libs = {name: version(name) for name in ("transformers", "peft", "safetensors")}
+    return {"safemerge": __version__, "python": platform.python_version(), "torch": torch.__version__, **libs}
 
 
 def report_dict(report: Report) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from safemerge.cliutils import (
+from safemerge.cli.common import (
     AlignedOpt,
     ConfigArg,
     DeviceOpt,
@@ -22,12 +22,16 @@ from safemerge.cliutils import (
     SeedOpt,
     TaskOpt,
     UnalignedOpt,
+    given_options,
     run_guarded,
-    strs,
 )
+from safemerge.common.config_io import load_config
+from safemerge.defenses import DefendConfig, defend
+from safemerge.engine.report import print_summary
 
 
 def defend_command(
+    ctx: typer.Context,
     config: ConfigArg = None,
     method: Annotated[
         str | None,
@@ -108,13 +112,8 @@ def defend_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Apply one post-fine-tuning defence to a task LoRA: safemerge, merge-all, safelora, resta or none."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "quiet")}
-    from safemerge.config import load_config
-    from safemerge.defenses import DefendConfig, defend
-    from safemerge.report import print_summary
-
     def body() -> None:
-        cfg = load_config(DefendConfig, config, strs(overrides))
+        cfg = load_config(DefendConfig, config, given_options(ctx, "config", "quiet"))
         result = defend(cfg, progress=not quiet)
         if not quiet:
             print_summary(result.report, Console())

@@ -6,22 +6,19 @@ the defaults below (the reference SafeMERGE setup: τ = 0.35, weights 0.8/0.2).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safemerge.errors import InputError
-
-DEFAULT_THRESHOLD = 0.35
-C = TypeVar("C", bound=BaseModel)
+DEFAULT_THRESHOLD = 0.35  # the reference SafeMERGE setup
+SELECTION_OPTIONS = ("threshold", "top_k", "fraction")  # alternatives: one policy at a time
 
 
 class SelectionConfig(BaseModel):
     """Which modules to merge: ρ < threshold, the k lowest ρ, or the lowest-ρ fraction."""
 
     model_config = ConfigDict(extra="forbid")
+    EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
 
     threshold: float | None = Field(None, description="select modules with round(ρ, 5) < threshold")
     top_k: int | None = Field(None, ge=0, description="select the k modules with the lowest ρ")
@@ -90,48 +87,3 @@ class MergeConfig(ScanConfig):
         if self.mode == "peft-linear" and self.method != "linear":
             raise ValueError("mode peft-linear only applies to method linear")
         return self
-
-
-def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000 bytes (decimal units as in transformers; also KiB/MiB/GiB)."""
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise InputError(f"max_shard_size: cannot parse {text!r} (use e.g. 2GB or 500MiB)") from None
-
-
-def load_config(cls: type[C], yaml_path: str | Path | None, overrides: dict[str, Any]) -> C:
-    """Build a config from an optional YAML file and flag overrides (flags set to None are not given)."""
-    data: dict[str, Any] = {}
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise InputError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise InputError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise InputError(f"config file {path} must hold a mapping of option: value")
-        data.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if any(k in given for k in ("threshold", "top_k", "fraction")):
-        for k in ("threshold", "top_k", "fraction"):
-            data.pop(k, None)  # a selection flag replaces the config's selection policy
-    data.update(given)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
-        source = f" (config {yaml_path})" if yaml_path else ""
-        raise InputError(f"invalid options{source}: {problems}") from None

@@ -1,4 +1,4 @@
-"""The SafeMERGE criterion (SPEC §3): how well a LoRA update lies in the safety subspace.
+"""The SafeMERGE criterion (docs/method.md §3): how well a LoRA update lies in the safety subspace.
 
     V = W_al − W_un,   C = V Vᵀ / ‖V‖_F,   ρ = ⟨C ΔW, ΔW⟩_F / (‖C ΔW‖_F ‖ΔW‖_F)
 
@@ -160,7 +160,7 @@ def _finish(num: float, cdw2: float, dw2: float, v: torch.Tensor) -> Similarity:
 
 
 def dense_similarity(v: torch.Tensor, delta: torch.Tensor) -> float:
-    """Reference ρ straight from SPEC §3 in float64, forming C = V Vᵀ / ‖V‖_F (tests and benchmarks)."""
+    """Reference ρ straight from docs/method.md §3 in float64, forming C = V Vᵀ / ‖V‖_F (tests and benchmarks)."""
     v64 = v.to(torch.float64)
     d64 = delta.to(torch.float64)
     vn = torch.linalg.vector_norm(v64)

@@ -8,7 +8,6 @@ written shard by shard. Everything is written to a temporary directory renamed i
 from __future__ import annotations
 
 import math
-import platform
 import warnings
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,75 +18,28 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from safemerge import __version__
-from safemerge.adapter import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
-from safemerge.checkpoint import (
-    Checkpoint,
-    file_sha256,
-    find_module_weight,
-    resolve_local_dir,
-    write_merged_model,
-)
-from safemerge.config import MergeConfig, ScanConfig, SelectionConfig
-from safemerge.criterion import (
+from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir, check_output_dir
+from safemerge.engine.checkpoint import Checkpoint, file_sha256, find_module_weight, resolve_local_dir
+from safemerge.engine.config import MergeConfig, ScanConfig, SelectionConfig
+from safemerge.engine.criterion import (
     Similarity,
     select_fraction,
     select_threshold,
     select_top_k,
     weights_similarity,
 )
-from safemerge.errors import InputError
-from safemerge.merging import exact_merge, merge_dense, module_seed, pad_rank, peft_linear_merge, svd_factors
-from safemerge.outdir import atomic_output_dir, check_output_dir
-
-
-@dataclass
-class ModuleRecord:
-    """One row of the report: a LoRA module, its ρ, the decision and what the merge did."""
-
-    name: str
-    layer: int | None
-    module_type: str
-    shape: tuple[int, int]
-    rank_task: int
-    rho: float
-    rho_rounded: float
-    selected: bool
-    delta_norm_in: float
-    flags: list[str] = field(default_factory=list)
-    rank_safety: int | None = None
-    merged: bool = False
-    w_task: float = 1.0
-    w_safety: float = 0.0
-    delta_norm_out: float | None = None
-    svd_rel_error: float | None = None
-
-
-@dataclass
-class Report:
-    """What `scan` or `merge` computed: inputs, resolved options, versions, and one record per module."""
-
-    command: str
-    inputs: dict[str, Any]
-    options: dict[str, Any]
-    modules: list[ModuleRecord]
-    versions: dict[str, str]
-    warnings: list[str] = field(default_factory=list)
-    outputs: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def summary(self) -> dict[str, Any]:
-        sel = [m for m in self.modules if m.selected]
-        rhos = [m.rho for m in self.modules]
-        return {
-            "modules": len(self.modules),
-            "selected": len(sel),
-            "merged": sum(m.merged for m in self.modules),
-            "flagged": sum(bool(m.flags) for m in self.modules),
-            "rho_min": min(rhos) if rhos else None,
-            "rho_max": max(rhos) if rhos else None,
-            "rho_mean": sum(rhos) / len(rhos) if rhos else None,
-        }
+from safemerge.engine.lora import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
+from safemerge.engine.merging import (
+    exact_merge,
+    merge_dense,
+    module_seed,
+    pad_rank,
+    peft_linear_merge,
+    svd_factors,
+)
+from safemerge.engine.report import ModuleRecord, Report, library_versions, model_card, write_report
+from safemerge.engine.writer import write_merged_model
 
 
 # --- tensor-level API ------------------------------------------------------------------------------
@@ -131,14 +83,6 @@ def progress_bar(enabled: bool) -> Iterator[Progress]:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True, disable=not enabled) as bar:
         yield bar
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape the result (read from metadata: no slow imports)."""
-    from importlib.metadata import version
-
-    libs = {name: version(name) for name in ("transformers", "peft", "safetensors")}
-    return {"safemerge": __version__, "python": platform.python_version(), "torch": torch.__version__, **libs}
 
 
 def open_checkpoint(name: str, label: str, allow_pickle: bool) -> tuple[Checkpoint, dict[str, Any]]:
@@ -260,8 +204,6 @@ def scan(cfg: ScanConfig, progress: bool = False) -> Report:
 
     With `cfg.out`, also writes the report (JSON, Markdown, plot) there, atomically.
     """
-    from safemerge.report import write_report
-
     if cfg.out:
         check_output_dir(Path(cfg.out), cfg.force)
     report, _, _ = run_scan(cfg, "scan", progress)
@@ -278,7 +220,7 @@ def output_scaling(scalings: Collection[float], rank: int) -> tuple[float, float
 
     When every task module has the same scaling s, the output keeps s (lora_alpha = s · rank), so the
     factors of unselected modules are stored bit-for-bit unchanged; otherwise the scalings are baked into
-    A and the output scaling is 1 (lora_alpha = rank), as in SPEC §4.
+    A and the output scaling is 1 (lora_alpha = rank), as in docs/method.md §4.
     """
     scales = set(scalings)
     if len(scales) == 1:
@@ -388,8 +330,6 @@ class LazyFactors(Mapping[str, LoraFactors]):
 
 def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     """SafeMERGE: scan, then merge the selected modules with the safety adapter; write everything to `out`."""
-    from safemerge.report import model_card, write_report
-
     out = Path(cfg.out)
     check_output_dir(out, cfg.force)
     safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from safemerge.cliutils import ModelOpt, TrustRemoteCodeOpt
-from safemerge.train.config import TrainConfig, load_config
+from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guarded
+from safemerge.common.config_io import load_config
+from safemerge.train.config import TrainConfig
+from safemerge.train.trainer import train
 
 _LIST = "comma-separated"
 
@@ -63,11 +65,8 @@ def train_command(
 ) -> None:
     """Fine-tune a LoRA adapter (task or safety) with the model's chat template, loss on responses only."""
 
-    from safemerge.cliutils import console, run_guarded
 
     def body() -> None:
-        from safemerge.train.trainer import train
-
         overrides = {
             "model": model,
             "recipe": recipe,

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from safemerge.outdir import atomic_output_dir
+from safemerge.common.outdir import atomic_output_dir
+from safemerge.engine.config import MergeConfig
+from safemerge.engine.pipeline import merge
 
 if TYPE_CHECKING:
-    from safemerge.pipeline import Report
+    from safemerge.engine.pipeline import Report
 
 TARGETS = ("q_proj", "v_proj")
 
@@ -88,9 +90,6 @@ def build_toy_inputs(root: Path, layers: int = 4, hidden: int = 64, r: int = 4, 
 
 def run_toy_demo(out: Path, force: bool = False, progress: bool = True) -> tuple[ToyInputs, Report]:
     """Build the toy inputs in `out` and run SafeMERGE on them; returns the inputs and the merge report."""
-    from safemerge.config import MergeConfig
-    from safemerge.pipeline import merge
-
     with atomic_output_dir(out, force) as tmp:
         built = build_toy_inputs(tmp)
     inputs = ToyInputs(

@@ -1,4 +1,4 @@
-"""Merge operators on one module's LoRA factors or dense update (SPEC §4). Pure tensor code.
+"""Merge operators on one module's LoRA factors or dense update (docs/method.md §4). Pure tensor code.
 
 Every operator returns factors (A', B') for an output adapter whose scaling is `out_scale`, i.e. the
 merged update is ΔW' = out_scale · B' A'. Coefficients are applied in float64 and the result is cast to
@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from safemerge.adapter import LoraFactors
+from safemerge.engine.lora import LoraFactors
 
 F64 = torch.float64
 

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from safemerge.errors import InputError
+from safemerge.common.errors import InputError
 
 
 def check_output_dir(out: Path, force: bool) -> None:

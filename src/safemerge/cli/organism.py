@@ -8,6 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from safemerge.cli.common import run_guarded
+from safemerge.organism.build import build_organism
+from safemerge.organism.demo import DemoSettings, run_demo
+from safemerge.organism.recipe import OrganismRecipe, reduced_recipe
+
 organism_app = typer.Typer(
     help="The CPU model organism: SmolLM2-135M aligned, fine-tuned and repaired (see docs/organism.md).",
     no_args_is_help=True,
@@ -28,9 +33,6 @@ def build_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T."""
-    from safemerge.cliutils import run_guarded
-    from safemerge.organism import OrganismRecipe, build_organism, reduced_recipe
-
     def body() -> None:
         stages = ("aligned", "task", "safety") + (("safeinstr",) if mix_safety else ())
         org = build_organism(reduced_recipe() if reduced else OrganismRecipe(), cache, not quiet, stages)
@@ -52,9 +54,6 @@ def run_organism_demo(
     out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None
 ) -> None:
     """Run the organism demo and print its table and target checks."""
-    from safemerge.organism.demo import DemoSettings, run_demo
-    from safemerge.organism.recipe import reduced_recipe
-
     if reduced:
         s = DemoSettings(
             out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),

@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from safemerge.cliutils import ModelOpt, TrustRemoteCodeOpt
+from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guarded
+from safemerge.common.config_io import load_config
+from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
-from safemerge.train.config import load_config
 
 
 def eval_command(
@@ -70,11 +71,7 @@ def eval_command(
 
     Generations are cached: rerun an interrupted command and only the missing answers are generated.
     """
-    from safemerge.cliutils import console, run_guarded
-
     def body() -> None:
-        from safemerge.evaluate.api import evaluate
-
         overrides = {
             "model": model,
             "adapters": adapter or None,

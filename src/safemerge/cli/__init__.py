@@ -1,0 +1,36 @@
+"""The `safemerge` command line: one typer app; each command lives in its own module of this package
+and is a thin wrapper over the Python API (nothing is computed here)."""
+
+from __future__ import annotations
+
+import typer
+
+from safemerge.cli.defend import defend_command
+from safemerge.cli.demo import demo_command
+from safemerge.cli.engine import merge_command, scan_command
+from safemerge.cli.eval import eval_command
+from safemerge.cli.experiment import experiment_command
+from safemerge.cli.organism import organism_app
+from safemerge.cli.train import train_command
+
+app = typer.Typer(
+    name="safemerge",
+    help="SafeMERGE: find the LoRA modules whose update left the safety subspace and merge only those "
+    "with a safety LoRA; train, evaluate and compare defences.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("scan")(scan_command)
+app.command("merge")(merge_command)
+app.command("demo")(demo_command)
+app.add_typer(organism_app, name="organism")
+app.command("train")(train_command)
+app.command("eval")(eval_command)
+app.command("defend")(defend_command)
+app.command("experiment")(experiment_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="safemerge")

@@ -1,0 +1,55 @@
+"""`safemerge demo`: the model organism end to end (or the seconds-long synthetic toy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from safemerge.cli.common import run_guarded
+from safemerge.cli.organism import run_organism_demo
+from safemerge.engine.report import print_summary
+from safemerge.organism.toy import run_toy_demo
+
+
+def demo_command(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to build the inputs and write the results.")
+    ] = Path("demo_out"),
+    full: Annotated[
+        bool,
+        typer.Option("--full", help="Larger τ × weights grid, all task items, longer generations, U too."),
+    ] = False,
+    toy: Annotated[
+        bool,
+        typer.Option("--toy", help="The synthetic toy (planted modules, seconds) instead of the organism."),
+    ] = False,
+    reduced: Annotated[
+        bool, typer.Option("--reduced", hidden=True, help="Tiny organism and prompt sets (tests only).")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output directory.")] = False,
+) -> None:
+    """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
+    then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.
+
+    The first run builds the organism (about 14 minutes on 2 idle CPU cores) and caches it and every
+    generation; a rerun takes seconds. See docs/organism.md. `--toy`: the seconds-long synthetic check.
+    """
+
+    def body() -> None:
+        if not toy:
+            run_organism_demo(out, full=full, force=force, reduced=reduced)
+            return
+
+        inputs, report = run_toy_demo(out, force=force)
+        print_summary(report, Console())
+        selected = sorted(m.name for m in report.modules if m.selected)
+        verdict = "[green]recovered exactly[/]" if selected == inputs.drifted else "[red]NOT recovered[/]"
+        n_drift, n_sel = len(inputs.drifted), len(selected)
+        Console().print(f"planted drifted modules: {n_drift}, selected by SafeMERGE: {n_sel} — {verdict}")
+
+    run_guarded(body)
+
+

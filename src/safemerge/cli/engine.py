@@ -1,0 +1,119 @@
+"""`safemerge scan` and `safemerge merge`: thin typer wrappers over `safemerge.engine.scan` / `merge`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from safemerge.cli.common import (
+    AlignedOpt,
+    ConfigArg,
+    DeviceOpt,
+    ForceOpt,
+    FractionOpt,
+    MaxShardOpt,
+    MergeIntoBaseOpt,
+    PickleOpt,
+    PlotOpt,
+    QuietOpt,
+    RankOpt,
+    SeedOpt,
+    TaskOpt,
+    ThresholdOpt,
+    TopKOpt,
+    UnalignedOpt,
+    given_options,
+    run_guarded,
+)
+from safemerge.common.config_io import load_config
+from safemerge.engine.config import MergeConfig, ScanConfig
+from safemerge.engine.pipeline import merge, scan
+from safemerge.engine.report import print_summary
+
+
+def scan_command(
+    ctx: typer.Context,
+    config: ConfigArg = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    task_adapter: TaskOpt = None,
+    threshold: ThresholdOpt = None,
+    top_k: TopKOpt = None,
+    fraction: FractionOpt = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the report (JSON, Markdown, plot) here. Optional.")
+    ] = None,
+    device: DeviceOpt = None,
+    allow_pickle: PickleOpt = None,
+    force: ForceOpt = None,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute ρ for every module of the task adapter and show which modules SafeMERGE would merge."""
+
+    def body() -> None:
+        cfg = load_config(ScanConfig, config, given_options(ctx, "config", "quiet"))
+        report = scan(cfg, progress=not quiet)
+        if not quiet:
+            print_summary(report, Console())
+
+    run_guarded(body)
+
+
+def merge_command(
+    ctx: typer.Context,
+    config: ConfigArg = None,
+    aligned: AlignedOpt = None,
+    unaligned: UnalignedOpt = None,
+    task_adapter: TaskOpt = None,
+    safety_adapter: Annotated[
+        str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")
+    ] = None,
+    threshold: ThresholdOpt = None,
+    top_k: TopKOpt = None,
+    fraction: FractionOpt = None,
+    weights: Annotated[
+        str | None, typer.Option(help="w_task,w_safety applied to selected modules. Default 0.8,0.2.")
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="exact: lossless rank r_f+r_s merge of the products (default). peft-linear: the released "
+            "code's factor mixing, with its cross terms (needs equal ranks)."
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="linear (default), ties, dare_linear or dare_ties; the last three act on the full ΔW of "
+            "selected modules and re-factorise by truncated SVD."
+        ),
+    ] = None,
+    density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
+    seed: SeedOpt = None,
+    rank: RankOpt = None,
+    merge_into_base: MergeIntoBaseOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    device: DeviceOpt = None,
+    allow_pickle: PickleOpt = None,
+    force: ForceOpt = None,
+    plot: PlotOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Scan, then merge the selected modules with the safety adapter; write a PEFT adapter and a report."""
+
+    def body() -> None:
+        cfg = load_config(MergeConfig, config, given_options(ctx, "config", "quiet"))
+        report = merge(cfg, progress=not quiet)
+        if not quiet:
+            print_summary(report, Console())
+
+    run_guarded(body)
+
+
