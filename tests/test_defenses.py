@@ -158,7 +158,7 @@ def test_safelora_top_k_selects_exactly_k_lowest_from_unmodified_weights(
 def test_safelora_default_threshold_preserve_norm_and_full_model(
     env: dict[str, Path], tmp_path: Path
 ) -> None:
-    assert dcfg(env, tmp_path / "x", method="safelora").selection == {"threshold": 0.5}
+    assert dcfg(env, tmp_path / "x", method="safelora").resolved_selection == {"threshold": 0.5}
     result = defend(
         dcfg(env, tmp_path / "out", method="safelora", top_k=3, preserve_norm=True, merge_into_base=True)
     )

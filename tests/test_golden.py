@@ -12,14 +12,14 @@ Normalisation (`normalised_bytes`), nothing else:
    generation_config.json, peft_version in adapter_config.json) are NOT normalised: they only change
    with a library upgrade, which may change other bytes too (re-record then, noting it in CHANGELOG.md).
 2. Text files (.json, .yaml, .md): the random suffix of a temporary directory name,
-   `.<out>.tmp-XXXXXXXX` (tempfile.mkdtemp in safemerge.outdir.atomic_output_dir), becomes
+   `.<out>.tmp-XXXXXXXX` (tempfile.mkdtemp in atomic_output_dir, src/safemerge/outdir.py), becomes
    `.<out>.tmp-RANDOM`. Why: `defend -m safemerge/merge-all` runs the inner merge into
    `<tmp>/_merge` and its safemerge.yaml and the report's options record that path as `out`, so those two
    files differed between two runs of the same code. That was the only run-to-run difference.
 Everything else, PNG plots included, is compared byte for byte: two runs of the same code, in different
 directories, gave identical bytes for every other file.
 
-Re-recording (`python tests/fixtures/golden/record.py`) is only allowed for an INTENDED change of the
+Re-recording (`python tests/fixtures/golden/record.py --write`) is only allowed for an INTENDED change of the
 output, which must be noted in CHANGELOG.md; a refactor must pass this test unchanged.
 """
 
@@ -42,29 +42,22 @@ LLAMA = ["-a", "llama/aligned", "-u", "llama/unaligned", "-t", "llama/task"]
 LLAMA_S = [*LLAMA, "-s", "llama/safety"]
 GPT2_S = ["-a", "gpt2/aligned", "-u", "gpt2/unaligned", "-t", "gpt2/task", "-s", "gpt2/safety"]
 
-# case name → CLI arguments; each case writes to the directory named like the case (relative path).
+# case name → CLI arguments; run_case adds `--out <case name> --quiet` (a relative output directory).
 CASES: dict[str, list[str]] = {
-    "scan": ["scan", *LLAMA, "--out", "scan", "--quiet"],
-    "merge-exact": ["merge", *LLAMA_S, "-o", "merge-exact", "--quiet"],
-    "merge-peft-linear": ["merge", *LLAMA_S, "-o", "merge-peft-linear", "--mode", "peft-linear", "--quiet"],
-    "merge-dare-ties": [
-        "merge", *LLAMA_S, "-o", "merge-dare-ties", "--method", "dare_ties", "--seed", "3", "--density", "0.5",
-        "--quiet",
-    ],  # fmt: skip
-    "merge-into-base-llama": ["merge", *LLAMA_S, "-o", "merge-into-base-llama", "--merge-into-base", "--quiet"],
-    "merge-into-base-gpt2": ["merge", *GPT2_S, "-o", "merge-into-base-gpt2", "--merge-into-base", "--quiet"],
-    "merge-top-k-2": ["merge", *LLAMA_S, "-o", "merge-top-k-2", "--top-k", "2", "--quiet"],
-    "defend-safemerge": ["defend", "-m", "safemerge", *LLAMA_S, "-o", "defend-safemerge", "--quiet"],
-    "defend-merge-all": ["defend", "-m", "merge-all", *LLAMA_S, "-o", "defend-merge-all", "--quiet"],
-    "defend-safelora": ["defend", "-m", "safelora", *LLAMA, "-o", "defend-safelora", "--quiet"],
-    "defend-safelora-preserve-norm": [
-        "defend", "-m", "safelora", *LLAMA, "-o", "defend-safelora-preserve-norm", "--preserve-norm", "--quiet",
-    ],  # fmt: skip
-    "defend-resta": ["defend", "-m", "resta", *LLAMA, "-o", "defend-resta", "--quiet"],
-    "defend-resta-dare": [
-        "defend", "-m", "resta", *LLAMA, "-o", "defend-resta-dare", "--dare", "--seed", "1", "--quiet",
-    ],  # fmt: skip
-    "defend-none": ["defend", "-m", "none", *LLAMA, "-o", "defend-none", "--quiet"],
+    "scan": ["scan", *LLAMA],
+    "merge-exact": ["merge", *LLAMA_S],
+    "merge-peft-linear": ["merge", *LLAMA_S, "--mode", "peft-linear"],
+    "merge-dare-ties": ["merge", *LLAMA_S, "--method", "dare_ties", "--seed", "3", "--density", "0.5"],
+    "merge-into-base-llama": ["merge", *LLAMA_S, "--merge-into-base"],
+    "merge-into-base-gpt2": ["merge", *GPT2_S, "--merge-into-base"],
+    "merge-top-k-2": ["merge", *LLAMA_S, "--top-k", "2"],
+    "defend-safemerge": ["defend", "-m", "safemerge", *LLAMA_S],
+    "defend-merge-all": ["defend", "-m", "merge-all", *LLAMA_S],
+    "defend-safelora": ["defend", "-m", "safelora", *LLAMA],
+    "defend-safelora-preserve-norm": ["defend", "-m", "safelora", *LLAMA, "--preserve-norm"],
+    "defend-resta": ["defend", "-m", "resta", *LLAMA],
+    "defend-resta-dare": ["defend", "-m", "resta", *LLAMA, "--dare", "--seed", "1"],
+    "defend-none": ["defend", "-m", "none", *LLAMA],
 }
 
 
@@ -97,11 +90,12 @@ def hash_tree(root: Path) -> dict[str, str]:
 
 
 def run_case(name: str, workdir: Path) -> dict[str, str]:
-    """Run case `name` with `workdir` (holding a copy of the inputs) as the current directory; hash its output."""
+    """Run case `name` in `workdir`, the current directory (with a copy of the inputs); hash its output."""
     from safemerge.cli import app
 
-    result = CliRunner().invoke(app, CASES[name], env={"COLUMNS": "200", "TERM": "dumb"})
-    assert result.exit_code == 0, f"{name} failed ({result.exit_code}):\n{result.output}\n{result.exception!r}"
+    args = [*CASES[name], "--out", name, "--quiet"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0, f"{name} failed ({result.exit_code}): {result.output}\n{result.exception!r}"
     return hash_tree(workdir / name)
 
 

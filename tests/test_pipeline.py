@@ -249,7 +249,7 @@ def test_svd_error_is_zero_for_linear_through_svd_with_enough_rank(
 
 def test_report_files_and_fields(llama: dict[str, Path], tmp_path: Path) -> None:
     c = cfg(llama, tmp_path / "out")
-    c.plot = True
+    c.run.plot = True
     merge(c)
     out = tmp_path / "out"
     for f in (

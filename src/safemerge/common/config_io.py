@@ -8,10 +8,17 @@ A config class may list `EXCLUSIVE_OPTIONS`: option names of which a flag replac
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from safemerge.common.errors import InputError
 
@@ -32,9 +39,13 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
-def validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
     """pydantic's errors as one line, each naming its key: `top_k: Input should be ...; extra: ...`."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+    flat = cls.flat_loc if cls is not None and issubclass(cls, FlatConfig) else None
+    return "; ".join(
+        f"{flat(e['loc']) if flat else '.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+        for e in exc.errors()
+    )
 
 
 def load_config(cls: type[M], yaml_path: str | Path | None, overrides: dict[str, Any]) -> M:
@@ -50,9 +61,100 @@ def load_config(cls: type[M], yaml_path: str | Path | None, overrides: dict[str,
         return cls.model_validate(data)
     except ValidationError as exc:
         where = f"config {yaml_path}" if yaml_path is not None else "options"
-        raise InputError(f"invalid {where}: {validation_message(exc)}") from None
+        raise InputError(f"invalid {where}: {validation_message(exc, cls)}") from None
 
 
-def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
-    """The resolved config as YAML (paths as strings, field order kept), for an output directory."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)
+def plain_dump(cfg: BaseModel, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config as plain data (paths as strings; flat keys for a `FlatConfig`), minus `exclude`."""
+    data = cfg.model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in exclude}
+
+
+def dump_config(cfg: BaseModel, exclude: tuple[str, ...] = ()) -> str:
+    """The resolved config as YAML (field order kept), for an output directory."""
+    return yaml.safe_dump(plain_dump(cfg, exclude), sort_keys=False)
+
+
+class FlatConfig(BaseModel):
+    """A config composed of option groups (nested pydantic models) whose YAML, CLI and dump form is flat.
+
+    `MergeConfig.merge` is a `MergeOptions`, yet users write `weights: 0.8,0.2`, not `merge: {weights: …}`:
+    flat keys are routed into the group that declares them before validation, and dumps list the groups'
+    keys in place, in declaration order (so the resolved YAML reads like the input). `FLAT_NAMES` renames a
+    group's field in the flat form (a defence's `merge_method` is its merge group's `method`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    FLAT_NAMES: ClassVar[dict[str, dict[str, str]]] = {}  # group -> {field in the group: flat key}
+
+    @classmethod
+    def groups(cls) -> dict[str, type[BaseModel]]:
+        """The option groups: fields whose type is a pydantic model."""
+        return {
+            name: f.annotation
+            for name, f in cls.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+        }
+
+    @classmethod
+    def flat_keys(cls, group: str) -> dict[str, str]:
+        """{field in `group`: its flat key}."""
+        names = cls.FLAT_NAMES.get(group, {})
+        return {inner: names.get(inner, inner) for inner in cls.groups()[group].model_fields}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for group in cls.groups():
+            if isinstance(data.get(group), BaseModel):
+                continue  # already built
+            sub = dict(data.pop(group, None) or {})
+            for inner, flat in cls.flat_keys(group).items():
+                if flat in data:
+                    sub[inner] = data.pop(flat)
+            data[group] = sub
+        return data
+
+    @model_serializer(mode="wrap")
+    def _flatten(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        nested = handler(self)
+        out: dict[str, Any] = {}
+        for key, value in nested.items():
+            if key in self.groups() and isinstance(value, dict):
+                names = self.flat_keys(key)
+                out.update({names.get(str(k), str(k)): v for k, v in value.items()})
+            else:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_flat(cls, **options: Any) -> Self:
+        """Build from flat keys, as a YAML file gives them: `MergeConfig.from_flat(weights=(0.8, 0.2), …)`."""
+        return cls.model_validate(options)
+
+    def flat_fields_set(self) -> set[str]:
+        """The flat keys given explicitly (by YAML, flags or keyword), as `model_fields_set` for flat keys."""
+        given = {k for k in self.model_fields_set if k not in self.groups()}
+        for group in self.groups():
+            names = self.flat_keys(group)
+            given |= {names[k] for k in getattr(self, group).model_fields_set}
+        return given
+
+    @classmethod
+    def flat_default(cls, key: str) -> Any:
+        """The default value of a flat key."""
+        for group, model in cls.groups().items():
+            for inner, flat in cls.flat_keys(group).items():
+                if flat == key:
+                    return model.model_fields[inner].get_default(call_default_factory=True)
+        return cls.model_fields[key].get_default(call_default_factory=True)
+
+    @classmethod
+    def flat_loc(cls, loc: tuple[Any, ...]) -> str:
+        """An error location in flat terms: ('merge', 'method') → 'merge_method'."""
+        if len(loc) >= 2 and loc[0] in cls.groups():
+            return ".".join([cls.flat_keys(str(loc[0])).get(str(loc[1]), str(loc[1])), *map(str, loc[2:])])
+        return ".".join(map(str, loc)) or "config"

@@ -1,4 +1,5 @@
-"""Files that ship inside pip packages and load offline (docs/method.md §8): a small chat model and prompt sets.
+"""Files that ship inside pip packages and load offline (docs/method.md §8): a small chat model and
+prompt sets.
 
 The packages are installed with --no-deps and only their data files are read (their modules are never
 imported). The SmolLM2 GGUF is converted once into a plain float32 `LlamaForCausalLM` directory under

@@ -10,9 +10,19 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from safemerge.engine.config import DEFAULT_THRESHOLD, SELECTION_OPTIONS, MergeConfig
+from safemerge.common.config_io import FlatConfig, plain_dump
+from safemerge.engine.config import (
+    DEFAULT_THRESHOLD,
+    SELECTION_OPTIONS,
+    InputsConfig,
+    MergeConfig,
+    MergeOptions,
+    RunOptions,
+    SelectionConfig,
+    SelectionOptions,
+)
 
 Method = Literal["safemerge", "merge-all", "safelora", "resta", "none"]
 METHODS: tuple[str, ...] = ("safemerge", "merge-all", "safelora", "resta", "none")
@@ -33,81 +43,54 @@ APPLIES: dict[str, set[str]] = {
 }
 
 
-class DefendConfig(BaseModel):
-    """Inputs and options of `safemerge defend` (YAML keys are these field names)."""
+class DefendConfig(FlatConfig):
+    """Inputs and options of `safemerge defend` (YAML keys are flat: `weights`, `beta`, `merge_method`, …).
 
-    model_config = ConfigDict(extra="forbid")
+    Composed of the engine's option groups: the inputs, the selection policy, the merge options of
+    `safemerge merge` (its `method` is spelled `merge_method` here, since `method` names the defence) and
+    how to run; plus the options of the defences that are not merges.
+    """
+
     EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
+    FLAT_NAMES: ClassVar[dict[str, dict[str, str]]] = {"merge": {"method": "merge_method"}}
 
     method: Method = Field("safemerge", description="the defence")
-    aligned: str = Field(description="aligned model the adapters were trained on (directory or hub id)")
-    unaligned: str = Field(description="unaligned (pre-alignment) base model (directory or hub id)")
-    task_adapter: str = Field(description="the fine-tuned task LoRA (PEFT directory or hub id)")
+    inputs: InputsConfig
     safety_adapter: str | None = Field(None, description="safety LoRA (safemerge, merge-all)")
     out: str = Field(description="output directory")
     # selection (safemerge: ρ < τ, default 0.35; safelora: ρ ≤ τ, default 0.5)
-    threshold: float | None = None
-    top_k: int | None = Field(None, ge=0)
-    fraction: float | None = Field(None, ge=0.0, le=1.0)
-    # safemerge / merge-all: the options of `safemerge merge`
-    weights: tuple[float, float] = (0.8, 0.2)
-    mode: Literal["exact", "peft-linear"] = "exact"
-    merge_method: Literal["linear", "ties", "dare_linear", "dare_ties"] = "linear"
-    density: float = Field(0.5, gt=0.0, le=1.0, description="kept fraction (TIES/DARE; RESTA's DARE)")
-    seed: int = 0
-    rank: int | None = Field(None, ge=1)
-    merge_into_base: bool = False
-    max_shard_size: str = "2GB"
+    selection: SelectionOptions
+    # safemerge / merge-all: the options of `safemerge merge` (density and seed also serve RESTA's DARE)
+    merge: MergeOptions
     # safelora
     preserve_norm: bool = Field(False, description="rescale C·B_f so that ‖ΔW‖ is unchanged (not published)")
     # resta
     beta: float = Field(RESTA_BETA, description="scale of the safety vector W_al − W_un")
     scope: Literal["targeted", "all-linear"] = Field("all-linear", description="where RESTA adds β·V")
     dare: bool = Field(False, description="RESTA: DARE (drop + 1/density rescale) on the fine-tuning delta")
-    # how to run
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    allow_pickle: bool = False
-    force: bool = False
-    plot: bool = True
-
-    @field_validator("weights", mode="before")
-    @classmethod
-    def _parse_weights(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                parts = tuple(float(x) for x in value.split(","))
-            except ValueError:
-                parts = ()
-            if len(parts) != 2:
-                raise ValueError(f"weights must be two numbers like 0.8,0.2 (got {value!r})")
-            return parts
-        return value
+    run: RunOptions
 
     @model_validator(mode="after")
     def _consistent(self) -> DefendConfig:
-        given = self.model_fields_set
-        fields = type(self).model_fields
+        flat = self.model_dump()
         # an option of another method is an error unless it holds its default (a full dump reloads)
-        wrong = sorted(n for n in given - APPLIES[self.method] if getattr(self, n) != fields[n].default)
+        wrong = sorted(
+            n for n in self.flat_fields_set() - APPLIES[self.method] if flat[n] != self.flat_default(n)
+        )
         if wrong:
             raise ValueError(f"option(s) {', '.join(wrong)} do not apply to method {self.method}")
-        policies = [n for n in ("threshold", "top_k", "fraction") if getattr(self, n) is not None]
-        if len(policies) > 1:
-            raise ValueError(f"give only one of threshold, top_k, fraction (got {', '.join(policies)})")
         if self.method in ("safemerge", "merge-all") and not self.safety_adapter:
             raise ValueError(f"method {self.method} needs safety_adapter")
-        if self.method == "resta" and self.density != fields["density"].default and not self.dare:
+        if self.method == "resta" and self.merge.density != self.flat_default("density") and not self.dare:
             raise ValueError("density applies to resta only with dare: true")
-        if self.mode == "peft-linear" and self.merge_method != "linear":
-            raise ValueError("mode peft-linear only applies to merge_method linear")
         return self
 
     @property
-    def selection(self) -> dict[str, Any]:
-        """The resolved selection policy as keyword arguments (method defaults filled in)."""
-        for name in ("threshold", "top_k", "fraction"):
-            if getattr(self, name) is not None:
-                return {name: getattr(self, name)}
+    def resolved_selection(self) -> dict[str, Any]:
+        """The selection policy as keyword arguments, with the method's default when none is given."""
+        given = self.selection.given()
+        if given:
+            return given
         if self.method == "safelora":
             return {"threshold": SAFELORA_THRESHOLD}
         if self.method == "merge-all":
@@ -115,36 +98,23 @@ class DefendConfig(BaseModel):
         return {"threshold": DEFAULT_THRESHOLD}
 
     def merge_config(self, out: str) -> MergeConfig:
-        """The `safemerge merge` config of a safemerge / merge-all cell."""
+        """The `safemerge merge` config of a safemerge / merge-all cell: the same groups, composed."""
         assert self.safety_adapter is not None
         return MergeConfig(
-            aligned=self.aligned,
-            unaligned=self.unaligned,
-            task_adapter=self.task_adapter,
-            safety_adapter=self.safety_adapter,
+            selection=SelectionConfig(**self.resolved_selection),
+            inputs=self.inputs,
             out=out,
-            weights=self.weights,
-            mode=self.mode,
-            method=self.merge_method,
-            density=self.density,
-            seed=self.seed,
-            rank=self.rank,
-            merge_into_base=self.merge_into_base,
-            max_shard_size=self.max_shard_size,
-            device=self.device,
-            allow_pickle=self.allow_pickle,
-            plot=self.plot,
-            **self.selection,
+            run=self.run.model_copy(update={"force": False}),
+            safety_adapter=self.safety_adapter,
+            merge=self.merge,
         )
 
     def settings(self) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags): the resolved options of the method."""
         keep = APPLIES[self.method] - COMMON - {"safety_adapter", "max_shard_size"} - SELECTION
-        data = self.model_dump(mode="json", include=keep)
+        data = {k: v for k, v in plain_dump(self).items() if k in keep}
         if self.method in ("safemerge", "safelora"):
-            data.update(self.selection)
+            data.update(self.resolved_selection)
         if self.method == "resta" and not self.dare:
             data.pop("density", None)
-        if "weights" in data:
-            data["weights"] = list(self.weights)
         return {"method": self.method, **dict(sorted(data.items()))}

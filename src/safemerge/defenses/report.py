@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from safemerge.common.config_io import plain_dump
 from safemerge.engine.report import REPORT_JSON, REPORT_MD, _fmt, markdown, plot_similarity, report_dict
 
 if TYPE_CHECKING:
@@ -45,10 +46,10 @@ def write_defense_report(
         data["tensors"] = [asdict(e) for e in edits]
     (directory / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
     (directory / REPORT_MD).write_text(defense_markdown(report, cfg, edits))
-    if cfg.plot and report.modules:
+    if cfg.run.plot and report.modules:
         plot_similarity(report, directory / "similarity.png")
-    resolved = cfg.model_dump(mode="json", exclude={"force"})
-    resolved["weights"] = list(cfg.weights)
+    resolved = plain_dump(cfg, exclude=("force",))
+    resolved["weights"] = list(cfg.merge.weights)
     header = "# resolved defence configuration (rerun: safemerge defend defense.yaml --out NEW_DIR)\n"
     (directory / DEFENSE_YAML).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
 

@@ -26,7 +26,7 @@ from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import TensorEdit, write_defense_report
 from safemerge.defenses.tensors import dare, rescale, resta_weight, safelora_project
 from safemerge.engine.checkpoint import Checkpoint, find_module_weight
-from safemerge.engine.config import ScanConfig
+from safemerge.engine.config import ScanConfig, SelectionConfig
 from safemerge.engine.criterion import DECISION_DECIMALS, safety_difference
 from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
 from safemerge.engine.merging import exact_merge, module_seed, pad_rank
@@ -66,7 +66,7 @@ class DefenseResult:
 def defend(cfg: DefendConfig, progress: bool = False) -> DefenseResult:
     """Run the configured defence; everything lands in `cfg.out` (temporary directory renamed at the end)."""
     out = Path(cfg.out)
-    check_output_dir(out, cfg.force)
+    check_output_dir(out, cfg.run.force)
     runners = {
         "safemerge": _merge,
         "merge-all": _merge,
@@ -74,21 +74,15 @@ def defend(cfg: DefendConfig, progress: bool = False) -> DefenseResult:
         "resta": _resta,
         "none": _none,
     }
-    with atomic_output_dir(out, cfg.force) as tmp:
+    with atomic_output_dir(out, cfg.run.force) as tmp:
         result = runners[cfg.method](cfg, tmp, out, progress)
     return result
 
 
 def _scan_config(cfg: DefendConfig, selection: dict[str, object] | None = None) -> ScanConfig:
-    return ScanConfig(
-        aligned=cfg.aligned,
-        unaligned=cfg.unaligned,
-        task_adapter=cfg.task_adapter,
-        device=cfg.device,
-        allow_pickle=cfg.allow_pickle,
-        plot=cfg.plot,
-        **(selection if selection is not None else cfg.selection),
-    )
+    policy = selection if selection is not None else cfg.resolved_selection
+    run = cfg.run.model_copy(update={"force": False})
+    return ScanConfig(selection=SelectionConfig(**policy), inputs=cfg.inputs, run=run)
 
 
 def _move_up(inner: Path, outer: Path) -> None:
@@ -107,26 +101,26 @@ def _merge(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseRe
     if cfg.method == "merge-all":
         report.options["selection_policy"] = "all modules (merge-all)"
     write_defense_report(report, tmp, cfg)
-    full = out / "full_model" if cfg.merge_into_base else None
+    full = out / "full_model" if cfg.merge.merge_into_base else None
     return DefenseResult(cfg.method, out, "adapter", report.summary["merged"], report, full)
 
 
 # --- Safe LoRA ------------------------------------------------------------------------------------
 def safelora_selection(rhos: list[float], cfg: DefendConfig) -> list[bool]:
     """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction."""
-    sel = cfg.selection
+    sel = cfg.resolved_selection
     if "threshold" in sel:
         tau = float(sel["threshold"])
         return [round(r, DECISION_DECIMALS) <= tau for r in rhos]
-    return select(rhos, _scan_config(cfg))
+    return select(rhos, _scan_config(cfg).selection)
 
 
 def _safelora(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
     # One read-only pass computes every ρ first (the published code projected during this pass in
     # top-k mode, so later decisions saw already-projected weights); then selection; then projection.
     report, task, aligned = run_scan(_scan_config(cfg, {"fraction": 0.0}), "defend", progress)
-    unaligned, _ = open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
-    device = resolve_device(cfg.device)
+    unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
+    device = resolve_device(cfg.run.device)
     chosen = safelora_selection([r.rho for r in report.modules], cfg)
     rank = max(r.rank_task for r in report.modules)
     out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
@@ -151,7 +145,7 @@ def _safelora(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> Defens
         a, b = pad_rank(a, b, rank)
         factors[rec.name] = (a, b)
         rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
-    policy = cfg.selection
+    policy = cfg.resolved_selection
     report.options = {
         **{k: v for k, v in report.options.items() if k not in ("threshold", "top_k", "fraction")},
         **policy,
@@ -192,11 +186,13 @@ def _write_adapter_outputs(
     assert isinstance(task, LoraAdapter)
     dtype = task.storage_dtype()
     stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
-    write_adapter(tmp, task.config, stored, rank, alpha, cfg.aligned, task.read_extra())
-    if not cfg.merge_into_base:
+    write_adapter(tmp, task.config, stored, rank, alpha, cfg.inputs.aligned, task.read_extra())
+    if not cfg.merge.merge_into_base:
         return None
     deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}
-    write_merged_model(aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.max_shard_size, progress)
+    write_merged_model(
+        aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.merge.max_shard_size, progress
+    )
     return out / "full_model"
 
 
@@ -216,7 +212,7 @@ def linear_weight_keys(ckpt: Checkpoint) -> list[str]:
 
 def _resta(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
     report, task, aligned = run_scan(_scan_config(cfg, {"fraction": 1.0}), "defend", progress)
-    unaligned, _ = open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
+    unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
     lora_keys = {find_module_weight(aligned, r.name): r for r in report.modules}
     safety_keys = (
         set(lora_keys) if cfg.scope == "targeted" else set(linear_weight_keys(aligned)) | set(lora_keys)
@@ -236,7 +232,7 @@ def _resta(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseRe
         if rec is not None:
             delta = task.factors(rec.name).delta(torch.float32)
             if cfg.dare:
-                delta = dare(delta, cfg.density, module_seed(cfg.seed, rec.name))
+                delta = dare(delta, cfg.merge.density, module_seed(cfg.merge.seed, rec.name))
             if task.fan_in_fan_out:
                 delta = delta.T
         w_un = unaligned.get(name) if name in safety_keys else None
@@ -256,7 +252,7 @@ def _resta(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseRe
         return new
 
     inner = tmp / "_model"
-    write_model(aligned, edit, inner, cfg.max_shard_size, progress)
+    write_model(aligned, edit, inner, cfg.merge.max_shard_size, progress)
     _move_up(inner, tmp)
     for rec in report.modules:
         rec.selected = True
@@ -267,8 +263,8 @@ def _resta(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseRe
         "beta": cfg.beta,
         "scope": cfg.scope,
         "dare": cfg.dare,
-        "density": cfg.density if cfg.dare else None,
-        "seed": cfg.seed,
+        "density": cfg.merge.density if cfg.dare else None,
+        "seed": cfg.merge.seed,
         "edited_tensors": len(edits),
     }
     report.outputs = {"full_model": str(out), "report": str(out / "safemerge_report.json")}

@@ -160,7 +160,7 @@ def _finish(num: float, cdw2: float, dw2: float, v: torch.Tensor) -> Similarity:
 
 
 def dense_similarity(v: torch.Tensor, delta: torch.Tensor) -> float:
-    """Reference ρ straight from docs/method.md §3 in float64, forming C = V Vᵀ / ‖V‖_F (tests and benchmarks)."""
+    """Reference ρ as docs/method.md §3 writes it, in float64, forming C = V Vᵀ / ‖V‖_F (tests only)."""
     v64 = v.to(torch.float64)
     d64 = delta.to(torch.float64)
     vn = torch.linalg.vector_norm(v64)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from safemerge.common.config_io import plain_dump
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.engine.checkpoint import Checkpoint, file_sha256, find_module_weight, resolve_local_dir
@@ -174,22 +175,26 @@ def _similarities(
 
 
 def _scan_inputs(cfg: ScanConfig) -> tuple[Checkpoint, Checkpoint, LoraAdapter, dict[str, Any]]:
-    task = LoraAdapter.load(cfg.task_adapter, label="task adapter")
-    aligned, info_al = open_checkpoint(cfg.aligned, "aligned", cfg.allow_pickle)
-    unaligned, info_un = open_checkpoint(cfg.unaligned, "unaligned", cfg.allow_pickle)
-    inputs = {"aligned": info_al, "unaligned": info_un, "task_adapter": _adapter_info(task, cfg.task_adapter)}
+    task = LoraAdapter.load(cfg.inputs.task_adapter, label="task adapter")
+    aligned, info_al = open_checkpoint(cfg.inputs.aligned, "aligned", cfg.run.allow_pickle)
+    unaligned, info_un = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
+    inputs = {
+        "aligned": info_al,
+        "unaligned": info_un,
+        "task_adapter": _adapter_info(task, cfg.inputs.task_adapter),
+    }
     return aligned, unaligned, task, inputs
 
 
 def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint]:
     """ρ and the selection for every task module; returns the report, the task adapter, the aligned model."""
     aligned, unaligned, task, inputs = _scan_inputs(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     records = _similarities(aligned, unaligned, task, device, progress)
-    for rec, chosen in zip(records, select([r.rho for r in records], cfg), strict=True):
+    for rec, chosen in zip(records, select([r.rho for r in records], cfg.selection), strict=True):
         rec.selected = chosen
-    options = cfg.model_dump(mode="json", exclude={"force"})  # how to write, not what was computed
-    options["selection_policy"] = cfg.policy
+    options = plain_dump(cfg, exclude=("force",))  # how to write, not what was computed
+    options["selection_policy"] = cfg.selection.policy
     report = Report(command, inputs, options, records, library_versions())
     for rec in records:
         if rec.flags:
@@ -205,11 +210,11 @@ def scan(cfg: ScanConfig, progress: bool = False) -> Report:
     With `cfg.out`, also writes the report (JSON, Markdown, plot) there, atomically.
     """
     if cfg.out:
-        check_output_dir(Path(cfg.out), cfg.force)
+        check_output_dir(Path(cfg.out), cfg.run.force)
     report, _, _ = run_scan(cfg, "scan", progress)
     if cfg.out:
-        with atomic_output_dir(cfg.out, cfg.force) as tmp:
-            write_report(report, tmp, plot=cfg.plot)
+        with atomic_output_dir(cfg.out, cfg.run.force) as tmp:
+            write_report(report, tmp, plot=cfg.run.plot)
         report.outputs["report"] = str(Path(cfg.out) / "safemerge_report.json")
     return report
 
@@ -331,7 +336,7 @@ class LazyFactors(Mapping[str, LoraFactors]):
 def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     """SafeMERGE: scan, then merge the selected modules with the safety adapter; write everything to `out`."""
     out = Path(cfg.out)
-    check_output_dir(out, cfg.force)
+    check_output_dir(out, cfg.run.force)
     safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
     report, task, aligned = run_scan(cfg, "merge", progress)
     report.command = "merge"
@@ -357,18 +362,18 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         task_factors,
         safety_factors,
         {r.name for r in report.modules if r.selected},
-        weights=cfg.weights,
-        mode=cfg.mode,
-        method=cfg.method,
-        density=cfg.density,
-        seed=cfg.seed,
-        rank=cfg.rank,
+        weights=cfg.merge.weights,
+        mode=cfg.merge.mode,
+        method=cfg.merge.method,
+        density=cfg.merge.density,
+        seed=cfg.merge.seed,
+        rank=cfg.merge.rank,
         dtype=dtype,
     )
     for rec in report.modules:
         rec.rank_safety = safety.rank(rec.name) if rec.name in safety_factors else None
         if rec.name in result.merged:
-            rec.merged, rec.w_task, rec.w_safety = True, cfg.weights[0], cfg.weights[1]
+            rec.merged, rec.w_task, rec.w_safety = True, cfg.merge.weights[0], cfg.merge.weights[1]
         if rec.name in result.no_safety_counterpart:
             rec.flags.append("no-safety-counterpart")
         rec.svd_rel_error = result.svd_rel_errors.get(rec.name)
@@ -385,29 +390,31 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     rank, out_scale = result.rank, result.scaling
     report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=result.lora_alpha)
     stored = result.factors
-    with atomic_output_dir(out, cfg.force) as tmp:
-        write_adapter(tmp, task.config, stored, rank, result.lora_alpha, cfg.aligned, task.read_extra())
+    with atomic_output_dir(out, cfg.run.force) as tmp:
+        write_adapter(
+            tmp, task.config, stored, rank, result.lora_alpha, cfg.inputs.aligned, task.read_extra()
+        )
         (tmp / "README.md").write_text(model_card(report))
         (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
-        if cfg.merge_into_base:
+        if cfg.merge.merge_into_base:
             deltas = {
                 m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()
             }
             write_merged_model(
-                aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.max_shard_size, progress
+                aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.merge.max_shard_size, progress
             )
             report.outputs["full_model"] = str(out / "full_model")
         report.outputs["adapter"] = str(out)
         report.outputs["report"] = str(out / "safemerge_report.json")
-        write_report(report, tmp, plot=cfg.plot)
+        write_report(report, tmp, plot=cfg.run.plot)
     return report
 
 
 def _config_yaml(cfg: MergeConfig) -> str:
     import yaml
 
-    data = cfg.model_dump(mode="json", exclude={"force"})
-    data["weights"] = list(cfg.weights)
+    data = plain_dump(cfg, exclude=("force",))
+    data["weights"] = list(cfg.merge.weights)
     return (
         "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n"
         + yaml.safe_dump(data, sort_keys=False)

@@ -143,7 +143,7 @@ def expand_cells(cfg: ExperimentConfig, out: Path) -> list[Cell]:
                     f"{where}: needs a safety adapter: give setup.safety_adapter or setup.safety_train"
                 )
             try:
-                dc = DefendConfig(
+                dc = DefendConfig.from_flat(
                     method=spec.method,
                     aligned=setup.aligned,
                     unaligned=setup.unaligned,

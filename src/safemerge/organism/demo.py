@@ -126,7 +126,7 @@ def make_variant(out: Path, method: str, org_paths: dict[str, str], task: str, *
     """One defence through `safemerge.defenses.defend` into `out` (reused when already there)."""
     from safemerge.defenses import DefendConfig, defend
 
-    cfg = DefendConfig(
+    cfg = DefendConfig.from_flat(
         method=method,
         aligned=org_paths["aligned"],
         unaligned=org_paths["unaligned"],

@@ -99,7 +99,7 @@ def run_toy_demo(out: Path, force: bool = False, progress: bool = True) -> tuple
         safety=out / "adapters" / "safety",
         drifted=built.drifted,
     )
-    cfg = MergeConfig(
+    cfg = MergeConfig.from_flat(
         aligned=str(inputs.aligned),
         unaligned=str(inputs.unaligned),
         task_adapter=str(inputs.task),
