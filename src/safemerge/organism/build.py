@@ -24,12 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from tqdm.auto import tqdm
+
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir
 from safemerge.common.packaged import cache_root, smollm2_dir
 from safemerge.evaluate.backends import TransformersBackend, chat_texts
 from safemerge.evaluate.runner import fixed_batches
-from safemerge.organism.data import arithmetic_val, prompt_sets
+from safemerge.organism.data import prompt_sets
 from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
 from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import arithmetic_recipe
@@ -102,7 +105,6 @@ def cpu_threads() -> int:
 
 def set_threads() -> int:
     """Apply `cpu_threads()` (CPU only); returns the thread count."""
-    import torch
 
     n = cpu_threads()
     if not torch.cuda.is_available():
@@ -128,8 +130,6 @@ def benign_answers(
     model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 64
 ) -> list[str]:
     """U's own greedy answers (truncated to max_new_tokens), so A keeps U's benign behaviour."""
-    from tqdm.auto import tqdm
-
 
     backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype="float32")
     texts = chat_texts(backend.tokenizer, prompts)
@@ -182,8 +182,6 @@ def train_loop(
     projection computed at those positions only (the prompt's logits are never needed). Shared by A's
     full fine-tune and the LoRAs: one small loop instead of TRL's, whose step cost 3.2 s vs 2.4 s here
     (batch 8, measured on this machine) because it projects and scores every position."""
-    import torch
-    from tqdm.auto import tqdm
 
     torch.manual_seed(recipe.seed)
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -236,8 +234,10 @@ def train_loop(
 
 def load_causal_lm(model_dir: Path) -> tuple[Any, Any]:
     """(model in float32 on the GPU if there is one, tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # lazy: transformers adds ~0.7 s to every command's start
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -296,8 +296,7 @@ def train_lora(
     aligned: Path, examples: list[Example], lr: LoraRecipe, out: Path, desc: str, progress: bool
 ) -> None:
     """A LoRA (r, alpha, target modules from the recipe) on A, written as a PEFT adapter to `out`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazy: peft adds ~2.4 s to every command's start
 
     check_no_harmbench([p for p, _, _ in examples], source=f"organism {desc} data")
     base, tok = load_causal_lm(aligned)
@@ -329,7 +328,7 @@ def build_unaligned(source: Path, out: Path) -> None:
     default system message is empty. SmolLM2's template otherwise prepends a 16-token system prompt to
     every conversation, a third of a typical training or evaluation sequence here; every organism model
     inherits this template, so training and evaluation (also `safemerge eval` on them) agree."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers adds ~0.7 s to every command's start
 
     tok = AutoTokenizer.from_pretrained(str(source))
     template = str(tok.chat_template or "")
@@ -388,8 +387,3 @@ def build_organism(
     for name in dict.fromkeys(wanted):
         _stage(where[name], name, todo[name], timings)
     return Organism(recipe, unaligned, aligned, paths["task"], paths["safety"], paths["safeinstr"], timings)
-
-
-def validation_task(n: int) -> list[tuple[str, str]]:
-    """Arithmetic validation problems (disjoint from training and from the test benchmark)."""
-    return arithmetic_val(n)

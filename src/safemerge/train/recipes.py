@@ -5,19 +5,16 @@ so TRL applies the model's chat template and computes the loss on the completion
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import random
 from pathlib import Path
 from typing import Any
 
+from safemerge.common.datasets import arithmetic_problems, load_hub_rows, pubmedqa_prompt, read_rows
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import donotanswer_prompts, strongreject_prompts
 from safemerge.train.refusals import make_refusal
 
 Example = dict[str, list[dict[str, str]]]
-Row = dict[str, Any]
 
 RECIPES = ("gsm8k", "pubmedqa", "safety", "safety-hub", "arithmetic")
 DEFAULT_SAMPLES: dict[str, int | None] = {
@@ -27,7 +24,6 @@ DEFAULT_SAMPLES: dict[str, int | None] = {
     "safety-hub": 1000,
     "arithmetic": 2000,
 }
-PUBMEDQA_INSTRUCTION = "Answer the question with yes, no or maybe, after a short explanation."
 
 
 def chat_example(prompt: str, response: str) -> Example:
@@ -36,26 +32,6 @@ def chat_example(prompt: str, response: str) -> Example:
         "prompt": [{"role": "user", "content": prompt}],
         "completion": [{"role": "assistant", "content": response}],
     }
-
-
-def load_hub_rows(name: str, config: str | None, split: str) -> list[Row]:
-    """Rows of a hub dataset, with a clear InputError when it cannot be reached or is gated."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # the hub raises many types: offline, gated, missing
-        msg = str(exc)
-        hint = ""
-        if any(k in msg.lower() for k in ("gated", "401", "403", "authenticated", "access")):
-            hint = (
-                f" The dataset is gated: accept its terms on https://huggingface.co/datasets/{name} and log "
-                "in with `hf auth login` (or set HF_TOKEN)."
-            )
-        raise InputError(
-            f"cannot load hub dataset {name!r} ({config or 'default'}, {split}): {msg}.{hint}"
-        ) from None
-    return [dict(r) for r in ds]
 
 
 def _take(examples: list[Example], n: int | None, seed: int) -> list[Example]:
@@ -67,27 +43,6 @@ def _take(examples: list[Example], n: int | None, seed: int) -> list[Example]:
 
 
 # --- arithmetic (offline) ---------------------------------------------------------------------------
-
-
-def _is_eval_problem(a: int, op: str, b: int) -> bool:
-    """Disjoint train/eval split by hash: one problem in ten is reserved for evaluation."""
-    return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
-
-
-def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[tuple[str, str, int]]:
-    """n three-digit addition/subtraction problems as (question, worked answer, result); train and
-    eval problems never overlap."""
-    rng = random.Random(f"arithmetic-{split}-{seed}")
-    out: list[tuple[str, str, int]] = []
-    seen: set[tuple[int, str, int]] = set()
-    while len(out) < n:
-        a, b, op = rng.randint(100, 999), rng.randint(100, 999), rng.choice("+-")
-        if (a, op, b) in seen or _is_eval_problem(a, op, b) != (split == "eval"):
-            continue
-        seen.add((a, op, b))
-        c = a + b if op == "+" else a - b
-        out.append((f"What is {a} {op} {b}?", f"{a} {op} {b} = {c}. The answer is {c}.", c))
-    return out
 
 
 def arithmetic_recipe(n: int, seed: int) -> list[Example]:
@@ -126,11 +81,6 @@ def gsm8k_recipe(n: int | None, seed: int) -> list[Example]:
     return _take([chat_example(r["question"], r["answer"]) for r in rows], n, seed)
 
 
-def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
-    """The PubMedQA prompt used for training and evaluation alike."""
-    return f"Context: {' '.join(contexts)}\nQuestion: {question}\n{PUBMEDQA_INSTRUCTION}"
-
-
 def pubmedqa_recipe(n: int | None, seed: int) -> list[Example]:
     """PubMedQA `pqa_artificial` (train); `pqa_labeled` is kept for evaluation."""
     rows = load_hub_rows("qiaojin/PubMedQA", "pqa_artificial", "train")
@@ -145,29 +95,6 @@ def pubmedqa_recipe(n: int | None, seed: int) -> list[Example]:
 
 
 # --- local files -------------------------------------------------------------------------------------
-
-
-def read_rows(path: Path) -> list[Row]:
-    """Rows of a JSONL or CSV file (InputError naming the file and line when it is malformed)."""
-    if not path.is_file():
-        raise InputError(f"dataset file {path} not found")
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [dict(r) for r in csv.DictReader(f)]
-    if path.suffix.lower() not in (".jsonl", ".json"):
-        raise InputError(f"dataset file {path}: expected a .jsonl or .csv file")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"dataset file {path}, line {i}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"dataset file {path}, line {i}: expected a JSON object")
-        rows.append(row)
-    return rows
 
 
 def _messages_example(path: Path, i: int, messages: Any) -> Example:

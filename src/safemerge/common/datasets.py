@@ -1,0 +1,89 @@
+"""Data sources that training and evaluation share: rows of hub datasets and local files, the offline
+3-digit arithmetic task (train and eval problems disjoint), and the PubMedQA prompt format.
+
+Here, below both `train` and `evaluate`, so that neither imports the other and the prompt a model is
+trained on is the prompt it is evaluated with.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from safemerge.common.errors import InputError
+
+Row = dict[str, Any]
+PUBMEDQA_INSTRUCTION = "Answer the question with yes, no or maybe, after a short explanation."
+
+
+def load_hub_rows(name: str, config: str | None, split: str) -> list[Row]:
+    """Rows of a hub dataset, with a clear InputError when it cannot be reached or is gated."""
+    import datasets  # lazy: adds ~0.7 s to start-up; only hub datasets need it
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # the hub raises many types: offline, gated, missing
+        msg = str(exc)
+        hint = ""
+        if any(k in msg.lower() for k in ("gated", "401", "403", "authenticated", "access")):
+            hint = (
+                f" The dataset is gated: accept its terms on https://huggingface.co/datasets/{name} and log "
+                "in with `hf auth login` (or set HF_TOKEN)."
+            )
+        raise InputError(
+            f"cannot load hub dataset {name!r} ({config or 'default'}, {split}): {msg}.{hint}"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def _is_eval_problem(a: int, op: str, b: int) -> bool:
+    """Disjoint train/eval split by hash: one problem in ten is reserved for evaluation."""
+    return int(hashlib.sha256(f"{a}{op}{b}".encode()).hexdigest(), 16) % 10 == 0
+
+
+def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[tuple[str, str, int]]:
+    """n three-digit addition/subtraction problems as (question, worked answer, result); train and
+    eval problems never overlap."""
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+    out: list[tuple[str, str, int]] = []
+    seen: set[tuple[int, str, int]] = set()
+    while len(out) < n:
+        a, b, op = rng.randint(100, 999), rng.randint(100, 999), rng.choice("+-")
+        if (a, op, b) in seen or _is_eval_problem(a, op, b) != (split == "eval"):
+            continue
+        seen.add((a, op, b))
+        c = a + b if op == "+" else a - b
+        out.append((f"What is {a} {op} {b}?", f"{a} {op} {b} = {c}. The answer is {c}.", c))
+    return out
+
+
+def pubmedqa_prompt(question: str, contexts: list[str]) -> str:
+    """The PubMedQA prompt used for training and evaluation alike."""
+    return f"Context: {' '.join(contexts)}\nQuestion: {question}\n{PUBMEDQA_INSTRUCTION}"
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Rows of a JSONL or CSV file (InputError naming the file and line when it is malformed)."""
+    if not path.is_file():
+        raise InputError(f"dataset file {path} not found")
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            return [dict(r) for r in csv.DictReader(f)]
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise InputError(f"dataset file {path}: expected a .jsonl or .csv file")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"dataset file {path}, line {i}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"dataset file {path}, line {i}: expected a JSON object")
+        rows.append(row)
+    return rows
