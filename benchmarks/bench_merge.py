@@ -99,7 +99,7 @@ def floor_pass(data: Path, names: list[str]) -> float:
 def merge_config(data: Path, out: Path) -> Any:
     from safemerge.engine.config import MergeConfig
 
-    return MergeConfig(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
+    return MergeConfig.from_flat(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
                        task_adapter=str(data / "task_adapter"), safety_adapter=str(data / "safety_adapter"),
                        out=str(out), force=True, plot=False)
 
@@ -120,7 +120,7 @@ def scan_pass(data: Path) -> float:
     from safemerge.engine.config import ScanConfig
     from safemerge.engine.pipeline import scan
 
-    cfg = ScanConfig(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
+    cfg = ScanConfig.from_flat(aligned=str(data / "aligned"), unaligned=str(data / "unaligned"),
                      task_adapter=str(data / "task_adapter"), plot=False)
     t0 = time.perf_counter()
     scan(cfg)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guarded
+from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, given_options, run_guarded
 from safemerge.common.config_io import load_config
 from safemerge.train.config import TrainConfig
 from safemerge.train.trainer import train
@@ -16,6 +16,7 @@ _LIST = "comma-separated"
 
 
 def train_command(
+    ctx: typer.Context,
     config_pos: Annotated[
         Path | None, typer.Argument(help="YAML config whose keys mirror the options (default: none)")
     ] = None,
@@ -43,7 +44,7 @@ def train_command(
         int | None, typer.Option(help="stop after N steps; -1: use --epochs (default: -1)")
     ] = None,
     epochs: Annotated[float | None, typer.Option(help="training epochs (default: 1)")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="learning rate (default: 2e-4)")] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="learning rate (default: 2e-4)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="per-device batch size (default: 4)")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="gradient accumulation steps (default: 1)")] = None,
     max_length: Annotated[int | None, typer.Option(help="max tokens per example (default: 512)")] = None,
@@ -65,31 +66,8 @@ def train_command(
 ) -> None:
     """Fine-tune a LoRA adapter (task or safety) with the model's chat template, loss on responses only."""
 
-
     def body() -> None:
-        overrides = {
-            "model": model,
-            "recipe": recipe,
-            "out": out,
-            "samples": samples,
-            "mix_safety": mix_safety,
-            "max_steps": max_steps,
-            "epochs": epochs,
-            "learning_rate": lr,
-            "batch_size": batch_size,
-            "grad_accum": grad_accum,
-            "max_length": max_length,
-            "lora_r": lora_r,
-            "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout,
-            "target_modules": target_modules.split(",") if target_modules else None,
-            "seed": seed,
-            "gradient_checkpointing": gradient_checkpointing,
-            "bf16": bf16,
-            "trust_remote_code": trust_remote_code,
-            "force": force,
-        }
-        cfg = load_config(TrainConfig, config or config_pos, overrides)
+        cfg = load_config(TrainConfig, config or config_pos, given_options(ctx, "config", "config_pos"))
         result = train(cfg)
         console.print(
             f"adapter written to {result.out} ({result.n_examples} examples, {result.steps} steps, "

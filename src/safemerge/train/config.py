@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-M = TypeVar("M", bound=BaseModel)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class TrainConfig(BaseModel):
@@ -24,6 +22,13 @@ class TrainConfig(BaseModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """`q_proj,v_proj` (the flag's form) → ['q_proj', 'v_proj']."""
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
     learning_rate: float = 2e-4
     epochs: float = 1.0
     max_steps: int = -1
