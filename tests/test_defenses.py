@@ -16,9 +16,9 @@ from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError
 from safemerge.defenses import (
     DefendConfig,
-    dare,
     defend,
     dense_projection,
+    get_defense,
     linear_weight_keys,
     safelora_project,
 )
@@ -26,7 +26,7 @@ from safemerge.engine.checkpoint import Checkpoint, find_module_weight
 from safemerge.engine.config import ScanConfig
 from safemerge.engine.criterion import dense_similarity
 from safemerge.engine.lora import LoraAdapter
-from safemerge.engine.merging import module_seed
+from safemerge.engine.merging import dare, module_seed
 from safemerge.engine.pipeline import scan
 
 F64 = torch.float64
@@ -236,16 +236,6 @@ def test_resta_adds_beta_v_on_the_right_tensors_only(
     assert len(data["tensors"]) == len(edited)
 
 
-def test_dare_is_seeded_and_rescaled() -> None:
-    x = torch.ones(200, 100)
-    a, b = dare(x, 0.25, 7), dare(x, 0.25, 7)
-    assert torch.equal(a, b)
-    kept = a != 0
-    assert 0.2 < float(kept.float().mean()) < 0.3
-    assert torch.all(a[kept] == 4.0)
-    assert not torch.equal(a, dare(x, 0.25, 8))
-
-
 def test_resta_output_loads_as_a_model(env: dict[str, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -350,3 +340,33 @@ def test_cli_defend(env: dict[str, Path], tmp_path: Path) -> None:
     help_text = CliRunner().invoke(app, ["defend", "--help"]).output
     for opt in ("--method", "--beta", "--scope", "--dare", "--preserve-norm", "--weights"):
         assert opt in help_text
+
+
+# --- the registered defences --------------------------------------------------------------------------
+# Which options applied to which method in 0.1.0 (its config's APPLIES table), copied as the oracle.
+_COMMON = {"method", "aligned", "unaligned", "task_adapter", "out", "device", "allow_pickle", "force", "plot"}
+_SELECTION = {"threshold", "top_k", "fraction"}
+_MERGE = {"safety_adapter", "weights", "mode", "merge_method", "density", "seed", "rank"}
+_FULL = {"merge_into_base", "max_shard_size"}
+APPLIES_0_1_0 = {
+    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL,
+    "merge-all": _COMMON | _MERGE | _FULL,
+    "safelora": _COMMON | _SELECTION | _FULL | {"preserve_norm"},
+    "resta": _COMMON | {"beta", "scope", "dare", "density", "seed", "max_shard_size"},
+    "none": _COMMON,
+}
+
+
+@pytest.mark.parametrize("method", sorted(APPLIES_0_1_0))
+def test_defences_know_their_options_outputs_and_default_selection(method: str) -> None:
+    defense = get_defense(method)
+    assert defense.name == method and defense.applies == APPLIES_0_1_0[method]
+    assert defense.output == ("model" if method == "resta" else "adapter")
+    assert defense.needs == (("safety_adapter",) if method in ("safemerge", "merge-all") else ())
+    base = {"aligned": "a", "unaligned": "u", "task_adapter": "t", "out": "o", "method": method}
+    if defense.needs:
+        base["safety_adapter"] = "s"
+    default = {"safelora": {"threshold": 0.5}, "merge-all": {"fraction": 1.0}}.get(
+        method, {"threshold": 0.35}
+    )
+    assert load_config(DefendConfig, None, base).resolved_selection == default

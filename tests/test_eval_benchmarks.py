@@ -10,6 +10,7 @@ import pytest
 
 from safemerge.common.errors import InputError
 from safemerge.evaluate import benchmarks as bm
+from safemerge.evaluate.benchmarks import directharm4, gsm8k, pubmedqa
 from safemerge.evaluate.cache import Cache
 from safemerge.evaluate.runner import fixed_batches
 from safemerge.train import recipes
@@ -41,7 +42,8 @@ def test_hub_benchmarks_from_fixture_rows(monkeypatch: pytest.MonkeyPatch) -> No
         ],
         "vfleaking/DirectHarm4": [{"instruction": "harmful thing"}],
     }
-    monkeypatch.setattr(bm, "load_hub_rows", lambda name, config, split: rows[name])
+    for module in (gsm8k, pubmedqa, directharm4):  # each hub benchmark reads the hub through common.datasets
+        monkeypatch.setattr(module, "load_hub_rows", lambda name, config, split: rows[name])
     g = bm.load_benchmark("gsm8k")
     assert g.items[0].reference == "4" and g.items[0].prompt == "Q?"
     p = bm.load_benchmark("pubmedqa")
@@ -101,3 +103,46 @@ def test_fixed_batches_cover_all_sorted_by_length() -> None:
     assert sizes == [100, 99]
     assert [len(b) for b in fixed_batches(["x"] * 128, 128)] == [128]
     assert fixed_batches([], 8) == []
+
+
+def test_scoring_lives_on_the_benchmark() -> None:
+    item = bm.Item("g-0", "Q?", "72")
+    gsm = bm.get_benchmark("gsm8k")
+    assert gsm.score(item, "so 70 + 2 #### 72") == {
+        "extracted_strict": "72",
+        "extracted_flexible": "72",
+        "correct": True,
+        "correct_flexible": True,
+    }
+    records = [gsm.score(item, text) for text in ("#### 72", "it is 72", "#### 7")]
+    assert gsm.metrics(records, "judge") == {
+        "kind": "utility",
+        "n": 3,
+        "n_correct": 1,
+        "accuracy": 1 / 3,
+        "accuracy_strict": 1 / 3,
+        "n_correct_flexible": 2,
+        "accuracy_flexible": 2 / 3,
+    }
+    pub, yes = bm.get_benchmark("pubmedqa"), bm.Item("p-0", "Q?", "yes")
+    records = [pub.score(yes, text) for text in ("Answer: yes", "No.", "I cannot tell.")]
+    assert [r["correct"] for r in records] == [True, False, False]
+    assert pub.metrics(records, "judge")["n_unparsed"] == 1
+    # a benchmark built in code (the organism's validation sets) is scored with the defaults
+    plain = bm.Benchmark("val-arith", "utility", (item,))
+    assert plain.score(item, "The answer is 72.") == {"extracted": "72", "correct": True}
+    assert plain.metrics([{"correct": True}], "judge") == {
+        "kind": "utility",
+        "n": 1,
+        "n_correct": 1,
+        "accuracy": 1.0,
+    }
+    harm = bm.Benchmark("val-harm", "harm", (bm.Item("h-0", "bad?"),))
+    verdicts = [{"verdict": v} for v in ("unsafe", "safe", "malformed")]
+    assert harm.metrics(verdicts, "j")["harmful_rate"] == 0.5
+
+
+def test_loaded_benchmarks_keep_their_class() -> None:
+    loaded = bm.load_benchmark("arithmetic", limit=3)
+    assert type(loaded) is type(bm.get_benchmark("arithmetic")) and len(loaded.items) == 3
+    assert loaded.head(2).items == loaded.items[:2]

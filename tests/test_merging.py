@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from safemerge.engine.lora import LoraFactors
 from safemerge.engine.merging import (
+    dare,
     exact_merge,
     merge_dense,
     module_seed,
@@ -118,6 +119,57 @@ def test_dare_rescale_is_correct_in_expectation() -> None:
     kept = one != 0
     assert 0.2 < kept.float().mean() < 0.4
     torch.testing.assert_close(one[kept], d1[kept] / 0.3)
+
+
+def test_dare_is_seeded_and_rescaled() -> None:
+    x = torch.ones(200, 100)
+    a, b = dare(x, 0.25, 7), dare(x, 0.25, 7)
+    assert torch.equal(a, b)
+    kept = a != 0
+    assert 0.2 < float(kept.float().mean()) < 0.3
+    assert torch.all(a[kept] == 4.0)
+    assert not torch.equal(a, dare(x, 0.25, 8))
+    assert torch.equal(dare(x, 1.0, 7), x)
+    with pytest.raises(ValueError, match="density"):
+        dare(x, 0.0, 7)
+
+
+def _peft_under_seed(
+    method: str, deltas: list[torch.Tensor], w: list[float], p: float, seed: int
+) -> torch.Tensor:
+    """The oracle: PEFT's own dare_linear / dare_ties, run after torch.manual_seed(seed)."""
+    from peft.utils.merge_utils import dare_linear, dare_ties
+
+    wt = torch.tensor(w, dtype=deltas[0].dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if method == "dare_linear":
+            return dare_linear(deltas, wt, p)
+        return dare_ties(deltas, wt, p, "total")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dare_mask_is_peft_dare_linear_first_delta_mask(dtype: torch.dtype) -> None:
+    """One DARE: `dare`'s mask is the one PEFT's dare_linear (and so merge_dense) puts on the first update."""
+    ones = torch.ones(40, 30, dtype=dtype)
+    d2 = torch.randn(40, 30, generator=torch.Generator().manual_seed(1)).to(dtype)
+    seed = module_seed(3, "model.layers.0.self_attn.q_proj")
+    mask = dare(ones, 0.4, seed) != 0
+    assert 0.3 < float(mask.float().mean()) < 0.5
+    peft_mask = _peft_under_seed("dare_linear", [ones, d2], [1.0, 0.0], 0.4, seed) != 0
+    ours = merge_dense([ones, d2], [1.0, 0.0], "dare_linear", 0.4, seed) != 0
+    assert torch.equal(mask, peft_mask) and torch.equal(mask, ours)
+    # the values too: kept entries are 1/density, bit for bit
+    torch.testing.assert_close(dare(ones, 0.4, seed), ones * mask / 0.4, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dense_dare_is_bit_identical_to_peft(method: str) -> None:
+    """merge_dense keeps PEFT's outputs (the golden merge --method dare_ties depends on it)."""
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = torch.randn(24, 18, generator=g), torch.randn(24, 18, generator=g)
+    want = _peft_under_seed(method, [d1, d2], [0.8, 0.2], 0.5, 11)
+    assert torch.equal(merge_dense([d1, d2], [0.8, 0.2], method, 0.5, 11), want)
 
 
 def test_ties_trims_elects_and_averages() -> None:

@@ -26,7 +26,7 @@ from safemerge.cli.common import (
     run_guarded,
 )
 from safemerge.common.config_io import load_config
-from safemerge.defenses import DefendConfig, defend
+from safemerge.defenses import DefendConfig, defend, defense_names
 from safemerge.engine.report import print_summary
 
 
@@ -38,7 +38,8 @@ def defend_command(
         typer.Option(
             "--method",
             "-m",
-            help="The defence: safemerge (default), merge-all, safelora, resta or none (docs/defenses.md).",
+            help=f"The defence: {', '.join(defense_names())} (default safemerge; docs/defenses.md; "
+            "other installed packages can add defences, docs/extending.md).",
         ),
     ] = None,
     aligned: AlignedOpt = None,
@@ -111,7 +112,8 @@ def defend_command(
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Apply one post-fine-tuning defence to a task LoRA: safemerge, merge-all, safelora, resta or none."""
+    """Apply one post-fine-tuning defence to a task LoRA (the defences: see --method)."""
+
     def body() -> None:
         cfg = load_config(DefendConfig, config, given_options(ctx, "config", "quiet"))
         result = defend(cfg, progress=not quiet)

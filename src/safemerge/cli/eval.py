@@ -10,6 +10,7 @@ import typer
 from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guarded
 from safemerge.common.config_io import load_config
 from safemerge.evaluate.api import evaluate
+from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
 
 
@@ -26,8 +27,8 @@ def eval_command(
     benchmarks: Annotated[
         str | None,
         typer.Option(
-            help="comma-separated: gsm8k, pubmedqa, arithmetic, directharm4, hexphi, harmbench, "
-            "strongreject, overrefusal, or a .jsonl with a `prompt` field (harmful prompts). Required."
+            help=f"comma-separated: {', '.join(benchmark_names())}, or a .jsonl with a `prompt` field "
+            "(harmful prompts); other installed packages can add benchmarks (docs/extending.md). Required."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output directory. Required.")] = None,
@@ -71,6 +72,7 @@ def eval_command(
 
     Generations are cached: rerun an interrupted command and only the missing answers are generated.
     """
+
     def body() -> None:
         overrides = {
             "model": model,

@@ -16,11 +16,19 @@ from typing import TYPE_CHECKING
 import yaml
 
 from safemerge.common.config_io import plain_dump
-from safemerge.engine.report import REPORT_JSON, REPORT_MD, _fmt, markdown, plot_similarity, report_dict
+from safemerge.defenses.registry import get_defense
+from safemerge.engine.report import (
+    REPORT_JSON,
+    REPORT_MD,
+    Report,
+    _fmt,
+    markdown,
+    plot_similarity,
+    report_dict,
+)
 
 if TYPE_CHECKING:
     from safemerge.defenses.config import DefendConfig
-    from safemerge.engine.pipeline import Report
 
 DEFENSE_YAML = "defense.yaml"
 
@@ -64,7 +72,7 @@ def defense_markdown(report: Report, cfg: DefendConfig, edits: list[TensorEdit] 
     if report.command == "merge":
         return f"{_settings_line(cfg)}\n\n" + markdown(report)
     s = report.summary
-    verb = {"safelora": "projected (B ← C·B)", "resta": "edited", "none": "changed"}[cfg.method]
+    defense = get_defense(cfg.method)
     lines = [
         f"# SafeMERGE defend report: `{cfg.method}`",
         "",
@@ -75,17 +83,11 @@ def defense_markdown(report: Report, cfg: DefendConfig, edits: list[TensorEdit] 
         f"- task adapter: `{report.inputs['task_adapter']['path']}`",
         f"- selection: {report.options.get('selection_policy')}",
         "",
-        f"**{s['merged']} of {s['modules']} LoRA modules {verb}**; ρ from {_fmt(s['rho_min'])} to "
-        f"{_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
+        f"**{s['merged']} of {s['modules']} LoRA modules {defense.changed_verb}**; "
+        f"ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
         "",
+        *defense.report_notes(cfg),
     ]
-    if cfg.method == "safelora":
-        lines += [
-            "Safe LoRA's C = V Vᵀ/‖V‖_F is not a projector (eigenvalues σ_j²/‖V‖_F), so B ← C B also",
-            "rescales the update: compare ‖ΔW‖ in and out below"
-            + (" (here rescaled back: preserve_norm)." if cfg.preserve_norm else "."),
-            "",
-        ]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     lines += [

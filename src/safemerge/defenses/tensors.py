@@ -1,7 +1,7 @@
 """Pure tensor code of the baseline defences (no files, no configuration).
 
 Safe LoRA (Hsu et al. 2024): B_f ← C B_f with C = V Vᵀ / ‖V‖_F, computed as V (Vᵀ B_f) / ‖V‖_F.
-RESTA (Bhardwaj et al. 2024): W = W_al + ΔW_f + β (W_al − W_un), optionally with DARE on ΔW_f.
+RESTA (Bhardwaj et al. 2024): W = W_al + ΔW_f + β (W_al − W_un) (DARE on ΔW_f is engine.merging.dare).
 """
 
 from __future__ import annotations
@@ -40,17 +40,6 @@ def rescale(b: torch.Tensor, norm_before: float, norm_after: float) -> torch.Ten
     if norm_after == 0.0 or not math.isfinite(norm_before / norm_after):
         return b
     return b * (norm_before / norm_after)
-
-
-def dare(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """DARE: keep each entry with probability `density` (seeded mask) and rescale kept ones by 1/density."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    if density == 1.0:
-        return delta
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    keep = torch.rand(delta.shape, generator=gen, dtype=torch.float32) < density
-    return delta * keep.to(delta.device, delta.dtype) / density
 
 
 def resta_weight(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 
 import torch
 
@@ -76,28 +77,67 @@ def module_seed(seed: int, module: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def dare(delta: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """DARE on one update: keep each entry with probability `density`, multiply the kept ones by 1/density.
+
+    The one DARE of safemerge (`merge --method dare_*` and RESTA's `--dare`). The mask is PEFT's
+    `random_pruning` rule, Bernoulli(density) over `delta`'s shape, dtype and device, drawn right after
+    `torch.manual_seed(seed)` in a forked RNG (the caller's stream is untouched). Callers pass a per-module
+    seed, `module_seed(seed, module)`, so masks do not depend on processing order. `dare(ΔW, p, s)` is
+    exactly the first update's mask in `merge_dense([ΔW, …], …, "dare_linear" | "dare_ties", p, s)`.
+    """
+    return dare_in_order([delta], density, seed)[0]
+
+
+def dare_in_order(deltas: list[torch.Tensor], density: float, seed: int) -> list[torch.Tensor]:
+    """DARE on several updates from one seeded stream: their masks are drawn one after the other.
+
+    This is how PEFT's `dare_linear` / `dare_ties` prune under one `torch.manual_seed`, so merges keep
+    their outputs; the first update's mask equals `dare(deltas[0], density, seed)`. density = 1 keeps
+    everything and draws nothing (as PEFT's `prune`).
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if density == 1.0:
+        return list(deltas)
+    with torch.random.fork_rng(devices=[deltas[0].device] if deltas[0].is_cuda else []):
+        torch.manual_seed(seed)
+        return [delta * torch.bernoulli(torch.full_like(delta, density)) / density for delta in deltas]
+
+
 def merge_dense(
     deltas: list[torch.Tensor], weights: list[float], method: str, density: float, seed: int
 ) -> torch.Tensor:
     """Combine full updates ΔW with PEFT's task-arithmetic operators, seeded.
 
     linear: Σ w_i ΔW_i. ties: trim to `density` by magnitude, elect signs, disjoint mean (PEFT `ties`).
-    dare_linear / dare_ties: random drop with keep-probability `density` and 1/density rescale first.
+    dare_linear / dare_ties: `dare_in_order` first (random drop with keep-probability `density`, 1/density
+    rescale), then PEFT's weighted sum / sign election and disjoint mean, as PEFT's own dare_* do.
     """
-    from peft.utils.merge_utils import dare_linear, dare_ties, task_arithmetic, ties  # slow import: lazy
+    from peft.utils.merge_utils import (  # lazy: peft adds ~2.4 s to every command's start
+        calculate_majority_sign_mask,
+        disjoint_merge,
+        reshape_weight_task_tensors,
+        task_arithmetic,
+        ties,
+    )
 
     w = torch.tensor(weights, dtype=deltas[0].dtype, device=deltas[0].device)
     if method == "linear":
         return task_arithmetic(deltas, w)
-    with torch.random.fork_rng(devices=[deltas[0].device] if deltas[0].is_cuda else []):
-        torch.manual_seed(seed)
-        if method == "ties":
-            return ties(deltas, w, density, "total")
-        if method == "dare_linear":
-            return dare_linear(deltas, w, density)
-        if method == "dare_ties":
-            return dare_ties(deltas, w, density, "total")
-    raise ValueError(f"unknown merge method {method!r}")
+    if method == "ties":
+        return ties(deltas, w, density, "total")  # magnitude trimming: no randomness
+    if method not in ("dare_linear", "dare_ties"):
+        raise ValueError(f"unknown merge method {method!r}")
+    if density >= 1.0:  # nothing is dropped; PEFT's dare_* said so, and merges still do
+        message = f"The density {density} is greater than or equal to 1, no pruning will be performed."
+        warnings.warn(message, UserWarning, stacklevel=2)
+    pruned = dare_in_order(deltas, density, seed)
+    if method == "dare_linear":
+        return task_arithmetic(pruned, w)
+    stacked = torch.stack(pruned, dim=0)
+    signs = calculate_majority_sign_mask(stacked, method="total")
+    return disjoint_merge(stacked * reshape_weight_task_tensors(stacked, w), signs)
 
 
 def svd_factors(

@@ -114,7 +114,6 @@ class TransformersBackend:
         self.dtype = dtype
         self.max_new_tokens = max_new_tokens
         self.chat = chat
-        self.generate_calls = 0
         path = resolve_model(model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -174,7 +173,6 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig
 
-        self.generate_calls += 1
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.device
         )
@@ -293,12 +291,10 @@ class VLLMBackend:
         self.loras = lora_request_args(adapters)
         self.tokenizer = self.llm.get_tokenizer()
         self.chat = chat
-        self.generate_calls = 0
 
     def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
         from vllm.lora.request import LoRARequest
 
-        self.generate_calls += 1
         texts = chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
         lora = None
         if adapter is not None:

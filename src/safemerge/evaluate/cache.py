@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge.common.packaged import cache_root, resolve_model
+from safemerge.common.packaged import cache_root, is_packaged_alias, resolve_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -25,7 +25,7 @@ def _sha(data: bytes | str) -> str:
 
 def fingerprint_model(name: str) -> str:
     """A local model: its config plus weight file names, sizes and mtimes; a hub id: the id itself."""
-    path = Path(resolve_model(name)) if name in ("smollm2", "packaged:smollm2") else Path(name)
+    path = Path(resolve_model(name)) if is_packaged_alias(name) else Path(name)
     if not path.is_dir():
         return f"hub:{name}"
     parts = [(path / "config.json").read_text(encoding="utf-8") if (path / "config.json").is_file() else ""]
@@ -74,10 +74,6 @@ class Cache:
                     self.entries[rec["h"]] = rec["out"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut off by a kill
-
-    @staticmethod
-    def hash(text: str) -> str:
-        return _sha(text)
 
     def get(self, text: str) -> str | None:
         return self.entries.get(_sha(text))

@@ -1,0 +1,99 @@
+"""The interface of a post-fine-tuning defence, and what running one returns.
+
+A defence is a `Defense` object registered under its name in the entry-point group `safemerge.defenses`
+(see registry.py and docs/extending.md). Everything the rest of safemerge needs to know about a defence —
+what it writes, which inputs and options of `DefendConfig` it uses, its default selection policy, how the
+report words its changes — is an attribute of that object, so adding a defence edits no list elsewhere.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from safemerge.common.config_io import plain_dump
+from safemerge.engine.config import DEFAULT_THRESHOLD, SELECTION_OPTIONS
+from safemerge.engine.report import Report
+
+if TYPE_CHECKING:
+    from safemerge.defenses.config import DefendConfig
+
+Output = Literal["adapter", "model"]
+
+# Options of every defence: the defence, its inputs, the output and how to run (DefendConfig's flat keys).
+COMMON_OPTIONS = frozenset(
+    {"method", "aligned", "unaligned", "task_adapter", "out", "device", "allow_pickle", "force", "plot"}
+)
+SELECTION = frozenset(SELECTION_OPTIONS)
+# Options that say how to write, not what is computed: left out of a defence's `settings`.
+WRITE_OPTIONS = frozenset({"max_shard_size"})
+
+
+@dataclass
+class DefenseResult:
+    """What one defence wrote: `kind` says whether `out` holds an adapter or a full model."""
+
+    method: str
+    out: Path
+    kind: Output
+    modified: int  # modules merged / projected, or tensors edited (RESTA)
+    report: Report
+    full_model: Path | None = None  # the full model, when one was written
+
+    @property
+    def model_dir(self) -> Path | None:
+        return self.out if self.kind == "model" else self.full_model
+
+
+class Defense(ABC):
+    """A post-fine-tuning defence: `safemerge defend --method NAME`, a `method:` of an experiment.
+
+    Subclasses set the class attributes and implement `run`; the registered object is an instance.
+    `DefendConfig` rejects an option of another defence given with a non-default value, so `needs` and
+    `options` must list every `DefendConfig` key the defence reads besides `COMMON_OPTIONS`.
+    """
+
+    name: str  # the --method value; equals the entry point's name
+    output: Output  # what `out` holds: a PEFT adapter or a full model
+    needs: tuple[str, ...] = ()  # inputs that must be given, e.g. ("safety_adapter",)
+    options: frozenset[str] = frozenset()  # the other DefendConfig keys it reads
+    # the selection policy when none is given (used when `options` include the selection options)
+    default_selection: Mapping[str, Any] = MappingProxyType({"threshold": DEFAULT_THRESHOLD})
+    changed_verb: str = "changed"  # the report's "N of M LoRA modules <verb>"
+
+    @abstractmethod
+    def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        """Compute the defence and write everything into `tmp`, which becomes `out` on success.
+
+        Paths recorded in reports and in the result name `out` (the final directory), not `tmp`.
+        """
+
+    @property
+    def applies(self) -> frozenset[str]:
+        """Every DefendConfig key this defence reads."""
+        return COMMON_OPTIONS | frozenset(self.needs) | self.options
+
+    @property
+    def selects(self) -> bool:
+        """Whether the user chooses the modules (threshold / top_k / fraction apply)."""
+        return bool(SELECTION & self.options)
+
+    def check(self, cfg: DefendConfig) -> None:
+        """Consistency checks beyond which options apply; raise ValueError naming the option."""
+        return None  # none by default
+
+    def settings(self, cfg: DefendConfig) -> dict[str, Any]:
+        """What was computed (no paths, no how-to-write flags), for reports and experiment cells."""
+        keep = self.options - SELECTION - WRITE_OPTIONS - frozenset(self.needs)
+        data = {k: v for k, v in plain_dump(cfg).items() if k in keep}
+        if self.selects:
+            data.update(cfg.resolved_selection)
+        return {"method": cfg.method, **dict(sorted(data.items()))}
+
+    def report_notes(self, cfg: DefendConfig) -> list[str]:
+        """Lines the Markdown report shows under the summary (default: none)."""
+        return []

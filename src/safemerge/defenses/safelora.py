@@ -1,0 +1,148 @@
+"""Safe LoRA (Hsu et al., NeurIPS 2024): B_f ← C B_f on the selected modules, C = V Vᵀ / ‖V‖_F.
+
+Selection: round(ρ, 5) ≤ τ (as published, default τ = 0.5), exactly the k lowest ρ, or a fraction. All
+ρ are computed first from the unmodified task adapter, then the selection, then the projection (the
+published top-k code projected during its first pass). Output: a PEFT adapter of the task adapter's
+rank (+ `full_model/` with `merge_into_base`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from safemerge.defenses.base import SELECTION, Defense, DefenseResult
+from safemerge.defenses.config import DefendConfig
+from safemerge.defenses.report import write_defense_report
+from safemerge.defenses.steps import scan_config, without_selection
+from safemerge.defenses.tensors import rescale, safelora_project
+from safemerge.engine.checkpoint import Checkpoint, find_module_weight
+from safemerge.engine.criterion import DECISION_DECIMALS, safety_difference
+from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
+from safemerge.engine.merging import exact_merge, pad_rank
+from safemerge.engine.pipeline import (
+    lora_delta_norm,
+    open_checkpoint,
+    output_scaling,
+    resolve_device,
+    run_scan,
+    select,
+)
+from safemerge.engine.writer import write_merged_model
+
+SAFELORA_THRESHOLD = 0.5  # Safe LoRA's published default (select ρ ≤ 0.5)
+SAFELORA_TOP_K = 10  # Safe LoRA's published default in top-k mode
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def safelora_selection(rhos: list[float], cfg: DefendConfig) -> list[bool]:
+    """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction."""
+    sel = cfg.resolved_selection
+    if "threshold" in sel:
+        tau = float(sel["threshold"])
+        return [round(r, DECISION_DECIMALS) <= tau for r in rhos]
+    return select(rhos, scan_config(cfg).selection)
+
+
+def policy_label(policy: Mapping[str, Any]) -> str:
+    """The selection policy as the report states it."""
+    if "threshold" in policy:
+        return f"threshold (rho <= {policy['threshold']})"
+    if "top_k" in policy:
+        return f"top-k (k={policy['top_k']})"
+    return f"fraction ({policy['fraction']})"
+
+
+class SafeLora(Defense):
+    """Safe LoRA's projection of the selected modules' B onto the alignment directions."""
+
+    name = "safelora"
+    output = "adapter"
+    options = SELECTION | frozenset({"merge_into_base", "max_shard_size", "preserve_norm"})
+    default_selection = MappingProxyType({"threshold": SAFELORA_THRESHOLD})
+    changed_verb = "projected (B ← C·B)"
+
+    def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        # One read-only pass computes every ρ first; then selection; then projection.
+        report, task, aligned = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
+        unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
+        device = resolve_device(cfg.run.device)
+        chosen = safelora_selection([r.rho for r in report.modules], cfg)
+        rank = max(r.rank_task for r in report.modules)
+        out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
+        factors: Factors = {}
+        for rec, pick in zip(report.modules, chosen, strict=True):
+            rec.selected = pick
+            a, b = exact_merge(task.factors(rec.name), None, 1.0, 0.0, out_scale)
+            if pick:
+                v = safety_difference(
+                    aligned.get(find_module_weight(aligned, rec.name)).to(device),
+                    unaligned.get(find_module_weight(unaligned, rec.name)).to(device),
+                )
+                projected = safelora_project(v.T if task.fan_in_fan_out else v, b.to(device))
+                if projected is None:
+                    rec.flags.append("zero-V: projection undefined, module left unchanged")
+                else:
+                    b = projected.cpu()
+                    if cfg.preserve_norm:
+                        b = rescale(b, rec.delta_norm_in, lora_delta_norm(LoraFactors(a, b, out_scale)))
+                    rec.merged = True
+            a, b = pad_rank(a, b, rank)
+            factors[rec.name] = (a, b)
+            rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
+        policy = cfg.resolved_selection
+        report.options = {
+            **without_selection(report.options),
+            **policy,
+            "selection_policy": policy_label(policy),
+            "preserve_norm": cfg.preserve_norm,
+            "output_rank": rank,
+            "output_scaling": out_scale,
+            "output_lora_alpha": alpha,
+        }
+        full = write_outputs(cfg, tmp, out, task, aligned, factors, (rank, alpha, out_scale), progress)
+        report.outputs = {"adapter": str(out), "report": str(out / "safemerge_report.json")}
+        if full:
+            report.outputs["full_model"] = str(full)
+        write_defense_report(report, tmp, cfg)
+        return DefenseResult(self.name, out, "adapter", report.summary["merged"], report, full)
+
+    def report_notes(self, cfg: DefendConfig) -> list[str]:
+        return [
+            "Safe LoRA's C = V Vᵀ/‖V‖_F is not a projector (eigenvalues σ_j²/‖V‖_F), so B ← C B also",
+            "rescales the update: compare ‖ΔW‖ in and out below"
+            + (" (here rescaled back: preserve_norm)." if cfg.preserve_norm else "."),
+            "",
+        ]
+
+
+def write_outputs(
+    cfg: DefendConfig,
+    tmp: Path,
+    out: Path,
+    task: LoraAdapter,
+    aligned: Checkpoint,
+    factors: Factors,
+    shape: tuple[int, float, float],
+    progress: bool,
+) -> Path | None:
+    """Write the adapter (rank, lora_alpha, scaling = `shape`) and, with merge_into_base, the full model."""
+    rank, alpha, out_scale = shape
+    dtype = task.storage_dtype()
+    stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
+    write_adapter(tmp, task.config, stored, rank, alpha, cfg.inputs.aligned, task.read_extra())
+    if not cfg.merge.merge_into_base:
+        return None
+    deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}
+    write_merged_model(
+        aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.merge.max_shard_size, progress
+    )
+    return out / "full_model"
+
+
+DEFENSE = SafeLora()

@@ -1,0 +1,55 @@
+"""SafeMERGE and merge-all: the engine's `safemerge merge`, run as a defence.
+
+`safemerge` merges the selected modules (round(ρ,5) < τ, or top-k / fraction) with the safety LoRA;
+`merge-all` is the same merge on every module (the `fraction = 1` policy). The output is exactly what
+`safemerge merge` writes (a PEFT adapter, plus `full_model/` with `merge_into_base`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+
+from safemerge.defenses.base import SELECTION, Defense, DefenseResult
+from safemerge.defenses.config import DefendConfig
+from safemerge.defenses.report import write_defense_report
+from safemerge.defenses.steps import move_up
+from safemerge.engine.pipeline import merge
+
+# The options of `safemerge merge` besides its inputs and selection, and the full-model output.
+MERGE_OPTIONS = frozenset({"weights", "mode", "merge_method", "density", "seed", "rank"})
+FULL_MODEL_OPTIONS = frozenset({"merge_into_base", "max_shard_size"})
+
+
+class SafeMerge(Defense):
+    """SafeMERGE (Djuhera et al. 2025): ΔW = w_f ΔW_f + w_s ΔW_s on the selected modules."""
+
+    name = "safemerge"
+    output = "adapter"
+    needs = ("safety_adapter",)
+    options = SELECTION | MERGE_OPTIONS | FULL_MODEL_OPTIONS
+    policy_label: str | None = None  # replaces the engine's selection policy in the report
+
+    def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        inner = tmp / "_merge"
+        report = merge(cfg.merge_config(str(inner)), progress=progress)
+        move_up(inner, tmp)
+        report.outputs = {k: v.replace(str(inner), str(out)) for k, v in report.outputs.items()}
+        if self.policy_label:
+            report.options["selection_policy"] = self.policy_label
+        write_defense_report(report, tmp, cfg)
+        full = out / "full_model" if cfg.merge.merge_into_base else None
+        return DefenseResult(self.name, out, "adapter", report.summary["merged"], report, full)
+
+
+class MergeAll(SafeMerge):
+    """The same merge on every module, without selection."""
+
+    name = "merge-all"
+    options = MERGE_OPTIONS | FULL_MODEL_OPTIONS
+    default_selection = MappingProxyType({"fraction": 1.0})
+    policy_label = "all modules (merge-all)"
+
+
+SAFEMERGE = SafeMerge()
+MERGE_ALL = MergeAll()
