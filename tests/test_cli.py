@@ -1,4 +1,4 @@
-"""The `safemerge scan` / `merge` command line: YAML + flags, exit codes, and every bad input named in docs/engine.md."""
+"""The `safemerge scan` / `merge` command line: YAML + flags, exit codes, bad inputs (docs/engine.md)."""
 
 from __future__ import annotations
 

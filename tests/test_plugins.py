@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from safemerge.defenses import DefendConfig, Defense, DefenseResult
@@ -55,16 +56,23 @@ from safemerge.engine.pipeline import run_scan
 from safemerge.evaluate.benchmarks import Benchmark, Item, Kind
 
 
+class ShrinkOptions(BaseModel):
+    """The defence's own options: flat YAML keys, or `--option factor=0.25` on the command line."""
+
+    model_config = ConfigDict(extra="forbid")
+    factor: float = Field(0.5, gt=0, description="scale of every module's update")
+
+
 class Shrink(Defense):
-    """Scale every module's task update by w_task (the first of `weights`): a control without selection."""
+    """Scale every module's task update by `factor`: a control without selection."""
 
     name = "shrink"
     output = "adapter"
-    options = frozenset({"weights"})
+    option_model = ShrinkOptions
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
         report, task, _ = run_scan(scan_config(cfg, {"fraction": 1.0}), "defend", progress)
-        w = cfg.merge.weights[0]
+        w = ShrinkOptions.model_validate(cfg.plugin_options).factor
         tensors = load_file(task.directory / "adapter_model.safetensors")
         scaled = {k: v * w if ".lora_B." in k else v for k, v in tensors.items()}
         save_file(scaled, tmp / "adapter_model.safetensors")
@@ -193,7 +201,18 @@ def test_plugin_defence_through_defend(example: Path, models: dict[str, Path], t
     assert "shrink" in defense_names()
     inputs = ["-a", str(models["aligned"]), "-u", str(models["unaligned"]), "-t", str(models["task"])]
     out = tmp_path / "shrunk"
-    args = ["defend", "--method", "shrink", *inputs, "--weights", "0.5,0", "-o", str(out), "--no-plot", "-q"]
+    args = [
+        "defend",
+        "--method",
+        "shrink",
+        *inputs,
+        "--option",
+        "factor=0.5",
+        "-o",
+        str(out),
+        "--no-plot",
+        "-q",
+    ]
     res = CliRunner().invoke(app, args, env=ENV)
     assert res.exit_code == 0, res.output
     before = load_file(models["task"] / "adapter_model.safetensors")
@@ -202,8 +221,26 @@ def test_plugin_defence_through_defend(example: Path, models: dict[str, Path], t
     for key, t in before.items():  # the oracle: B halved, A untouched
         assert torch.equal(after[key], 0.5 * t if ".lora_B." in key else t), key
     report = json.loads((out / "safemerge_report.json").read_text())
-    assert report["defense"] == {"method": "shrink", "weights": [0.5, 0.0]}
-    assert yaml.safe_load((out / "defense.yaml").read_text())["method"] == "shrink"
+    assert report["defense"] == {"method": "shrink", "factor": 0.5}
+    resolved = yaml.safe_load((out / "defense.yaml").read_text())
+    assert resolved["method"] == "shrink" and resolved["plugin_options"] == {"factor": 0.5}
+    # the resolved config reloads, and the option may also be given as a flat YAML key
+    again = load_config(DefendConfig, out / "defense.yaml", {"out": str(tmp_path / "again")})
+    assert again.plugin_options == {"factor": 0.5}
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(yaml.safe_dump({"method": "shrink", "factor": 0.25}))
+    cfg = load_config(DefendConfig, flat, {"aligned": "a", "unaligned": "u", "task_adapter": "t", "out": "o"})
+    assert cfg.plugin_options == {"factor": 0.25} and cfg.settings() == {"method": "shrink", "factor": 0.25}
+    # a bad value or an unknown own option is exit 2 naming it
+    res = CliRunner().invoke(app, [*args[:-4], "--option", "factor=-1", "-o", str(tmp_path / "y")], env=ENV)
+    assert res.exit_code == 2 and "factor" in one_line(res.output)
+    res = CliRunner().invoke(app, [*args[:-4], "--option", "size=2", "-o", str(tmp_path / "z")], env=ENV)
+    assert res.exit_code == 2 and "size" in one_line(res.output)
+    # a built-in defence takes no own options
+    res = CliRunner().invoke(
+        app, ["defend", "-m", "none", *inputs, "--option", "factor=2", "-o", "w"], env=ENV
+    )
+    assert res.exit_code == 2 and "takes no options of its own" in one_line(res.output)
     # the defence's own options are known: another defence's option is rejected as for the built-ins
     res = CliRunner().invoke(app, [*args[:-4], "--beta", "0.3", "-o", str(tmp_path / "x")], env=ENV)
     assert res.exit_code == 2 and "beta do not apply to method shrink" in one_line(res.output)

@@ -110,6 +110,14 @@ def defend_command(
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
     plot: PlotOpt = None,
+    plugin_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="KEY=VALUE: an option of a plugin defence's own (repeat for several; see "
+            "docs/extending.md). Default: none.",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Apply one post-fine-tuning defence to a task LoRA (the defences: see --method)."""

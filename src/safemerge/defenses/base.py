@@ -15,6 +15,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import BaseModel
+
 from safemerge.common.config_io import plain_dump
 from safemerge.engine.config import DEFAULT_THRESHOLD, SELECTION_OPTIONS
 from safemerge.engine.report import Report
@@ -64,6 +66,9 @@ class Defense(ABC):
     # the selection policy when none is given (used when `options` include the selection options)
     default_selection: Mapping[str, Any] = MappingProxyType({"threshold": DEFAULT_THRESHOLD})
     changed_verb: str = "changed"  # the report's "N of M LoRA modules <verb>"
+    # A plugin's own options (flat YAML keys / `--option KEY=VALUE`), validated by this model; the
+    # validated values are `cfg.plugin_options` (read them with `self.own_options(cfg)`).
+    option_model: type[BaseModel] | None = None
 
     @abstractmethod
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
@@ -86,12 +91,25 @@ class Defense(ABC):
         """Consistency checks beyond which options apply; raise ValueError naming the option."""
         return None  # none by default
 
+    def own_options(self, cfg: DefendConfig) -> BaseModel | None:
+        """The defence's own options (`option_model`) validated from `cfg.plugin_options`."""
+        if self.option_model is None:
+            if cfg.plugin_options:
+                raise ValueError(
+                    f"method {self.name} takes no options of its own: {sorted(cfg.plugin_options)}"
+                )
+            return None
+        return self.option_model.model_validate(cfg.plugin_options)
+
     def settings(self, cfg: DefendConfig) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags), for reports and experiment cells."""
         keep = self.options - SELECTION - WRITE_OPTIONS - frozenset(self.needs)
         data = {k: v for k, v in plain_dump(cfg).items() if k in keep}
         if self.selects:
             data.update(cfg.resolved_selection)
+        own = self.own_options(cfg)
+        if own is not None:
+            data.update(own.model_dump(mode="json"))
         return {"method": cfg.method, **dict(sorted(data.items()))}
 
     def report_notes(self, cfg: DefendConfig) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from safemerge.common.config_io import FlatConfig
@@ -54,6 +55,26 @@ class DefendConfig(FlatConfig):
     scope: Literal["targeted", "all-linear"] = Field("all-linear", description="where RESTA adds β·V")
     dare: bool = Field(False, description="RESTA: DARE (drop + 1/density rescale) on the fine-tuning delta")
     run: RunOptions
+    # a plugin defence's own options (its `Defense.option_model`): flat keys in YAML, `--option K=V` flags
+    plugin_options: dict[str, Any] = Field(default_factory=dict, exclude_if=lambda v: not v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_plugin_options(cls, data: Any) -> Any:
+        """Move the chosen defence's own option keys (and `--option K=V` strings) into plugin_options."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = data.pop("plugin_options", None) or {}
+        own = dict(given) if isinstance(given, dict) else dict(_parse_pair(s) for s in given)
+        method = data.get("method", cls.model_fields["method"].default)
+        model = get_defense(method).option_model if method in defense_names() else None
+        for key in list(model.model_fields) if model is not None else []:
+            if key in data:
+                own[key] = data.pop(key)
+        if own:
+            data["plugin_options"] = own
+        return data
 
     @field_validator("method")
     @classmethod
@@ -67,13 +88,18 @@ class DefendConfig(FlatConfig):
         defense = get_defense(self.method)
         flat = self.model_dump()
         # an option of another defence is an error unless it holds its default (a full dump reloads)
-        wrong = sorted(n for n in self.flat_fields_set() - defense.applies if flat[n] != self.flat_default(n))
+        wrong = sorted(
+            n
+            for n in self.flat_fields_set() - defense.applies - {"plugin_options"}
+            if flat[n] != self.flat_default(n)
+        )
         if wrong:
             raise ValueError(f"option(s) {', '.join(wrong)} do not apply to method {self.method}")
         for need in defense.needs:
             if not flat.get(need):
                 raise ValueError(f"method {self.method} needs {need}")
         defense.check(self)
+        defense.own_options(self)  # validates them
         return self
 
     @property
@@ -96,3 +122,11 @@ class DefendConfig(FlatConfig):
     def settings(self) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags): the resolved options of the defence."""
         return get_defense(self.method).settings(self)
+
+
+def _parse_pair(text: str) -> tuple[str, Any]:
+    """`factor=0.5` (an `--option` flag) → ('factor', 0.5): the value is read as YAML (numbers, bools)."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--option expects KEY=VALUE, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
