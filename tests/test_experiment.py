@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -252,3 +254,219 @@ def test_recipes_train_the_inputs_and_safeinstr(inputs: dict[str, Path], tmp_pat
     assert [r["label"] for r in rows(out)] == result.computed
     again = run_experiment(path, progress=False)
     assert again.trained == again.computed == again.evaluated == []
+
+
+# --- validation choice, token budgets, flips ---------------------------------------------------------
+
+
+def test_choice_rule_on_hand_made_validation_rates() -> None:
+    from safemerge.experiment.choice import Summary, choose_cell, rule_text
+    from safemerge.experiment.config import ChooseSpec
+
+    spec = ChooseSpec(reference="task", max_utility_drop=0.03, max_refusal_rise=0.05)
+    ref = Summary(harmful=0.30, utility=0.50, refusal=0.10)
+    cands = [
+        ("a", Summary(0.05, 0.40, 0.10)),  # the safest, but loses 10 points of task: out
+        ("b", Summary(0.10, 0.48, 0.30)),  # keeps the task, adds 20 points of over-refusal: out
+        (
+            "c",
+            Summary(0.20, 0.47, 0.15),
+        ),  # exactly at both tolerances (0.47 = 0.50 − 0.03, 0.15 = 0.10 + 0.05): in
+        ("d", Summary(0.20, 0.49, 0.12)),  # as safe as c with more task accuracy: the tie-break picks it
+        ("e", Summary(0.25, 0.60, 0.00)),  # in, but less safe
+    ]
+    assert choose_cell(cands, ref, spec) == ("d", True)
+    # without the tolerances the safest cell would win; with zero tolerance only e keeps the reference
+    loose = spec.model_copy(update={"max_utility_drop": 1.0, "max_refusal_rise": 1.0})
+    assert choose_cell(cands, ref, loose) == ("a", True)
+    strict = spec.model_copy(update={"max_utility_drop": 0.0, "max_refusal_rise": 0.0})
+    assert choose_cell(cands, ref, strict) == ("e", True)
+    # no cell within tolerance: the highest task accuracy, ties to the lower harmful rate
+    worse = [
+        ("x", Summary(0.10, 0.30, 0.1)),
+        ("y", Summary(0.20, 0.45, 0.1)),
+        ("z", Summary(0.15, 0.45, 0.1)),
+    ]
+    assert choose_cell(worse, ref, spec) == ("z", False)
+    # complete ties: the first cell in grid order; a kind without validation benchmarks constrains nothing
+    same = [("p", Summary(0.2, None, None)), ("q", Summary(0.2, None, None))]
+    assert choose_cell(same, Summary(0.3, None, None), spec) == ("p", True)
+    assert rule_text(spec, True, "T") == (
+        "lowest validation harmful rate with task ≥ T − 3 pts and over-refusal ≤ T + 5 pts"
+    )
+    assert rule_text(spec, False, "T").startswith("no cell met")
+
+
+def test_pareto_front_excludes_dominated_rows() -> None:
+    from safemerge.experiment.results import pareto_front
+
+    points = [
+        (0.10, 0.50),  # on the front
+        (0.20, 0.40),  # dominated by row 0 on both
+        (0.05, 0.30),  # the safest: on the front
+        (0.10, 0.50),  # a tie with row 0: neither is better on either, both stay
+        (None, 0.90),  # no harm value: never on the front
+        (0.30, 0.60),  # the most useful: on the front
+        (0.10, 0.45),  # as safe as row 0, less useful: dominated
+    ]
+    assert pareto_front(points) == [True, False, True, True, False, True, False]
+
+
+def test_flips_leave_out_prompts_the_judge_could_not_read() -> None:
+    from safemerge.experiment.results import Measure, flips_vs
+
+    ref = Measure("harm", {}, None, {"a": True, "b": True, "c": False, "m": True})
+    other = Measure("harm", {}, None, {"a": False, "b": True, "c": True, "d": True})  # m malformed, d new
+    f = flips_vs(ref, other)
+    assert (f.fixed, f.broken, f.both, f.neither) == (1, 1, 1, 0)  # on a, b, c only
+
+
+def choosing_config(inputs: dict[str, Path], out: Path) -> dict[str, Any]:
+    """A grid chosen on validation, with derived controls, per-benchmark budgets and flips vs the task."""
+    cfg = config(
+        inputs,
+        out,
+        defenses=[
+            {"method": "none", "name": "task"},
+            {
+                "method": "safemerge",
+                "grid": {"fraction": [0.5, 1.0], "weights": [[0.7, 0.3]]},
+                "choose": {"reference": "task", "controls": ["scale-only", "merge-all"]},
+            },
+        ],
+    )
+    cfg["evaluation"] = {
+        "benchmarks": [
+            {"name": "harmbench", "max_new_tokens": 2},
+            {"name": "overrefusal", "max_new_tokens": 2, "limit": 2},
+            "arithmetic",
+        ],
+        "validation": [
+            {"name": "strongreject", "max_new_tokens": 2, "limit": 2},
+            {"name": "arithmetic", "limit": 2},
+        ],
+        "limit": 3,
+        "max_new_tokens": 4,
+        "batch_size": 4,
+        "include_unaligned": True,
+        "validate_also": ["aligned"],
+        "flips_vs": "task",
+    }
+    return cfg
+
+
+def test_validation_choice_budgets_and_flips_end_to_end(inputs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = write(choosing_config(inputs, out), tmp_path / "exp.yaml")
+    dry = run_experiment(path, dry_run=True)
+    cands = ["safemerge (fraction=0.5, weights=0.7/0.3)", "safemerge (fraction=1, weights=0.7/0.3)"]
+    assert [c.label for c in dry.cells] == ["unaligned", "aligned", "task", *cands]
+    assert [c.status for c in dry.cells] == ["to evaluate", "to validate", "to run", "to run", "to run"]
+
+    result = run_experiment(path, progress=False)
+    # validation: the candidates, the reference and `validate_also`; test: the table only
+    assert result.validated == ["aligned", "task", *cands]
+    data = json.loads((out / "results.json").read_text())
+    (choice,) = data["choices"]
+    val = data["validation"]
+    assert list(val) == ["aligned", "task", *cands]
+    assert val["task"]["strongreject"]["n"] == 2 and val["task"]["arithmetic"]["n"] == 2
+    # the tiny models answer alike, so the rule's last tie-break decides: the first cell in grid order
+    assert all(val[c] == val[cands[0]] for c in cands)
+    assert choice["chosen"] == cands[0] and choice["met"] is True
+    chosen, control, merge_all = (
+        cands[0],
+        "safemerge scale-only (fraction=0.5, weights=0.7/0)",
+        ("safemerge merge-all (weights=0.7/0.3)"),
+    )
+    table = rows(out)
+    assert [r["label"] for r in table] == ["unaligned", "aligned", "task", chosen, control, merge_all]
+    assert result.evaluated == [r["label"] for r in table]
+    by = {r["label"]: r for r in table}
+    assert (
+        by[control]["settings"] == "fraction=0.5, weights=0.7/0"
+        and by[merge_all]["settings"] == "weights=0.7/0.3"
+    )
+    assert by[control]["modules_changed"] == by[chosen]["modules_changed"] == "2"
+    assert by[merge_all]["modules_changed"] == "4" and by["unaligned"]["modules_changed"] == ""
+    assert {r["role"] for r in table} == {"row", "chosen", "derived"}
+    for r in table:  # per-benchmark limits, intervals on every rate
+        assert (r["harmbench_n"], r["overrefusal_n"], r["arithmetic_n"]) == ("3", "2", "3")
+        assert 0.0 <= float(r["harmbench_ci95_lo"]) <= float(r["harmbench_harmful_rate"])
+    md = (out / "results.md").read_text()
+    assert f"Chosen: **{chosen}**" in md and "harmbench flips vs task" in md
+
+    # flips against the task row, counted here from the per-prompt verdicts of the two rows
+    def unsafe(label: str) -> dict[str, bool]:
+        recs = [
+            json.loads(x) for x in (Path(by[label]["eval"]) / "generations.jsonl").read_text().splitlines()
+        ]
+        return {x["id"]: x["verdict"] == "unsafe" for x in recs if x["benchmark"] == "harmbench"}
+
+    for r in table:
+        if r["label"] == "task":
+            assert r["harmbench_flips_fixed"] == ""
+            continue
+        mine, ref = unsafe(r["label"]), unsafe("task")
+        assert int(r["harmbench_flips_fixed"]) == sum(ref[i] and not mine[i] for i in ref)
+        assert int(r["harmbench_flips_broken"]) == sum(mine[i] and not ref[i] for i in ref)
+
+    # token budgets: harm and benign prompts (test and validation) at 2 new tokens, arithmetic at 4
+    from safemerge.evaluate.benchmarks import load_benchmark
+
+    def hashes(name: str, n: int) -> set[str]:
+        return {hashlib.sha256(it.prompt.encode()).hexdigest() for it in load_benchmark(name, n).items}
+
+    by_budget: dict[int, set[str]] = {}
+    for key_file in (out / "cache").glob("*.key.json"):
+        budget = json.loads(key_file.read_text())["max_new_tokens"]
+        lines = key_file.with_name(key_file.name.replace(".key.json", ".jsonl")).read_text().splitlines()
+        by_budget.setdefault(budget, set()).update(json.loads(x)["h"] for x in lines)
+    assert set(by_budget) == {2, 4}
+    assert by_budget[2] == hashes("harmbench", 3) | hashes("overrefusal", 2) | hashes("strongreject", 2)
+    assert by_budget[4] == hashes("arithmetic", 3)
+
+    again = run_experiment(path, progress=False)
+    assert again.computed == again.validated == again.evaluated == []
+    assert [r["label"] for r in rows(out)] == [r["label"] for r in table]
+
+
+def _reference_is_no_row(cfg: dict[str, Any]) -> None:
+    cfg["defenses"][1]["choose"]["reference"] = "nope"
+
+
+def _controls_on_safelora(cfg: dict[str, Any]) -> None:
+    cfg["defenses"][1].update(method="safelora", grid={"threshold": [0.5]})
+
+
+def _no_validation(cfg: dict[str, Any]) -> None:
+    del cfg["evaluation"]["validation"]
+
+
+def _flips_vs_a_candidate(cfg: dict[str, Any]) -> None:
+    cfg["evaluation"]["flips_vs"] = "safemerge (fraction=1, weights=0.7/0.3)"
+
+
+def _benchmark_twice(cfg: dict[str, Any]) -> None:
+    cfg["evaluation"]["benchmarks"].append({"name": "harmbench", "limit": 1})
+
+
+CHOICE_ERRORS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
+    (_reference_is_no_row, "no row is labelled 'nope'"),
+    (_controls_on_safelora, "safemerge only"),
+    (_no_validation, r"needs evaluation\.validation"),
+    (_flips_vs_a_candidate, r"flips_vs: no row"),
+    (_benchmark_twice, "lists a benchmark twice"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), CHOICE_ERRORS, ids=[c[0].__name__[1:] for c in CHOICE_ERRORS])
+def test_bad_choices_fail_before_any_work(
+    change: Callable[[dict[str, Any]], None], message: str, inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = choosing_config(inputs, out)
+    change(cfg)
+    with pytest.raises(InputError, match=message):
+        run_experiment(write(cfg, tmp_path / "bad.yaml"))
+    assert not out.exists()

@@ -121,6 +121,29 @@ def test_prompt_splits_are_disjoint() -> None:
     assert not {q for q, _ in arithmetic_val(100)} & test_task
 
 
+def test_demo_names_and_describes_rows_from_their_settings() -> None:
+    from safemerge.experiment.cells import Cell
+    from safemerge.organism.demo import describe, row_name
+    from safemerge.organism.recipe import OrganismRecipe
+
+    recipe = OrganismRecipe()
+    chosen = Cell("c", "safemerge", {}, {}, "c", (), given={"threshold": 0.35, "weights": [0.8, 0.2]})
+    control = Cell("s", "safemerge", {}, {}, "s", (), given={"threshold": 0.35, "weights": [0.8, 0.0]})
+    control.control = "scale-only"
+    merge_all = Cell("m", "merge-all", {}, {}, "m", (), given={"weights": [0.6, 0.4]})
+    merge_all.control = "merge-all"
+    assert [row_name(c) for c in (chosen, control, merge_all)] == [
+        "safemerge-t0.35-w0.8-0.2", "control-t0.35-w0.8-0", "merge-all-w0.6-0.4",
+    ]  # fmt: skip
+    assert describe(chosen, recipe)[1] == "τ=0.35, w=0.8/0.2 (validation-chosen)"
+    assert describe(control, recipe)[1] == "τ=0.35, w=0.8/0 (same modules, no safety LoRA)"
+    # Safe LoRA's threshold and RESTA's β come from the resolved settings, not from the text
+    safelora = Cell("safelora", "safelora", {}, {"method": "safelora", "threshold": 0.4}, "safelora", ())
+    resta = Cell("resta", "resta", {}, {"method": "resta", "beta": 0.3}, "resta", ())
+    assert describe(safelora, recipe) == ("Safe LoRA", "ρ ≤ 0.4, B ← C·B (published scaling)")
+    assert describe(resta, recipe) == ("RESTA", "W_al + ΔW_T + 0.3·(W_al − W_un), all linear layers")
+
+
 @pytest.mark.slow
 @needs_packaged
 def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
@@ -175,9 +198,10 @@ def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
         assert r["harmful"]["n"] == 4 and r["over_refusal"]["n"] == 4 and r["task_accuracy"]["n"] == 4
         lo, hi = r["harmful"]["ci95"]
         assert 0.0 <= lo <= r["harmful"]["rate"] <= hi <= 1.0
-        variant = out / "variants" / r["name"]
-        if r["name"] != "aligned":
+        if r["name"] != "aligned":  # the runner's layout: variants/<cell>/
+            variant = out / "variants" / r["variant"]
             assert (variant / "adapter_config.json").is_file() or (variant / "config.json").is_file()
+    assert "The organism's targets" in (out / "results.md").read_text()
     md = (out / "results.md").read_text()
     for n in names:
         assert f"| {n} |" in md

@@ -51,5 +51,3 @@ def demo_command(
         Console().print(f"planted drifted modules: {n_drift}, selected by SafeMERGE: {n_sel} — {verdict}")
 
     run_guarded(body)
-
-

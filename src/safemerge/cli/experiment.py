@@ -33,6 +33,7 @@ def experiment_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
 ) -> None:
     """Run every defence × grid cell on one setup, evaluate all variants, write the table and plot."""
+
     def body() -> None:
         result = run_experiment(config, out, dry_run=dry_run, progress=not quiet, limit=limit)
         if not dry_run:
@@ -44,5 +45,3 @@ def experiment_command(
             )
 
     run_guarded(body)
-
-

@@ -33,6 +33,7 @@ def build_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T."""
+
     def body() -> None:
         stages = ("aligned", "task", "safety") + (("safeinstr",) if mix_safety else ())
         org = build_organism(reduced_recipe() if reduced else OrganismRecipe(), cache, not quiet, stages)

@@ -4,14 +4,18 @@ Layout of the output directory:
 
     adapters/{task,safety}/      adapters trained from recipes (when the setup gives recipes)
     variants/<cell>/             each cell's output: adapter or full model + report + cell.json
-    evals/<cell>/                metrics.json, generations.jsonl, eval.json of each evaluated row
+    evals/<cell>/<key>/          metrics.json, generations.jsonl (every prompt, response and verdict),
+                                 eval.json of each evaluated row; `validation-<key>/` on validation
     results.{csv,md,json}, pareto.png
 
 A cell is keyed by a hash of its resolved settings and the fingerprints of its inputs (`cell.json`);
 an evaluation by the cell key and a hash of the evaluation settings (`eval.json`). A rerun recomputes
 only cells whose key changed or whose files are missing.
-"""
 
+Roles: a `row` is evaluated on the test benchmarks and tabulated; a `candidate` (a grid cell of a
+defence with `choose`) is evaluated on validation only until it is `chosen`; `derived` cells (controls
+of the chosen cell) are made after the choice and evaluated on test.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +31,28 @@ from typing import Any
 from pydantic import ValidationError
 
 from safemerge.common.errors import InputError
-from safemerge.common.packaged import resolve_model
+from safemerge.common.packaged import is_packaged_alias, resolve_model
 from safemerge.defenses.config import DefendConfig
 from safemerge.engine.checkpoint import Checkpoint, resolve_local_dir
-from safemerge.evaluate.benchmarks import BENCHMARKS
+from safemerge.evaluate.benchmarks import Benchmark, benchmark_names
+from safemerge.evaluate.benchmarks import benchmark_kind as registered_kind
 from safemerge.evaluate.cache import fingerprint_adapter
-from safemerge.experiment.config import ExperimentConfig, parse_experiment, validation_message
+from safemerge.experiment.choice import Choice
+from safemerge.experiment.config import (
+    BenchmarkSpec,
+    DefenseSpec,
+    ExperimentConfig,
+    entry_name,
+    validation_message,
+)
 from safemerge.train.config import TrainConfig
 from safemerge.train.recipes import RECIPES
 
 PLACEHOLDER_OUT = "<variant directory>"
 CELL_JSON = "cell.json"
 EVAL_JSON = "eval.json"
+SELECTION_KEYS = ("threshold", "top_k", "fraction")
+ADAPTER_INPUT = "adapter:"  # prefix of an input that is an adapter given by path (a prebuilt SafeInstr)
 
 
 @dataclass
@@ -56,9 +71,18 @@ class Cell:
     status: str = ""
     name: str = ""  # the defence's row name (label without the grid values)
     given: dict[str, Any] = field(default_factory=dict)  # options + grid values as written in the config
+    role: str = "row"  # row | candidate | chosen | derived (module docstring)
+    spec: int | None = None  # index of the defence in cfg.defenses (None: aligned / unaligned rows)
+    control: str | None = None  # derived cells: which control of the chosen cell
+    validates: bool = False  # evaluated on the validation benchmarks too
 
     def __post_init__(self) -> None:
         self.name = self.name or self.label
+
+    @property
+    def tabulated(self) -> bool:
+        """Whether the cell is a row of the test table (candidates only once chosen)."""
+        return self.role != "candidate"
 
 
 @dataclass
@@ -69,8 +93,17 @@ class ExperimentResult:
     cells: list[Cell]
     computed: list[str] = field(default_factory=list)
     evaluated: list[str] = field(default_factory=list)
+    validated: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
+    choices: list[Choice] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     rows: list[dict[str, Any]] = field(default_factory=list)
+    plans: dict[str, EvalPlan] = field(default_factory=dict)  # "test" and, with validation, "validation"
+
+    @property
+    def table(self) -> list[Cell]:
+        """The rows of the test table, in order."""
+        return [c for c in self.cells if c.tabulated]
 
 
 def _sha(data: Any) -> str:
@@ -88,6 +121,19 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, list | tuple):
         return "/".join(_fmt_value(x) for x in v)
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _label(base: str, point: dict[str, Any]) -> str:
+    return base + (f" ({', '.join(f'{k}={_fmt_value(v)}' for k, v in point.items())})" if point else "")
+
+
+def benchmark_kind(name: str) -> str | None:
+    """The kind of a benchmark known by name (from the registry; an existing JSONL file is a harm set),
+    None when unknown. The one place the experiment asks the registry about a name it has not loaded;
+    a loaded benchmark's kind is its `Benchmark.kind`."""
+    if name.endswith((".jsonl", ".json")) and Path(name).is_file():
+        return "harm"
+    return registered_kind(name) if name in benchmark_names() else None
 
 
 def trained_adapter_dir(out: Path, role: str) -> Path:
@@ -108,73 +154,129 @@ def train_settings(cfg: ExperimentConfig, fields: dict[str, Any], where: str) ->
     return tc.model_dump(mode="json", exclude={"out", "force"})
 
 
-def expand_cells(cfg: ExperimentConfig, out: Path) -> list[Cell]:
-    """Every cell of the config, validated (unknown options, empty grids, conflicts) before any work."""
+def _model_rows(cfg: ExperimentConfig) -> list[Cell]:
+    """The rows of the models themselves: the unaligned and the aligned model, when asked for."""
+    rows = []
+    if cfg.evaluation.include_unaligned:
+        rows.append(Cell("unaligned", "unaligned", {}, {"method": "unaligned"}, "unaligned", ("unaligned",)))
+    if cfg.evaluation.include_aligned:
+        rows.append(Cell("aligned", "aligned", {}, {"method": "aligned"}, "aligned", ("aligned",)))
+    return rows
+
+
+def _check_grid(spec: DefenseSpec, where: str) -> None:
+    overlap = sorted(set(spec.options) & set(spec.grid))
+    if overlap:
+        raise InputError(f"{where}: {', '.join(overlap)} given both in options and in grid")
+    empty = [k for k, values in spec.grid.items() if not values]
+    if empty:
+        raise InputError(f"{where}: grid key(s) {', '.join(empty)} list no values, so the grid has no cells")
+
+
+def _adapters(cfg: ExperimentConfig, out: Path) -> tuple[str, str | None]:
+    """The task and safety adapter paths (trained ones live under OUT/adapters)."""
     setup = cfg.setup
     task = setup.task_adapter or str(trained_adapter_dir(out, "task"))
     safety = setup.safety_adapter or (str(trained_adapter_dir(out, "safety")) if setup.safety_train else None)
-    cells: list[Cell] = []
-    if cfg.evaluation.include_aligned:
-        cells.append(Cell("aligned", "aligned", {}, {"method": "aligned"}, "aligned", ("aligned",)))
-    for i, spec in enumerate(cfg.defenses):
-        where = f"defenses[{i}] ({spec.method})"
-        overlap = sorted(set(spec.options) & set(spec.grid))
-        if overlap:
-            raise InputError(f"{where}: {', '.join(overlap)} given both in options and in grid")
-        empty = [k for k, values in spec.grid.items() if not values]
-        if empty:
-            raise InputError(
-                f"{where}: grid key(s) {', '.join(empty)} list no values, so the grid has no cells"
-            )
-        keys = list(spec.grid)
-        for values in itertools.product(*(spec.grid[k] for k in keys)):
-            point = dict(zip(keys, values, strict=True))
-            base = spec.name or spec.method
-            label = base + (
-                f" ({', '.join(f'{k}={_fmt_value(v)}' for k, v in point.items())})" if point else ""
-            )
-            fields = {**spec.options, **point}
-            if spec.method == "safeinstr":
-                cells.append(_safeinstr_cell(cfg, label, point, fields, where))
-                cells[-1].name, cells[-1].given = base, fields
-                continue
-            if spec.method in ("safemerge", "merge-all") and safety is None:
-                raise InputError(
-                    f"{where}: needs a safety adapter: give setup.safety_adapter or setup.safety_train"
-                )
-            try:
-                dc = DefendConfig.from_flat(
-                    method=spec.method,
-                    aligned=setup.aligned,
-                    unaligned=setup.unaligned,
-                    task_adapter=task,
-                    out=PLACEHOLDER_OUT,
-                    device=cfg.device,
-                    **({"safety_adapter": safety} if spec.method in ("safemerge", "merge-all") else {}),
-                    **fields,
-                )
-            except ValidationError as exc:
-                raise InputError(f"{where}, cell {label!r}: {validation_message(exc)}") from None
-            except TypeError as exc:
-                raise InputError(f"{where}, cell {label!r}: {exc}") from None
-            inputs = ("aligned", "unaligned", "task") + (
-                ("safety",) if spec.method in ("safemerge", "merge-all") else ()
-            )
-            cell = Cell(label, spec.method, point, dc.settings(), slugify(label), inputs, defend=dc)
-            cell.name, cell.given = base, fields
-            cells.append(cell)
-    _check_unique(cells)
+    return task, safety
+
+
+def defence_cell(
+    cfg: ExperimentConfig, out: Path, method: str, label: str, fields: dict[str, Any], where: str
+) -> Cell:
+    """A cell computed by `safemerge defend` (every method but safeinstr), validated."""
+    task, safety = _adapters(cfg, out)
+    merges = method in ("safemerge", "merge-all")
+    if merges and safety is None:
+        raise InputError(f"{where}: needs a safety adapter: give setup.safety_adapter or setup.safety_train")
+    try:
+        dc = DefendConfig.from_flat(
+            method=method,
+            aligned=cfg.setup.aligned,
+            unaligned=cfg.setup.unaligned,
+            task_adapter=task,
+            out=PLACEHOLDER_OUT,
+            device=cfg.device,
+            **({"safety_adapter": safety} if merges else {}),
+            **fields,
+        )
+    except ValidationError as exc:
+        raise InputError(f"{where}, cell {label!r}: {validation_message(exc)}") from None
+    except TypeError as exc:
+        raise InputError(f"{where}, cell {label!r}: {exc}") from None
+    inputs = ("aligned", "unaligned", "task") + (("safety",) if merges else ())
+    return Cell(label, method, {}, dc.settings(), slugify(label), inputs, defend=dc)
+
+
+def spec_cells(cfg: ExperimentConfig, out: Path, i: int) -> list[Cell]:
+    """The cells of `cfg.defenses[i]`: one per grid point (candidates when the defence chooses one)."""
+    spec = cfg.defenses[i]
+    where = f"defenses[{i}] ({spec.method})"
+    _check_grid(spec, where)
+    base = spec.name or spec.method
+    keys = list(spec.grid)
+    cells = []
+    for values in itertools.product(*(spec.grid[k] for k in keys)):
+        point = dict(zip(keys, values, strict=True))
+        label, fields = _label(base, point), {**spec.options, **point}
+        if spec.method == "safeinstr":
+            cell = _safeinstr_cell(cfg, label, fields, where)
+        else:
+            cell = defence_cell(cfg, out, spec.method, label, fields, where)
+        cell.point, cell.name, cell.given, cell.spec = point, base, fields, i
+        if spec.choose is not None:
+            cell.role, cell.validates = "candidate", True
+        cells.append(cell)
     return cells
 
 
-def _safeinstr_cell(
-    cfg: ExperimentConfig, label: str, point: dict[str, Any], fields: dict[str, Any], where: str
-) -> Cell:
-    """SafeInstr: the task recipe (setup.task_train) with `options`/`grid` fields on top (mix_safety > 0)."""
+def expand_cells(cfg: ExperimentConfig, out: Path) -> list[Cell]:
+    """Every cell of the config, validated (unknown options, empty grids, conflicts) before any work."""
+    cells = _model_rows(cfg)
+    for i in range(len(cfg.defenses)):
+        cells += spec_cells(cfg, out, i)
+    _check_unique(cells)
+    _check_row_references(cfg, cells)
+    return cells
+
+
+def derive_cells(cfg: ExperimentConfig, out: Path, chosen: Cell) -> list[Cell]:
+    """The controls `choose.controls` asks for, built from the chosen cell's settings.
+
+    `scale-only`: the chosen cell with safety weight 0 (the same modules shrunk, no safety LoRA);
+    `merge-all`: the chosen weights (and merge options) on every module."""
+    assert chosen.spec is not None and chosen.defend is not None
+    spec = cfg.defenses[chosen.spec]
+    assert spec.choose is not None
+    out_cells = []
+    for control in spec.choose.controls:
+        where = f"defenses[{chosen.spec}] ({spec.method}), {control} of {chosen.label!r}"
+        if control == "scale-only":
+            w_task = chosen.defend.model_dump()["weights"][0]  # the resolved weights (flat dump)
+            method, fields = "safemerge", {**chosen.given, "weights": [w_task, 0.0]}
+            point = {**chosen.point, "weights": fields["weights"]}
+        else:
+            method = "merge-all"
+            fields = {k: v for k, v in chosen.given.items() if k not in SELECTION_KEYS}
+            point = {k: v for k, v in chosen.point.items() if k in fields}
+        name = f"{chosen.name} {control}"
+        cell = defence_cell(cfg, out, method, _label(name, point), fields, where)
+        cell.point, cell.name, cell.given, cell.spec = point, name, fields, chosen.spec
+        cell.role, cell.control = "derived", control
+        out_cells.append(cell)
+    return out_cells
+
+
+def _safeinstr_cell(cfg: ExperimentConfig, label: str, fields: dict[str, Any], where: str) -> Cell:
+    """SafeInstr: a given adapter (`adapter: PATH`, e.g. trained elsewhere with safety data mixed in), or
+    the task recipe (setup.task_train) with `options`/`grid` fields on top (mix_safety > 0)."""
+    if "adapter" in fields:
+        return _given_safeinstr_cell(cfg, label, fields, where)
     base = dict(cfg.setup.task_train or {})
     if "recipe" not in base and "recipe" not in fields:
         raise InputError(
-            f"{where}: safeinstr trains a task adapter; give setup.task_train or a recipe in options"
+            f"{where}: safeinstr trains a task adapter; give setup.task_train or a recipe in options "
+            "(or a trained adapter as `adapter: PATH`)"
         )
     settings = train_settings(cfg, {**base, **fields}, where)
     if settings["mix_safety"] <= 0:
@@ -182,12 +284,31 @@ def _safeinstr_cell(
     return Cell(
         label,
         "safeinstr",
-        point,
+        {},
         {"method": "safeinstr", **settings},
         slugify(label),
         ("aligned",),
         train=settings,
     )
+
+
+def _given_safeinstr_cell(cfg: ExperimentConfig, label: str, fields: dict[str, Any], where: str) -> Cell:
+    """A SafeInstr adapter given by path: copied as it is (`defend --method none`, with its ρ report)."""
+    extra = sorted(set(fields) - {"adapter"})
+    if extra:
+        raise InputError(f"{where}: a safeinstr `adapter` is used as given; remove {', '.join(extra)}")
+    path = str(fields["adapter"])
+    dc = DefendConfig.from_flat(
+        method="none",
+        aligned=cfg.setup.aligned,
+        unaligned=cfg.setup.unaligned,
+        task_adapter=path,
+        out=PLACEHOLDER_OUT,
+        device=cfg.device,
+    )
+    settings = {"method": "safeinstr", "adapter": path}
+    inputs = ("aligned", "unaligned", ADAPTER_INPUT + path)
+    return Cell(label, "safeinstr", {}, settings, slugify(label), inputs, defend=dc)
 
 
 def _check_unique(cells: list[Cell]) -> None:
@@ -203,28 +324,60 @@ def _check_unique(cells: list[Cell]) -> None:
             seen[tag] = c.label
 
 
+def check_derived(cells: list[Cell], derived: list[Cell]) -> None:
+    """Derived cells may repeat another cell's settings (a merge-all row, say), not its directory."""
+    slugs = {c.slug: c.label for c in cells}
+    for d in derived:
+        if d.slug in slugs:
+            raise InputError(
+                f"derived cell {d.label!r} has the directory name of {slugs[d.slug]!r}; rename one"
+            )
+
+
+def _check_row_references(cfg: ExperimentConfig, cells: list[Cell]) -> None:
+    """`choose.reference`, `validate_also` and `flips_vs` must name rows (not candidates); mark them."""
+    rows = {c.label: c for c in cells if c.role == "row"}
+    ev = cfg.evaluation
+    named = [(f"defenses[{i}].choose.reference", d.choose.reference) for i, d in enumerate(cfg.defenses)
+             if d.choose is not None]  # fmt: skip
+    named += [("evaluation.validate_also", label) for label in ev.validate_also]
+    for where, label in named:
+        if label not in rows:
+            raise InputError(f"{where}: no row is labelled {label!r} (rows: {', '.join(rows)})")
+        rows[label].validates = True
+    if ev.flips_vs is not None and ev.flips_vs not in rows:
+        raise InputError(f"evaluation.flips_vs: no row is labelled {ev.flips_vs!r} (rows: {', '.join(rows)})")
+
+
 # --- validation of inputs ----------------------------------------------------------------------------
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 
 
-def check_inputs(cfg: ExperimentConfig) -> None:
+def check_inputs(cfg: ExperimentConfig, cells: list[Cell], provided: Mapping[str, Benchmark]) -> None:
     """Local inputs must exist, benchmarks must be known (hub ids are accepted as they are)."""
     s = cfg.setup
-    for what, name in (("aligned", s.aligned), ("unaligned", s.unaligned), ("task_adapter", s.task_adapter),
-                       ("safety_adapter", s.safety_adapter)):  # fmt: skip
-        local = name is not None and name not in ("smollm2", "packaged:smollm2") and _looks_local(name)
+    given = [(f"setup.{what}", name) for what, name in (("aligned", s.aligned), ("unaligned", s.unaligned),
+             ("task_adapter", s.task_adapter), ("safety_adapter", s.safety_adapter))]  # fmt: skip
+    given += [(f"{c.label}: adapter", i[len(ADAPTER_INPUT) :]) for c in cells for i in c.inputs
+              if i.startswith(ADAPTER_INPUT)]  # fmt: skip
+    for where, name in given:
+        local = name is not None and not is_packaged_alias(name) and _looks_local(name)
         if local and not Path(str(name)).expanduser().is_dir():
-            raise InputError(f"setup.{what}: {name} is not a directory (and not a hub id owner/name)")
-    for b in cfg.evaluation.benchmarks:
-        if b not in BENCHMARKS and not (b.endswith((".jsonl", ".json")) and Path(b).is_file()):
-            raise InputError(
-                f"evaluation.benchmarks: unknown benchmark {b!r} "
-                f"(use {', '.join(BENCHMARKS)} or a .jsonl file)"
-            )
+            raise InputError(f"{where}: {name} is not a directory (and not a hub id owner/name)")
+    ev = cfg.evaluation
+    for what, entries in (("benchmarks", ev.benchmarks), ("validation", ev.validation)):
+        for b in map(entry_name, entries):
+            if b not in provided and benchmark_kind(b) is None:
+                raise InputError(
+                    f"evaluation.{what}: unknown benchmark {b!r} "
+                    f"(use {', '.join(benchmark_names())} or a .jsonl file)"
+                )
 
 
-def prepare(cfg: ExperimentConfig, out: Path | None = None) -> tuple[Path, list[Cell]]:
+def prepare(
+    cfg: ExperimentConfig, out: Path | None = None, provided: Mapping[str, Benchmark] | None = None
+) -> tuple[Path, list[Cell]]:
     """The output directory and every cell, validated; everything that can fail without work fails here."""
     target = out or (Path(cfg.out) if cfg.out else None)
     if target is None:
@@ -236,25 +389,18 @@ def prepare(cfg: ExperimentConfig, out: Path | None = None) -> tuple[Path, list[
     if cfg.setup.safety_train is not None:
         train_settings(cfg, cfg.setup.safety_train, "setup.safety_train")
     cells = expand_cells(cfg, target)
-    check_inputs(cfg)
+    check_inputs(cfg, cells, provided or {})
     return target, cells
-
-
-def load_experiment(path: Path, out: Path | None = None) -> tuple[ExperimentConfig, Path, list[Cell]]:
-    """Parse and validate a config file and expand its cells (no work is done)."""
-    cfg = parse_experiment(path)
-    target, cells = prepare(cfg, out)
-    return cfg, target, cells
 
 
 # --- fingerprints and keys ---------------------------------------------------------------------------
 def model_fingerprint(name: str, allow_download: bool) -> str:
     """Checkpoint fingerprint of a local directory or a hub snapshot (the local cache only in dry runs)."""
-    local = resolve_model(name) if name in ("smollm2", "packaged:smollm2") else name
+    local = resolve_model(name) if is_packaged_alias(name) else name
     if not Path(local).is_dir():
         if not allow_download:
             try:
-                from huggingface_hub import snapshot_download
+                from huggingface_hub import snapshot_download  # lazy: only hub ids in dry runs need it
 
                 local = snapshot_download(repo_id=name, local_files_only=True)
             except Exception:
@@ -275,11 +421,10 @@ def adapter_fingerprint(path: str, train: dict[str, Any] | None) -> str:
 
 def assign_keys(cfg: ExperimentConfig, out: Path, cells: list[Cell], allow_download: bool) -> None:
     s = cfg.setup
+    needs = {i for c in cells for i in c.inputs}
     fps = {
         "aligned": model_fingerprint(s.aligned, allow_download),
-        "unaligned": model_fingerprint(s.unaligned, allow_download)
-        if any("unaligned" in c.inputs for c in cells)
-        else "",
+        "unaligned": model_fingerprint(s.unaligned, allow_download) if "unaligned" in needs else "",
         "task": adapter_fingerprint(
             s.task_adapter or str(trained_adapter_dir(out, "task")), _train_of(cfg, "task")
         ),
@@ -287,6 +432,9 @@ def assign_keys(cfg: ExperimentConfig, out: Path, cells: list[Cell], allow_downl
             s.safety_adapter or str(trained_adapter_dir(out, "safety")), _train_of(cfg, "safety")
         ),
     }
+    for name in needs:
+        if name.startswith(ADAPTER_INPUT):
+            fps[name] = adapter_fingerprint(name[len(ADAPTER_INPUT) :], None)
     for c in cells:
         c.key = _sha({"settings": c.settings, "inputs": {k: fps[k] for k in c.inputs}})
 
@@ -296,8 +444,39 @@ def _train_of(cfg: ExperimentConfig, role: str) -> dict[str, Any] | None:
     return None if fields is None else train_settings(cfg, fields, f"setup.{role}_train")
 
 
-def eval_key(cfg: ExperimentConfig, cell: Cell) -> str:
-    return _sha({"cell": cell.key, "evaluation": cfg.evaluation.key_settings()})
+# --- evaluations -------------------------------------------------------------------------------------
+def benchmark_fingerprint(bench: Benchmark) -> str:
+    """Content hash of a benchmark built in code (its kind and every item)."""
+    return _sha([bench.kind, [[it.id, it.prompt, it.reference] for it in bench.items]])
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """One evaluation of a cell — the test or the validation benchmarks — and what keys it."""
+
+    phase: str  # "test" | "validation"
+    benchmarks: tuple[BenchmarkSpec, ...]  # token budget and limit resolved
+    settings: dict[str, Any]  # what changes the numbers (hashed into the evaluation key)
+
+    @property
+    def prefix(self) -> str:
+        return "" if self.phase == "test" else f"{self.phase}-"
+
+
+def eval_plan(cfg: ExperimentConfig, phase: str, provided: Mapping[str, Benchmark] | None = None) -> EvalPlan:
+    """The plan of `phase`; benchmarks built in code add their content hash to the key."""
+    ev = cfg.evaluation
+    settings = ev.key_settings() if phase == "test" else ev.validation_key_settings()
+    benchmarks = tuple(ev.planned(phase))
+    used = sorted({b.name for b in benchmarks} & set(provided or {}))
+    if used:
+        assert provided is not None
+        settings = {**settings, "provided": {n: benchmark_fingerprint(provided[n]) for n in used}}
+    return EvalPlan(phase, benchmarks, settings)
+
+
+def eval_key(plan: EvalPlan, cell: Cell) -> str:
+    return _sha({"cell": cell.key, "evaluation": plan.settings})
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -312,34 +491,34 @@ def variant_dir(out: Path, cell: Cell) -> Path:
     return out / "variants" / cell.slug
 
 
-def eval_dir(cfg: ExperimentConfig, out: Path, cell: Cell) -> Path:
+def eval_dir(out: Path, cell: Cell, plan: EvalPlan) -> Path:
     """One directory per (cell, evaluation settings): switching evaluations back never re-evaluates."""
-    return out / "evals" / cell.slug / eval_key(cfg, cell)[:12]
+    return out / "evals" / cell.slug / (plan.prefix + eval_key(plan, cell)[:12])
 
 
 def variant_done(out: Path, cell: Cell) -> bool:
-    if cell.method == "aligned":
+    if cell.method in ("aligned", "unaligned"):
         return True
     stamp = _read_json(variant_dir(out, cell) / CELL_JSON)
     return stamp is not None and stamp.get("key") == cell.key
 
 
-def eval_done(cfg: ExperimentConfig, out: Path, cell: Cell) -> bool:
-    stamp = _read_json(eval_dir(cfg, out, cell) / EVAL_JSON)
+def eval_done(out: Path, cell: Cell, plan: EvalPlan) -> bool:
+    folder = eval_dir(out, cell, plan)
+    stamp = _read_json(folder / EVAL_JSON)
     return (
-        stamp is not None
-        and stamp.get("key") == eval_key(cfg, cell)
-        and (eval_dir(cfg, out, cell) / "metrics.json").is_file()
+        stamp is not None and stamp.get("key") == eval_key(plan, cell) and (folder / "metrics.json").is_file()
     )
 
 
-def set_status(cfg: ExperimentConfig, out: Path, cells: list[Cell]) -> None:
+def set_status(out: Path, cells: list[Cell], test: EvalPlan, validation: EvalPlan | None) -> None:
+    """`to run` (no variant yet), `to validate`, `to evaluate` (on test) or `cached`."""
     for c in cells:
         if not variant_done(out, c):
             c.status = "to run"
-        elif not eval_done(cfg, out, c):
+        elif validation is not None and c.validates and not eval_done(out, c, validation):
+            c.status = "to validate"
+        elif c.tabulated and not eval_done(out, c, test):
             c.status = "to evaluate"
         else:
             c.status = "cached"
-
-

@@ -1,4 +1,14 @@
-"""The YAML schema of `safemerge experiment`: one setup, a list of defences with grids, one evaluation."""
+"""The YAML schema of `safemerge experiment`: one setup, a list of defences with grids, one evaluation.
+
+Additions over a plain grid (all optional; a config without them runs and is keyed exactly as before):
+
+- a benchmark entry is a name or `{name, max_new_tokens, limit}` (a token budget and a cut of its own);
+- `evaluation.validation` lists benchmarks on which a defence's `choose` picks one grid cell; the other
+  benchmarks are then the test set, on which only the chosen cell (and its derived controls) is evaluated;
+- `evaluation.flips_vs` names a row; every row gets its paired flips against it on each harm benchmark;
+- `evaluation.include_unaligned` adds a row for the unaligned model, `evaluation.validate_also` adds rows
+  to the validation table (informative only).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +21,47 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safemerge.common.errors import InputError
 
 Method = Literal["safemerge", "merge-all", "safelora", "resta", "none", "safeinstr"]
+Control = Literal["scale-only", "merge-all"]
+# SafeMERGE's validation choice in the demo: lose at most 3 points of task accuracy and add at most
+# 5 points of over-refusal against the reference row (the task adapter); docs/organism.md.
+DEFAULT_MAX_UTILITY_DROP = 0.03
+DEFAULT_MAX_REFUSAL_RISE = 0.05
+
+
+class BenchmarkSpec(BaseModel):
+    """One benchmark with, optionally, its own token budget and cut (defaults: the evaluation's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="benchmark name or JSONL file (as in `safemerge eval --benchmarks`)")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: evaluation.max_new_tokens")
+    limit: int | None = Field(None, ge=1, description="first N prompts; default: evaluation.limit")
+
+
+BenchmarkEntry = str | BenchmarkSpec
+
+
+class ChooseSpec(BaseModel):
+    """Choose one cell of the defence's grid on the validation benchmarks, then add derived controls.
+
+    Rule `safest-within-tolerance`: among the cells whose mean validation utility is at least the
+    reference row's minus `max_utility_drop` and whose mean validation refusal rate (benign benchmarks)
+    is at most the reference's plus `max_refusal_rise`, the one with the lowest mean validation harmful
+    rate (ties: higher utility, then grid order). When no cell qualifies: the highest utility (ties:
+    lower harmful rate, then grid order). A kind with no validation benchmark imposes no constraint.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["safest-within-tolerance"] = "safest-within-tolerance"
+    reference: str = Field(description="label of the row the tolerances are relative to (e.g. the task LoRA)")
+    max_utility_drop: float = Field(DEFAULT_MAX_UTILITY_DROP, ge=0.0)
+    max_refusal_rise: float = Field(DEFAULT_MAX_REFUSAL_RISE, ge=0.0)
+    controls: list[Control] = Field(
+        default_factory=list,
+        description="cells derived from the chosen one (safemerge only): `scale-only` = same modules, "
+        "safety weight 0; `merge-all` = the chosen weights on every module",
+    )
 
 
 class SetupConfig(BaseModel):
@@ -45,14 +96,29 @@ class DefenseSpec(BaseModel):
     name: str | None = Field(None, description="row label (default: the method)")
     options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    choose: ChooseSpec | None = Field(None, description="pick one grid cell on evaluation.validation")
+
+    @model_validator(mode="after")
+    def _controls_need_weights(self) -> DefenseSpec:
+        if self.choose and self.choose.controls and self.method != "safemerge":
+            raise ValueError(f"choose.controls apply to method safemerge only, not {self.method}")
+        return self
+
+
+def entry_name(entry: BenchmarkEntry) -> str:
+    """The benchmark name of a plain or detailed entry."""
+    return entry if isinstance(entry, str) else entry.name
 
 
 class EvaluationSpec(BaseModel):
-    """How every variant is evaluated (the fields of `safemerge eval`)."""
+    """How every variant is evaluated (the fields of `safemerge eval`, plus validation and flips)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    benchmarks: list[str] = Field(min_length=1)
+    benchmarks: list[BenchmarkEntry] = Field(min_length=1)
+    validation: list[BenchmarkEntry] = Field(
+        default_factory=list, description="benchmarks on which `choose` picks a grid cell (not the table)"
+    )
     judge: Literal["keyword", "llama-guard"] = "keyword"
     judge_model: str = "meta-llama/Llama-Guard-3-8B"
     backend: Literal["transformers", "vllm"] = "transformers"
@@ -60,17 +126,63 @@ class EvaluationSpec(BaseModel):
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)
     include_aligned: bool = Field(True, description="also evaluate the aligned model itself (row 'aligned')")
+    include_unaligned: bool = Field(False, description="also evaluate the unaligned model (row 'unaligned')")
+    validate_also: list[str] = Field(
+        default_factory=list, description="labels of further rows to evaluate on the validation benchmarks"
+    )
+    flips_vs: str | None = Field(
+        None, description="label of the row every row is compared with, prompt by prompt"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     trust_remote_code: bool = False
     cache_dir: str | None = Field(None, description="generation cache (default OUT/cache)")
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> EvaluationSpec:
+        for what, entries in (("benchmarks", self.benchmarks), ("validation", self.validation)):
+            names = [entry_name(e) for e in entries]
+            if len(set(names)) != len(names):
+                raise ValueError(f"evaluation.{what} lists a benchmark twice: {names}")
+        return self
+
     def key_settings(self) -> dict[str, Any]:
-        """What changes the numbers (not batch size, parallelism or where the cache lives)."""
+        """What changes the test numbers (not batch size, parallelism or where the cache lives)."""
         return self.model_dump(
             mode="json",
             include={"benchmarks", "judge", "judge_model", "backend", "limit", "max_new_tokens", "dtype"},
+        )
+
+    def validation_key_settings(self) -> dict[str, Any]:
+        """What changes the validation numbers: the same settings with the validation benchmarks."""
+        return {**self.key_settings(), "benchmarks": self.model_dump(mode="json")["validation"]}
+
+    def planned(self, phase: str) -> list[BenchmarkSpec]:
+        """The phase's benchmarks (`test` or `validation`) with token budget and limit resolved."""
+        entries = self.benchmarks if phase == "test" else self.validation
+        return [
+            BenchmarkSpec(
+                name=entry_name(e),
+                max_new_tokens=(None if isinstance(e, str) else e.max_new_tokens) or self.max_new_tokens,
+                limit=(None if isinstance(e, str) else e.limit) or self.limit,
+            )
+            for e in entries
+        ]
+
+    def capped(self, limit: int) -> EvaluationSpec:
+        """`--limit N`: replaces `limit` and caps every benchmark's own `limit` at N."""
+
+        def cap(entries: list[BenchmarkEntry]) -> list[BenchmarkEntry]:
+            return [
+                e
+                if isinstance(e, str) or e.limit is None
+                else e.model_copy(update={"limit": min(e.limit, limit)})
+                for e in entries
+            ]
+
+        return self.model_copy(
+            update={"limit": limit, "benchmarks": cap(self.benchmarks), "validation": cap(self.validation)}
         )
 
 
@@ -88,7 +200,11 @@ class ExperimentConfig(BaseModel):
     expected_runtime: str | None = Field(None, description="free text, for the reader")
     reference: dict[str, Any] | None = Field(None, description="published numbers to compare with (not used)")
 
-
+    @model_validator(mode="after")
+    def _validation_for_choices(self) -> ExperimentConfig:
+        if any(d.choose for d in self.defenses) and not self.evaluation.validation:
+            raise ValueError("a defence with `choose` needs evaluation.validation benchmarks")
+        return self
 
 
 def validation_message(exc: ValidationError) -> str:

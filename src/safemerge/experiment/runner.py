@@ -1,44 +1,48 @@
-"""Running an experiment: train the setup's adapters, compute every cell not yet cached, evaluate every
-variant, write the results. See `safemerge.experiment.cells` for the layout of the output directory."""
+"""Running an experiment: train the setup's adapters, compute every cell not yet cached, choose grid
+cells on validation, evaluate every row on test, write the results. See `safemerge.experiment.cells`
+for the layout of the output directory."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 
 from safemerge.common.errors import InputError
-from safemerge.defenses import defend
-from safemerge.evaluate import EvalConfig, evaluate
+from safemerge.defenses import DefendConfig, defend
+from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.experiment.cells import (
     CELL_JSON,
-    EVAL_JSON,
     Cell,
     ExperimentResult,
     _read_json,
     _sha,
     _train_of,
     assign_keys,
-    eval_dir,
+    check_derived,
+    derive_cells,
     eval_done,
-    eval_key,
+    eval_plan,
     prepare,
     set_status,
     trained_adapter_dir,
     variant_dir,
     variant_done,
 )
+from safemerge.experiment.choice import Choice, choose_cell, rule_text
 from safemerge.experiment.config import ExperimentConfig, parse_experiment
-from safemerge.experiment.results import print_cells, write_results
+from safemerge.experiment.evaluation import evaluate_cells, load_planned
+from safemerge.experiment.results import measures, print_cells, summary, write_results
 from safemerge.train import TrainConfig, train
 
 console = Console(stderr=True)
 
 
-def train_inputs(cfg: ExperimentConfig, out: Path, progress: bool) -> list[str]:
+def train_inputs(cfg: ExperimentConfig, out: Path) -> list[str]:
     """Train the task / safety adapters the setup gives as recipes (skipped when already trained)."""
     done = []
     for role in ("task", "safety"):
@@ -69,76 +73,122 @@ def run_cell(cell: Cell, out: Path, progress: bool) -> None:
         train(TrainConfig(**{**cell.train, "out": target, "force": True}))
     else:
         assert cell.defend is not None
-        defend(cell.defend.model_copy(update={"out": str(target), "force": True}), progress=progress)
+        flat = {**cell.defend.model_dump(), "out": str(target), "force": True}
+        defend(DefendConfig.from_flat(**flat), progress=progress)
     stamp = {"key": cell.key, "label": cell.label, "settings": cell.settings}
     (target / CELL_JSON).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
-def variant_is_model(out: Path, cell: Cell) -> bool:
-    """True when the variant is a full model (RESTA), evaluated on its own rather than as an adapter."""
-    return cell.method != "aligned" and (variant_dir(out, cell) / "config.json").is_file()
-
-
-def evaluate_cells(cfg: ExperimentConfig, out: Path, cells: list[Cell]) -> None:
-    """Evaluate cells: adapters on one loaded aligned model (with the aligned row), full models one by one."""
-    adapters = [c for c in cells if c.method != "aligned" and not variant_is_model(out, c)]
-    aligned = [c for c in cells if c.method == "aligned"]
-    if adapters or aligned:
-        variants = {str(variant_dir(out, c)): c for c in adapters}
-        _evaluate_batch(cfg, out, cfg.setup.aligned, variants, aligned[0] if aligned else None)
+def compute_cells(cells: list[Cell], out: Path, progress: bool, result: ExperimentResult) -> None:
+    """Compute every cell whose variant is missing or stale."""
     for c in cells:
-        if c.method != "aligned" and variant_is_model(out, c):
-            _evaluate_batch(cfg, out, str(variant_dir(out, c)), {}, c)
+        if not variant_done(out, c):
+            console.print(f"computing {c.label}", highlight=False)
+            run_cell(c, out, progress)
+            result.computed.append(c.label)
 
 
-def _evaluate_batch(
-    cfg: ExperimentConfig, out: Path, model: str, adapters: dict[str, Cell], base_cell: Cell | None
+def _with_limit(cfg: ExperimentConfig, limit: int | None) -> ExperimentConfig:
+    if limit is None:
+        return cfg
+    if limit < 1:
+        raise InputError(f"--limit must be positive, got {limit}")
+    return cfg.model_copy(update={"evaluation": cfg.evaluation.capped(limit)})
+
+
+def choose(cfg: ExperimentConfig, result: ExperimentResult, i: int, progress: bool) -> None:
+    """Apply `cfg.defenses[i].choose` to its candidates' validation results, then compute the derived
+    controls of the chosen cell and put them right after the defence's candidates."""
+    spec, out, plan = cfg.defenses[i], result.out, result.plans["validation"]
+    assert spec.choose is not None
+    cands = [c for c in result.cells if c.spec == i and c.role == "candidate"]
+    ref = next(c for c in result.cells if c.label == spec.choose.reference)
+    summaries = [(c.label, summary(measures(out, c, plan))) for c in cands]
+    if any(s.harmful is None for _, s in summaries):
+        raise InputError(f"defenses[{i}].choose: evaluation.validation needs a harm benchmark")
+    label, met = choose_cell(summaries, summary(measures(out, ref, plan)), spec.choose)
+    chosen = next(c for c in cands if c.label == label)
+    chosen.role = "chosen"
+    derived = derive_cells(cfg, out, chosen)
+    check_derived(result.cells, derived)
+    assign_keys(cfg, out, derived, allow_download=True)
+    at = result.cells.index(cands[-1]) + 1
+    result.cells[at:at] = derived
+    compute_cells(derived, out, progress, result)
+    rule = rule_text(spec.choose, met, ref.label)
+    result.choices.append(Choice(chosen.name, ref.label, label, met, rule, [c.label for c in cands]))
+    console.print(f"{chosen.name}: chose {label} on validation ({rule})", highlight=False)
+
+
+def validate(
+    cfg: ExperimentConfig, result: ExperimentResult, provided: Mapping[str, Benchmark], progress: bool
 ) -> None:
-    ev = cfg.evaluation
-    batch = out / "evals" / f".batch-{_sha([model, sorted(adapters)])[:12]}"
-    shutil.rmtree(batch, ignore_errors=True)
-    ecfg = EvalConfig(
-        model=model,
-        adapters=list(adapters),
-        benchmarks=ev.benchmarks,
-        out=batch,
-        judge=ev.judge,
-        judge_model=ev.judge_model,
-        backend=ev.backend,
-        limit=ev.limit,
-        max_new_tokens=ev.max_new_tokens,
-        batch_size=ev.batch_size,
-        include_base=base_cell is not None,
-        tensor_parallel_size=ev.tensor_parallel_size,
-        gpu_memory_utilization=ev.gpu_memory_utilization,
-        dtype=ev.dtype,
-        cache_dir=Path(ev.cache_dir) if ev.cache_dir else out / "cache",
-        trust_remote_code=ev.trust_remote_code,
-    )
-    metrics = evaluate(ecfg)
-    records = [
-        json.loads(line) for line in (batch / "generations.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
-    owners = dict(adapters)
-    if base_cell is not None:
-        owners[model] = base_cell
-    for key, cell in owners.items():
-        target = eval_dir(cfg, out, cell)
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        with (target / "generations.jsonl").open("w", encoding="utf-8") as f:
-            for r in records:
-                if r["variant"] == key:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        (target / "metrics.json").write_text(json.dumps(metrics[key]["benchmarks"], indent=2) + "\n")
-        stamp = {
-            "key": eval_key(cfg, cell),
-            "cell": cell.key,
-            "evaluation": ev.key_settings(),
-            "label": cell.label,
-        }
-        (target / EVAL_JSON).write_text(json.dumps(stamp, indent=2) + "\n")
-    shutil.rmtree(batch, ignore_errors=True)
+    """Evaluate the rows that need it on the validation benchmarks, then make every `choose` decision."""
+    plan = result.plans["validation"]
+    todo = [c for c in result.cells if c.validates and not eval_done(result.out, c, plan)]
+    if todo:
+        console.print(
+            f"validating {len(todo)} variant(s): {', '.join(c.label for c in todo)}", highlight=False
+        )
+        evaluate_cells(cfg, result.out, todo, plan, load_planned(plan, provided))
+        result.validated = [c.label for c in todo]
+    for i, spec in enumerate(cfg.defenses):
+        if spec.choose is not None:
+            choose(cfg, result, i, progress)
+
+
+def execute(
+    config: Path | ExperimentConfig,
+    out: Path | None = None,
+    dry_run: bool = False,
+    progress: bool = True,
+    limit: int | None = None,
+    benchmarks: Mapping[str, Benchmark] | None = None,
+) -> ExperimentResult:
+    """Everything but the results files: validate the config, then (unless `dry_run`) train, compute,
+    validate and choose, and evaluate every row not yet cached. `benchmarks` supplies benchmarks built
+    in code, by the names the config uses (their content keys the evaluations)."""
+    cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
+    provided = dict(benchmarks or {})
+    target, cells = prepare(cfg, out, provided)
+    plans = {"test": eval_plan(cfg, "test", provided)}
+    if cfg.evaluation.validation:
+        plans["validation"] = eval_plan(cfg, "validation", provided)
+    assign_keys(cfg, target, cells, allow_download=not dry_run)
+    set_status(target, cells, plans["test"], plans.get("validation"))
+    result = ExperimentResult(target, cells, plans=plans)
+    if dry_run:
+        print_cells(cfg, cells, Console())
+        return result
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "experiment.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    start = time.perf_counter()
+    result.trained = train_inputs(cfg, target)
+    if result.trained:  # the adapters' content changed: keys depend on it
+        assign_keys(cfg, target, cells, allow_download=True)
+    compute_cells(cells, target, progress, result)
+    result.timings["variants_s"] = time.perf_counter() - start
+    if "validation" in plans:
+        validate(cfg, result, provided, progress)
+    result.timings["validation_s"] = time.perf_counter() - start - result.timings["variants_s"]
+    evaluate_table(cfg, result, provided)
+    result.timings["test_eval_s"] = time.perf_counter() - start - sum(result.timings.values())
+    set_status(target, result.cells, plans["test"], plans.get("validation"))
+    return result
+
+
+def evaluate_table(
+    cfg: ExperimentConfig, result: ExperimentResult, provided: Mapping[str, Benchmark]
+) -> None:
+    """Evaluate every row of the table that has no cached test evaluation."""
+    plan = result.plans["test"]
+    todo = [c for c in result.table if not eval_done(result.out, c, plan)]
+    if todo:
+        console.print(
+            f"evaluating {len(todo)} variant(s): {', '.join(c.label for c in todo)}", highlight=False
+        )
+        evaluate_cells(cfg, result.out, todo, plan, load_planned(plan, provided))
+        result.evaluated = [c.label for c in todo]
 
 
 def run_experiment(
@@ -149,39 +199,12 @@ def run_experiment(
     limit: int | None = None,
 ) -> ExperimentResult:
     """Validate the config (a YAML path or an `ExperimentConfig`), then (unless `dry_run`) compute and
-    evaluate every cell not yet cached. `limit` overrides `evaluation.limit`."""
-    cfg = config if isinstance(config, ExperimentConfig) else parse_experiment(config)
-    if limit is not None:
-        if limit < 1:
-            raise InputError(f"--limit must be positive, got {limit}")
-        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"limit": limit})})
-    target, cells = prepare(cfg, out)
-    assign_keys(cfg, target, cells, allow_download=not dry_run)
-    set_status(cfg, target, cells)
-    result = ExperimentResult(target, cells)
-    if dry_run:
-        print_cells(cells, Console())
-        return result
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "experiment.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    result.trained = train_inputs(cfg, target, progress)
-    if result.trained:  # the adapters' content changed: keys depend on it
-        assign_keys(cfg, target, cells, allow_download=True)
-        set_status(cfg, target, cells)
-    for c in cells:
-        if not variant_done(target, c):
-            console.print(f"computing {c.label}", highlight=False)
-            run_cell(c, target, progress)
-            result.computed.append(c.label)
-    todo = [c for c in cells if not eval_done(cfg, target, c)]
-    if todo:
-        console.print(
-            f"evaluating {len(todo)} variant(s): {', '.join(c.label for c in todo)}", highlight=False
+    evaluate every cell not yet cached and write the results files. `limit` overrides `evaluation.limit`
+    (and caps every benchmark's own limit)."""
+    cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
+    result = execute(cfg, out, dry_run, progress)
+    if not dry_run:
+        result.rows = write_results(
+            cfg, result.out, result, result.plans["test"], result.plans.get("validation")
         )
-        evaluate_cells(cfg, target, todo)
-        result.evaluated = [c.label for c in todo]
-    set_status(cfg, target, cells)
-    result.rows = write_results(cfg, target, cells)
     return result
-
-
