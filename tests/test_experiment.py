@@ -453,7 +453,7 @@ def _benchmark_twice(cfg: dict[str, Any]) -> None:
 
 CHOICE_ERRORS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
     (_reference_is_no_row, "no row is labelled 'nope'"),
-    (_controls_on_safelora, "safemerge only"),
+    (_controls_on_safelora, "defences that merge with weights"),
     (_no_validation, r"needs evaluation\.validation"),
     (_flips_vs_a_candidate, r"flips_vs: no row"),
     (_benchmark_twice, "lists a benchmark twice"),

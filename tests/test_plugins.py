@@ -293,17 +293,31 @@ def test_plugin_benchmark_through_experiment(example: Path, models: dict[str, Pa
     assert all(r["capitals_n"] == "2" and r["capitals_accuracy"] != "" for r in rows)  # the plugin's items
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="experiment/config.py still lists the defences in a Literal (to switch to defense_names())",
-)
 def test_plugin_defence_through_experiment(example: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    config = tiny_experiment(models, tmp_path / "out", "shrink")
+    config["defenses"] = [{"method": "shrink", "grid": {"factor": [0.5, 0.25]}}]  # its own option, as a grid
     cfg = tmp_path / "exp.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_experiment(models, tmp_path / "out", "shrink")))
+    cfg.write_text(yaml.safe_dump(config))
     res = CliRunner().invoke(app, ["experiment", str(cfg)], env=ENV)
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "out" / "variants" / "shrink" / "adapter_model.safetensors").is_file()
+    before = load_file(models["task"] / "adapter_model.safetensors")
+    for factor in (0.5, 0.25):  # the oracle: each cell's B is factor·B of the task adapter
+        after = load_file(
+            tmp_path / "out" / "variants" / f"shrink_factor-{factor}" / "adapter_model.safetensors"
+        )
+        key = next(k for k in before if ".lora_B." in k)
+        assert torch.equal(after[key], factor * before[key]), factor
+    with (tmp_path / "out" / "results.csv").open() as f:
+        assert [r["label"] for r in csv.DictReader(f)] == [
+            "aligned",
+            "shrink (factor=0.5)",
+            "shrink (factor=0.25)",
+        ]
+    # an unknown method is exit 2 naming the registered ones
+    config["defenses"] = [{"method": "shrunk"}]
+    cfg.write_text(yaml.safe_dump(config))
+    res = CliRunner().invoke(app, ["experiment", str(cfg), "--dry-run"], env=ENV)
+    assert res.exit_code == 2 and "unknown method 'shrunk'" in one_line(res.output) and "shrink" in res.output
 
 
 def test_broken_plugins_are_named_errors(broken: Path, tmp_path: Path) -> None:

@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from safemerge.common.config_io import validation_message
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import is_packaged_alias, resolve_model
-from safemerge.defenses.config import DefendConfig
+from safemerge.defenses import DefendConfig, get_defense
 from safemerge.engine.checkpoint import Checkpoint, resolve_local_dir
 from safemerge.evaluate.benchmarks import Benchmark, benchmark_names
 from safemerge.evaluate.benchmarks import benchmark_kind as registered_kind
@@ -43,7 +44,6 @@ from safemerge.experiment.config import (
     DefenseSpec,
     ExperimentConfig,
     entry_name,
-    validation_message,
 )
 from safemerge.train.config import TrainConfig
 from safemerge.train.recipes import RECIPES
@@ -186,7 +186,7 @@ def defence_cell(
 ) -> Cell:
     """A cell computed by `safemerge defend` (every method but safeinstr), validated."""
     task, safety = _adapters(cfg, out)
-    merges = method in ("safemerge", "merge-all")
+    merges = "safety_adapter" in get_defense(method).needs
     if merges and safety is None:
         raise InputError(f"{where}: needs a safety adapter: give setup.safety_adapter or setup.safety_train")
     try:
@@ -201,7 +201,7 @@ def defence_cell(
             **fields,
         )
     except ValidationError as exc:
-        raise InputError(f"{where}, cell {label!r}: {validation_message(exc)}") from None
+        raise InputError(f"{where}, cell {label!r}: {validation_message(exc, DefendConfig)}") from None
     except TypeError as exc:
         raise InputError(f"{where}, cell {label!r}: {exc}") from None
     inputs = ("aligned", "unaligned", "task") + (("safety",) if merges else ())

@@ -15,12 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safemerge.common.errors import InputError
+from safemerge.common.config_io import load_config
+from safemerge.defenses import defense_names, get_defense
 
-Method = Literal["safemerge", "merge-all", "safelora", "resta", "none", "safeinstr"]
+# Training-time baselines the runner trains itself; every other method is a registered defence.
+TRAINING_METHODS = ("safeinstr",)
 Control = Literal["scale-only", "merge-all"]
 # SafeMERGE's validation choice in the demo: lose at most 3 points of task accuracy and add at most
 # 5 points of over-refusal against the reference row (the task adapter); docs/organism.md.
@@ -92,16 +93,26 @@ class DefenseSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Method
+    method: str = Field(description="a registered defence (`safemerge defend --help`) or safeinstr")
     name: str | None = Field(None, description="row label (default: the method)")
     options: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     choose: ChooseSpec | None = Field(None, description="pick one grid cell on evaluation.validation")
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, method: str) -> str:
+        if method not in TRAINING_METHODS and method not in defense_names():
+            known = ", ".join([*defense_names(), *TRAINING_METHODS])
+            raise ValueError(f"unknown method {method!r}: use one of {known}")
+        return method
+
     @model_validator(mode="after")
     def _controls_need_weights(self) -> DefenseSpec:
-        if self.choose and self.choose.controls and self.method != "safemerge":
-            raise ValueError(f"choose.controls apply to method safemerge only, not {self.method}")
+        """The derived controls vary (w_task, w_safety) of a merge with a safety adapter."""
+        merges = self.method not in TRAINING_METHODS and "weights" in get_defense(self.method).options
+        if self.choose and self.choose.controls and not merges:
+            raise ValueError(f"choose.controls apply to defences that merge with weights, not {self.method}")
         return self
 
 
@@ -207,23 +218,6 @@ class ExperimentConfig(BaseModel):
         return self
 
 
-def validation_message(exc: ValidationError) -> str:
-    """pydantic's errors as one line: `loc: message; loc: message`."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-
-
 def parse_experiment(path: Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file."""
-    if not path.is_file():
-        raise InputError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"config file {path} must hold a mapping")
-    try:
-        cfg = ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise InputError(f"invalid experiment config {path}: {validation_message(exc)}") from None
-    return cfg
+    """Read and validate an experiment YAML file (the one loader: unknown keys and bad values → exit 2)."""
+    return load_config(ExperimentConfig, path, {})

@@ -54,8 +54,8 @@ def modules_changed(variant: Path, method: str) -> tuple[int | None, int | None]
     counts = report_modules(variant)
     if counts is None:
         return None, None
-    if method == "resta":
-        report = json.loads((variant / "safemerge_report.json").read_text(encoding="utf-8"))
+    report = json.loads((variant / "safemerge_report.json").read_text(encoding="utf-8"))
+    if "edited_tensors" in report["options"]:  # a full-model edit (RESTA) counts tensors, not modules
         return int(report["options"]["edited_tensors"]), None
     return counts
 
@@ -244,7 +244,7 @@ def _changed(r: dict[str, Any]) -> str:
     changed = "" if r["modules_changed"] is None else str(r["modules_changed"])
     if r["modules_total"] is not None:
         changed += f"/{r['modules_total']}"
-    elif r["method"] == "resta":
+    elif r["modules_changed"] is not None:  # tensors of a full-model edit (RESTA)
         changed += " tensors"
     return changed
 
