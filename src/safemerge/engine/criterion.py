@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import torch
 
 DECISION_DECIMALS = 5  # the reference code rounds ρ to 5 decimals before comparing with τ
+ZERO_V = "zero-V"  # the degeneracy (and report flag) of a module the alignment never changed: V = 0
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def _finish(num: float, cdw2: float, dw2: float, v: torch.Tensor) -> Similarity:
         return Similarity(0.0, "zero-update")
     if cdw2 <= 0.0:
         vn = float(torch.linalg.vector_norm(v, dtype=torch.float64))
-        return Similarity(0.0, "zero-V" if vn == 0.0 else "orthogonal")
+        return Similarity(0.0, ZERO_V if vn == 0.0 else "orthogonal")
     rho = num / math.sqrt(cdw2 * dw2)
     return Similarity(min(max(rho, 0.0), 1.0))
 
@@ -180,9 +181,15 @@ def select_threshold(rhos: list[float], tau: float) -> list[bool]:
     return [round(r, DECISION_DECIMALS) < tau for r in rhos]
 
 
-def select_top_k(rhos: list[float], k: int) -> list[bool]:
-    """Select the k modules with the lowest ρ (ties broken by module order)."""
-    order = sorted(range(len(rhos)), key=lambda i: (rhos[i], i))
+def select_top_k(rhos: list[float], k: int, last: Collection[int] = ()) -> list[bool]:
+    """Select the k modules with the lowest ρ (ties broken by module order).
+
+    `last`: indices ranked after every other module whatever their ρ — the `zero-V` modules, whose ρ = 0
+    is a convention, not a measurement (docs/method.md §3.3): they take a place only when fewer than k
+    other modules exist, so k measured modules are chosen whenever there are k.
+    """
+    at_end = set(last)
+    order = sorted(range(len(rhos)), key=lambda i: (i in at_end, rhos[i], i))
     chosen = set(order[: max(0, min(k, len(rhos)))])
     return [i in chosen for i in range(len(rhos))]
 
@@ -192,6 +199,6 @@ def fraction_count(n: int, fraction: float) -> int:
     return min(n, math.ceil(fraction * n - 1e-9))
 
 
-def select_fraction(rhos: list[float], fraction: float) -> list[bool]:
-    """Select the lowest-ρ fraction of modules (⌈fraction · n⌉ of them)."""
-    return select_top_k(rhos, fraction_count(len(rhos), fraction))
+def select_fraction(rhos: list[float], fraction: float, last: Collection[int] = ()) -> list[bool]:
+    """Select the lowest-ρ fraction of modules (⌈fraction · n⌉ of them; `last` as in `select_top_k`)."""
+    return select_top_k(rhos, fraction_count(len(rhos), fraction), last)

@@ -84,15 +84,9 @@ class LoraAdapter:
     # --- loading ------------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path: str | Path, label: str = "adapter") -> LoraAdapter:
+        """Open an adapter directory (or hub id): its config and safetensors header, no tensors."""
         directory, revision = resolve_local_dir(name_or_path)
-        cfg_path = directory / CONFIG_NAME
-        if not cfg_path.exists():
-            raise InputError(f"{directory}: not a PEFT adapter directory ({CONFIG_NAME} missing) — {label}")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
-        _check_config(config, cfg_path)
+        config = _read_config(directory, label)
         weights = directory / WEIGHTS_NAME
         if not weights.exists():
             if (directory / "adapter_model.bin").exists():
@@ -101,37 +95,7 @@ class LoraAdapter:
                     "convert it to adapter_model.safetensors"
                 )
             raise InputError(f"{directory}: {WEIGHTS_NAME} is missing — {label}")
-        header = _read_safetensors_header(weights)
-        modules: dict[str, set[str]] = {}
-        extra: list[str] = []
-        ranks: dict[str, int] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            for marker, what in _UNSUPPORTED_KEYS.items():
-                if marker in key:
-                    raise InputError(f"{weights}: tensor {key!r} — {what} are not supported")
-            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            m = _LORA_KEY.match(name)
-            if m is None:
-                if "lora_" in name:
-                    raise InputError(f"{weights}: unsupported LoRA tensor {key!r}")
-                extra.append(key)
-                continue
-            if len(info["shape"]) != 2:
-                raise InputError(
-                    f"{weights}: {key!r} has shape {info['shape']}; only Linear/Conv1D LoRA is supported"
-                )
-            modules.setdefault(m["module"], set()).add(m["which"])
-            if m["which"] == "A":
-                ranks[m["module"]] = int(info["shape"][0])
-        incomplete = [mod for mod, which in modules.items() if which != {"A", "B"}]
-        if incomplete:
-            raise InputError(
-                f"{weights}: modules without both lora_A and lora_B: {', '.join(incomplete[:5])}"
-            )
-        if not modules:
-            raise InputError(f"{weights}: no LoRA tensors found — {label}")
+        ranks, extra = _scan_header(weights, label)
         if extra:
             warnings.warn(
                 f"{label} {directory} carries non-LoRA tensors (modules_to_save): "
@@ -142,7 +106,7 @@ class LoraAdapter:
             directory=directory,
             config=config,
             weights_file=weights,
-            lora_modules=sorted(modules, key=natural_key),
+            lora_modules=sorted(ranks, key=natural_key),
             extra_keys=extra,
             label=label,
             revision=revision,
@@ -202,6 +166,52 @@ class LoraAdapter:
         """The non-LoRA tensors (modules_to_save, ...), unchanged."""
         with safe_open(str(self.weights_file), framework="pt", device="cpu") as fh:
             return {k: fh.get_tensor(k) for k in self.extra_keys}
+
+
+def _read_config(directory: Path, label: str) -> dict[str, Any]:
+    """adapter_config.json, checked for what this tool supports."""
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.exists():
+        raise InputError(f"{directory}: not a PEFT adapter directory ({CONFIG_NAME} missing) — {label}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    _check_config(config, cfg_path)
+    return config
+
+
+def _scan_header(weights: Path, label: str) -> tuple[dict[str, int], list[str]]:
+    """({module: rank}, non-LoRA keys) from the safetensors header; unsupported tensors are errors."""
+    modules: dict[str, set[str]] = {}
+    extra: list[str] = []
+    ranks: dict[str, int] = {}
+    for key, info in _read_safetensors_header(weights).items():
+        if key == "__metadata__":
+            continue
+        for marker, what in _UNSUPPORTED_KEYS.items():
+            if marker in key:
+                raise InputError(f"{weights}: tensor {key!r} — {what} are not supported")
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        m = _LORA_KEY.match(name)
+        if m is None:
+            if "lora_" in name:
+                raise InputError(f"{weights}: unsupported LoRA tensor {key!r}")
+            extra.append(key)
+            continue
+        if len(info["shape"]) != 2:
+            raise InputError(
+                f"{weights}: {key!r} has shape {info['shape']}; only Linear/Conv1D LoRA is supported"
+            )
+        modules.setdefault(m["module"], set()).add(m["which"])
+        if m["which"] == "A":
+            ranks[m["module"]] = int(info["shape"][0])
+    incomplete = [mod for mod, which in modules.items() if which != {"A", "B"}]
+    if incomplete:
+        raise InputError(f"{weights}: modules without both lora_A and lora_B: {', '.join(incomplete[:5])}")
+    if not modules:
+        raise InputError(f"{weights}: no LoRA tensors found — {label}")
+    return ranks, extra
 
 
 def _find_key(fh: Any, module: str, which: str) -> str:

@@ -25,6 +25,7 @@ from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.engine.checkpoint import Checkpoint, file_sha256, find_module_weight, resolve_local_dir
 from safemerge.engine.config import MergeConfig, ScanConfig, SelectionConfig
 from safemerge.engine.criterion import (
+    ZERO_V,
     Similarity,
     select_fraction,
     select_threshold,
@@ -61,14 +62,22 @@ def module_similarity(
     return weights_similarity(w_aligned, w_unaligned, task.A, task.B, fan_in_fan_out, block_rows)
 
 
-def select(rhos: list[float], selection: SelectionConfig) -> list[bool]:
-    """Apply the configured selection policy to a list of ρ."""
+def select(rhos: list[float], selection: SelectionConfig, last: Collection[int] = ()) -> list[bool]:
+    """Apply the configured selection policy to a list of ρ. The ranking policies (top-k, fraction) rank
+    the indices in `last` (the `zero-V` modules, see `ranked_last`) after all others; the threshold
+    policy compares every ρ with τ as it is."""
     if selection.top_k is not None:
-        return select_top_k(rhos, selection.top_k)
+        return select_top_k(rhos, selection.top_k, last)
     if selection.fraction is not None:
-        return select_fraction(rhos, selection.fraction)
+        return select_fraction(rhos, selection.fraction, last)
     assert selection.threshold is not None
     return select_threshold(rhos, selection.threshold)
+
+
+def ranked_last(records: list[ModuleRecord]) -> set[int]:
+    """Indices of the modules flagged `zero-V` (V = 0: ρ = 0 by convention, not measured), which the
+    ranking policies place last (docs/method.md §3.3)."""
+    return {i for i, r in enumerate(records) if ZERO_V in r.flags}
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -125,54 +134,63 @@ def _similarities(
     with progress_bar(progress) as bar:
         job = bar.add_task("scanning modules", total=len(task.lora_modules))
         for module in task.lora_modules:
-            key_al = find_module_weight(aligned, module)
-            key_un = find_module_weight(unaligned, module)
-            shape_al, shape_un = aligned.shape(key_al), unaligned.shape(key_un)
-            if shape_al != shape_un:
-                raise InputError(
-                    f"{key_al}: aligned shape {shape_al} ({aligned.directory}) differs from unaligned shape "
-                    f"{shape_un} ({unaligned.directory})"
-                )
             factors = task.factors(module)
-            d_out, d_in = factors.B.shape[0], factors.A.shape[1]
-            expected = (d_in, d_out) if task.fan_in_fan_out else (d_out, d_in)
-            if tuple(shape_al) != expected:
-                raise InputError(
-                    f"module {module}: {task.label} expects a weight of shape {expected}, but {key_al} in "
-                    f"{aligned.directory} has {tuple(shape_al)} — is the adapter for this architecture?"
-                )
+            key_al, key_un = _base_keys(aligned, unaligned, task, module, factors)
             w_al = aligned.get(key_al).to(device)
             w_un = unaligned.get(key_un).to(device)
             dev_factors = LoraFactors(factors.A.to(device), factors.B.to(device), factors.scaling)
             try:
                 sim = module_similarity(w_al, w_un, dev_factors, task.fan_in_fan_out)
-            except ValueError:
-                _check_finite_inputs(
-                    [
-                        (key_al, aligned, w_al),
-                        (key_un, unaligned, w_un),
-                        (f"{module}.lora_A", task, factors.A),
-                    ]
-                )
+            except ValueError:  # non-finite input: name the tensor
+                inputs: list[tuple[str, Checkpoint | LoraAdapter, torch.Tensor]] = [
+                    (key_al, aligned, w_al),
+                    (key_un, unaligned, w_un),
+                    (f"{module}.lora_A", task, factors.A),
+                ]
+                _check_finite_inputs(inputs)
                 raise
             del w_al, w_un
-            flags = [sim.degenerate] if sim.degenerate else []
-            records.append(
-                ModuleRecord(
-                    name=module,
-                    layer=layer_index(module),
-                    module_type=module_type(module),
-                    shape=(d_out, d_in),
-                    rank_task=factors.rank,
-                    rho=sim.rho,
-                    rho_rounded=sim.rho_rounded,
-                    selected=False,
-                    delta_norm_in=lora_delta_norm(factors),
-                    flags=flags,
-                )
-            )
+            records.append(_module_record(module, factors, sim))
             bar.advance(job)
     return records
+
+
+def _base_keys(
+    aligned: Checkpoint, unaligned: Checkpoint, task: LoraAdapter, module: str, factors: LoraFactors
+) -> tuple[str, str]:
+    """The module's weight keys in both checkpoints, after checking that their shapes fit the adapter."""
+    key_al = find_module_weight(aligned, module)
+    key_un = find_module_weight(unaligned, module)
+    shape_al, shape_un = aligned.shape(key_al), unaligned.shape(key_un)
+    if shape_al != shape_un:
+        raise InputError(
+            f"{key_al}: aligned shape {shape_al} ({aligned.directory}) differs from unaligned shape "
+            f"{shape_un} ({unaligned.directory})"
+        )
+    d_out, d_in = factors.B.shape[0], factors.A.shape[1]
+    expected = (d_in, d_out) if task.fan_in_fan_out else (d_out, d_in)
+    if tuple(shape_al) != expected:
+        raise InputError(
+            f"module {module}: {task.label} expects a weight of shape {expected}, but {key_al} in "
+            f"{aligned.directory} has {tuple(shape_al)} — is the adapter for this architecture?"
+        )
+    return key_al, key_un
+
+
+def _module_record(module: str, factors: LoraFactors, sim: Similarity) -> ModuleRecord:
+    """The report row of a scanned module (not yet selected)."""
+    return ModuleRecord(
+        name=module,
+        layer=layer_index(module),
+        module_type=module_type(module),
+        shape=(int(factors.B.shape[0]), int(factors.A.shape[1])),
+        rank_task=factors.rank,
+        rho=sim.rho,
+        rho_rounded=sim.rho_rounded,
+        selected=False,
+        delta_norm_in=lora_delta_norm(factors),
+        flags=[sim.degenerate] if sim.degenerate else [],
+    )
 
 
 def _scan_inputs(cfg: ScanConfig) -> tuple[Checkpoint, Checkpoint, LoraAdapter, dict[str, Any]]:
@@ -192,7 +210,8 @@ def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, Lor
     aligned, unaligned, task, inputs = _scan_inputs(cfg)
     device = resolve_device(cfg.run.device)
     records = _similarities(aligned, unaligned, task, device, progress)
-    for rec, chosen in zip(records, select([r.rho for r in records], cfg.selection), strict=True):
+    chosen_all = select([r.rho for r in records], cfg.selection, ranked_last(records))
+    for rec, chosen in zip(records, chosen_all, strict=True):
         rec.selected = chosen
     options = plain_dump(cfg, exclude=("force",))  # how to write, not what was computed
     options["selection_policy"] = cfg.selection.policy
@@ -274,46 +293,70 @@ def merge_modules(
     # One pass for the shapes and scalings (factors of lazy mappings are read from disk on access).
     task_meta = {m: (f.rank, f.scaling) for m, f in task.items()}
     safety_rank = {m: f.rank for m, f in safety.items()}
-    r_max = max(r for r, _ in task_meta.values())
-    if mode == "peft-linear":
-        out_rank = r_max
-    elif method != "linear" and rank is not None:
-        if rank < r_max:
-            raise InputError(
-                f"--rank {rank} is below the task adapter's rank {r_max}; unselected modules need it"
-            )
-        out_rank = rank
-    else:
-        out_rank = max(r + safety_rank.get(m, 0) for m, (r, _) in task_meta.items())
+    out_rank = _output_rank(task_meta, safety_rank, mode, method, rank)
     out_scale, alpha = output_scaling([s for _, s in task_meta.values()], out_rank)
     result = MergedAdapter({}, out_rank, out_scale, alpha)
-    w_f, w_s = weights
     for name, tf in task.items():
         sf = safety[name] if name in selected and name in safety_rank else None
         if name in selected and sf is None:
             result.no_safety_counterpart.append(name)
-        if name in selected and sf is not None:
-            if mode == "peft-linear":
-                if tf.rank != sf.rank:
-                    raise InputError(
-                        f"mode peft-linear needs equal ranks: {name} has task r={tf.rank}, safety r={sf.rank}"
-                    )
-                a, b = peft_linear_merge(tf, sf, w_f, w_s, out_scale)
-            elif method == "linear":
-                a, b = exact_merge(tf, sf, w_f, w_s, out_scale)
-            else:
-                dense = merge_dense(
-                    [tf.delta(), sf.delta()], [w_f, w_s], method, density, module_seed(seed, name)
-                )
-                a, b, result.svd_rel_errors[name] = svd_factors(
-                    dense, out_rank, out_scale, module_seed(seed + 1, name)
-                )
-            result.merged.add(name)
-        else:
+        if sf is None:
             a, b = exact_merge(tf, None, 1.0, 0.0, out_scale)
+        else:
+            a, b = _merge_module(name, tf, sf, result, weights, mode, method, density, seed)
+            result.merged.add(name)
         a, b = pad_rank(a, b, out_rank)
         result.factors[name] = (a.to(dtype), b.to(dtype))
     return result
+
+
+def _output_rank(
+    task_meta: Mapping[str, tuple[int, float]],
+    safety_rank: Mapping[str, int],
+    mode: str,
+    method: str,
+    rank: int | None,
+) -> int:
+    """The merged adapter's one rank: the task's for peft-linear, `rank` for TIES/DARE when given (never
+    below the task's: unselected modules keep their factors), else the largest r_task + r_safety."""
+    r_max = max(r for r, _ in task_meta.values())
+    if mode == "peft-linear":
+        return r_max
+    if method != "linear" and rank is not None:
+        if rank < r_max:
+            raise InputError(
+                f"--rank {rank} is below the task adapter's rank {r_max}; unselected modules need it"
+            )
+        return rank
+    return max(r + safety_rank.get(m, 0) for m, (r, _) in task_meta.items())
+
+
+def _merge_module(
+    name: str,
+    tf: LoraFactors,
+    sf: LoraFactors,
+    result: MergedAdapter,
+    weights: tuple[float, float],
+    mode: str,
+    method: str,
+    density: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of one selected module (float64), by the configured operator (docs/method.md §4)."""
+    w_f, w_s = weights
+    if mode == "peft-linear":
+        if tf.rank != sf.rank:
+            raise InputError(
+                f"mode peft-linear needs equal ranks: {name} has task r={tf.rank}, safety r={sf.rank}"
+            )
+        return peft_linear_merge(tf, sf, w_f, w_s, result.scaling)
+    if method == "linear":
+        return exact_merge(tf, sf, w_f, w_s, result.scaling)
+    dense = merge_dense([tf.delta(), sf.delta()], [w_f, w_s], method, density, module_seed(seed, name))
+    a, b, result.svd_rel_errors[name] = svd_factors(
+        dense, result.rank, result.scaling, module_seed(seed + 1, name)
+    )
+    return a, b
 
 
 class LazyFactors(Mapping[str, LoraFactors]):
@@ -342,6 +385,39 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     report, task, aligned = run_scan(cfg, "merge", progress)
     report.command = "merge"
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
+    _check_pair(task, safety, report)
+    modules = set(task.lora_modules)
+    opts = cfg.merge
+    result = merge_modules(
+        LazyFactors(task, modules),
+        LazyFactors(safety, modules),
+        {r.name for r in report.modules if r.selected},
+        weights=opts.weights,
+        mode=opts.mode,
+        method=opts.method,
+        density=opts.density,
+        seed=opts.seed,
+        rank=opts.rank,
+        dtype=task.storage_dtype(),
+    )
+    _record_merge(report, result, safety, opts.weights)
+    with atomic_output_dir(out, cfg.run.force) as tmp:
+        _write_merge(cfg, report, result, task, aligned, tmp, progress)
+    return report
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+
+
+def _warn(report: Report, msg: str) -> None:
+    """A warning for the console and for the report's Warnings section."""
+    warnings.warn(msg, stacklevel=3)
+    report.warnings.append(msg)
+
+
+def _check_pair(task: LoraAdapter, safety: LoraAdapter, report: Report) -> None:
+    """The safety adapter must use the task's layout; modules only it targets are ignored (warned)."""
     if task.fan_in_fan_out != safety.fan_in_fan_out:
         raise InputError(
             f"fan_in_fan_out differs: task adapter {task.fan_in_fan_out}, "
@@ -350,31 +426,21 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     task_set = set(task.lora_modules)
     only_safety = [m for m in safety.lora_modules if m not in task_set]
     if only_safety:
-        msg = (
+        _warn(
+            report,
             f"{len(only_safety)} module(s) targeted only by the safety adapter are ignored: "
-            f"{', '.join(only_safety[:4])}{' ...' if len(only_safety) > 4 else ''}"
+            f"{_listed(only_safety)}",
         )
-        warnings.warn(msg, stacklevel=2)
-        report.warnings.append(msg)
-    task_factors = LazyFactors(task, task_set)
-    safety_factors = LazyFactors(safety, task_set)
-    dtype = task.storage_dtype()
-    result = merge_modules(
-        task_factors,
-        safety_factors,
-        {r.name for r in report.modules if r.selected},
-        weights=cfg.merge.weights,
-        mode=cfg.merge.mode,
-        method=cfg.merge.method,
-        density=cfg.merge.density,
-        seed=cfg.merge.seed,
-        rank=cfg.merge.rank,
-        dtype=dtype,
-    )
+
+
+def _record_merge(
+    report: Report, result: MergedAdapter, safety: LoraAdapter, weights: tuple[float, float]
+) -> None:
+    """What the merge did, per module and in the options: ranks, weights, flags, ‖ΔW‖ out."""
     for rec in report.modules:
-        rec.rank_safety = safety.rank(rec.name) if rec.name in safety_factors else None
+        rec.rank_safety = safety.rank(rec.name) if rec.name in safety.lora_modules else None
         if rec.name in result.merged:
-            rec.merged, rec.w_task, rec.w_safety = True, cfg.merge.weights[0], cfg.merge.weights[1]
+            rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
         if rec.name in result.no_safety_counterpart:
             rec.flags.append("no-safety-counterpart")
         rec.svd_rel_error = result.svd_rel_errors.get(rec.name)
@@ -382,37 +448,46 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, result.scaling))
     missing = result.no_safety_counterpart
     if missing:
-        msg = (
+        _warn(
+            report,
             f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
-            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}"
+            f"{_listed(missing)}",
         )
-        warnings.warn(msg, stacklevel=2)
-        report.warnings.append(msg)
-    rank, out_scale = result.rank, result.scaling
-    report.options.update(output_rank=rank, output_scaling=out_scale, output_lora_alpha=result.lora_alpha)
+    report.options.update(
+        output_rank=result.rank, output_scaling=result.scaling, output_lora_alpha=result.lora_alpha
+    )
+
+
+def _write_merge(
+    cfg: MergeConfig,
+    report: Report,
+    result: MergedAdapter,
+    task: LoraAdapter,
+    aligned: Checkpoint,
+    tmp: Path,
+    progress: bool,
+) -> None:
+    """The adapter, its model card, the resolved config, the optional full model and the report."""
+    out = Path(cfg.out)
     stored = result.factors
-    with atomic_output_dir(out, cfg.run.force) as tmp:
-        write_adapter(
-            tmp, task.config, stored, rank, result.lora_alpha, cfg.inputs.aligned, task.read_extra()
-        )
-        (tmp / "README.md").write_text(model_card(report))
-        (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
-        if cfg.merge.merge_into_base:
-            deltas = {
-                m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()
-            }
-            write_merged_model(
-                aligned, deltas, task.fan_in_fan_out, tmp / "full_model", cfg.merge.max_shard_size, progress
-            )
-            report.outputs["full_model"] = str(out / "full_model")
-        report.outputs["adapter"] = str(out)
-        report.outputs["report"] = str(out / "safemerge_report.json")
-        write_report(report, tmp, plot=cfg.run.plot)
-    return report
+    write_adapter(
+        tmp, task.config, stored, result.rank, result.lora_alpha, cfg.inputs.aligned, task.read_extra()
+    )
+    (tmp / "README.md").write_text(model_card(report))
+    (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
+    if cfg.merge.merge_into_base:
+        deltas = {
+            m: (a.to(torch.float32), b.to(torch.float32), result.scaling) for m, (a, b) in stored.items()
+        }
+        full = tmp / "full_model"
+        write_merged_model(aligned, deltas, task.fan_in_fan_out, full, cfg.merge.max_shard_size, progress)
+        report.outputs["full_model"] = str(out / "full_model")
+    report.outputs["adapter"] = str(out)
+    report.outputs["report"] = str(out / "safemerge_report.json")
+    write_report(report, tmp, plot=cfg.run.plot)
 
 
 def _config_yaml(cfg: MergeConfig) -> str:
-
     data = plain_dump(cfg, exclude=("force",))
     data["weights"] = list(cfg.merge.weights)
     return (
