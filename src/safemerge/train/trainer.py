@@ -100,17 +100,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train a LoRA adapter as configured and write it (with config, log, loss curve) to `cfg.out`."""
     from datasets import Dataset  # lazy, like peft and trl below: training-only, seconds to import
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     check_output_dir(cfg.out, cfg.force)
     examples = prepare_data(cfg)
-    use_bf16 = (
-        cfg.bf16
-        if cfg.bf16 is not None
-        else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    )
-    if use_bf16 and not torch.cuda.is_available():
-        raise InputError("--bf16 needs a GPU; leave it unset on CPU")
+    use_bf16 = _use_bf16(cfg)
     model_name = resolve_model(cfg.model)
     model, tok = load_model_and_tokenizer(model_name, use_bf16, cfg.trust_remote_code)
     lora = LoraConfig(
@@ -122,29 +116,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         task_type="CAUSAL_LM",
     )
     with atomic_output_dir(cfg.out, cfg.force) as tmp:
-        args = SFTConfig(
-            output_dir=str(tmp / "_trainer"),
-            learning_rate=cfg.learning_rate,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            max_length=cfg.max_length,
-            warmup_steps=cfg.warmup_steps,
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            activation_checkpointing=cfg.gradient_checkpointing,
-            bf16=use_bf16,
-            logging_steps=cfg.logging_steps,
-            save_strategy="no",
-            report_to="none",
-            completion_only_loss=True,
-            disable_tqdm=False,
-            use_cpu=not torch.cuda.is_available(),
-        )
         trainer = SFTTrainer(
             model=model,
-            args=args,
+            args=_sft_args(cfg, tmp / "_trainer", use_bf16),
             train_dataset=Dataset.from_list(examples),
             processing_class=tok,
             peft_config=lora,
@@ -154,15 +128,54 @@ def train(cfg: TrainConfig) -> TrainResult:
         peft_model.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         history = [dict(h) for h in trainer.state.log_history]
-        (tmp / "train_config.yaml").write_text(
-            dump_config(cfg) + f"# resolved model path: {model_name}\n# examples: {len(examples)}\n",
-            encoding="utf-8",
-        )
-        with (tmp / "train_log.jsonl").open("w", encoding="utf-8") as f:
-            for h in history:
-                f.write(json.dumps(h) + "\n")
-        plot_losses(history, tmp / "loss_curve.png")
+        _write_logs(tmp, cfg, model_name, len(examples), history)
     losses = [float(h["loss"]) for h in history if "loss" in h]
     return TrainResult(
         out=cfg.out, n_examples=len(examples), steps=int(trainer.state.global_step), losses=losses
     )
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    """bf16 when asked, or by default on a GPU that supports it; never on the CPU."""
+    cuda = torch.cuda.is_available()
+    use = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    if use and not cuda:
+        raise InputError("--bf16 needs a GPU; leave it unset on CPU")
+    return use
+
+
+def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool) -> Any:
+    """TRL's SFTConfig: loss on the completion only, no checkpoints, no reporting services."""
+    from trl import SFTConfig  # lazy: see train()
+
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        bf16=use_bf16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        completion_only_loss=True,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _write_logs(tmp: Path, cfg: TrainConfig, model_name: str, n: int, history: list[dict[str, Any]]) -> None:
+    """train_config.yaml (resolved), train_log.jsonl (one record per logging step), loss_curve.png."""
+    (tmp / "train_config.yaml").write_text(
+        dump_config(cfg) + f"# resolved model path: {model_name}\n# examples: {n}\n", encoding="utf-8"
+    )
+    with (tmp / "train_log.jsonl").open("w", encoding="utf-8") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+    plot_losses(history, tmp / "loss_curve.png")
