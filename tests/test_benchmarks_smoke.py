@@ -65,8 +65,20 @@ def _bench_merge() -> ModuleType:
 def test_bench_merge_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bench = _bench_merge()
     out = tmp_path / "figures.json"
-    argv = ["--preset", "tiny", "--data-root", str(tmp_path), "--repeats", "1", "--linearity-layers", "0",
-            "--dense-d", "256", "--json", str(out)]
+    argv = [
+        "--preset",
+        "tiny",
+        "--data-root",
+        str(tmp_path),
+        "--repeats",
+        "1",
+        "--linearity-layers",
+        "0",
+        "--dense-d",
+        "256",
+        "--json",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     res = json.loads(out.read_text())
     t = res["timing"]

@@ -24,7 +24,7 @@ from safemerge.defenses import (
 )
 from safemerge.engine.checkpoint import Checkpoint, find_module_weight
 from safemerge.engine.config import ScanConfig
-from safemerge.engine.criterion import dense_similarity
+from safemerge.engine.criterion import dense_similarity, fraction_count, select_fraction, select_top_k
 from safemerge.engine.lora import LoraAdapter
 from safemerge.engine.merging import dare, module_seed
 from safemerge.engine.pipeline import scan
@@ -151,7 +151,7 @@ def test_safelora_top_k_selects_exactly_k_lowest_from_unmodified_weights(
     selected = [m.name for m in result.report.modules if m.selected]
     assert len(selected) == k == result.modified
     assert set(selected) == set(sorted(rho, key=rho.__getitem__)[:k])
-    for rec in result.report.modules:  # decisions used the task adapter's ρ, not already-projected factors
+    for rec in result.report.modules:  # the report's ρ are the scan's: computed from the task adapter as is
         assert rec.rho == pytest.approx(rho[rec.name], abs=1e-12)
 
 
@@ -191,6 +191,64 @@ def test_safelora_zero_v_is_flagged_and_left_unchanged(env: dict[str, Path], tmp
     task, got = deltas(env["task"]), deltas(tmp_path / "out")
     for m, dw in task.items():
         torch.testing.assert_close(got[m], dw, rtol=1e-6, atol=1e-8)
+
+
+ZERO_V_MODULE = "model.layers.1.self_attn.q_proj"
+
+
+@pytest.fixture(scope="module")
+def zero_v(env: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """env with the unaligned model's weight of one LoRA module set to the aligned one: V = 0 there only."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("zero_v")
+    un = AutoModelForCausalLM.from_pretrained(env["unaligned"])
+    al = AutoModelForCausalLM.from_pretrained(env["aligned"])
+    with torch.no_grad():
+        un.get_submodule(ZERO_V_MODULE).weight.copy_(al.get_submodule(ZERO_V_MODULE).weight)
+    un.save_pretrained(root / "unaligned")
+    return {**env, "unaligned": root / "unaligned"}
+
+
+def test_select_top_k_ranks_the_given_indices_last() -> None:
+    rhos = [0.0, 0.4, 0.1, 0.3, 0.0]
+    assert select_top_k(rhos, 2, last={0}) == [False, False, True, False, True]
+    assert select_top_k(rhos, 4, last={0, 4}) == [True, True, True, True, False]  # ties by order
+    assert select_top_k(rhos, 5, last={0, 4}) == [True] * 5  # they still fill k when nothing else is left
+    assert select_fraction(rhos, 0.4, last={0}) == select_top_k(rhos, 2, last={0})
+    assert select_top_k(rhos, 2) == [True, False, False, False, True]  # no `last`: as before
+
+
+@pytest.mark.parametrize("policy", [{"top_k": 3}, {"fraction": 0.5}])
+def test_zero_v_modules_are_ranked_last(
+    policy: dict[str, object], zero_v: dict[str, Path], tmp_path: Path
+) -> None:
+    """A zero-V module (ρ = 0 by convention) must not take one of the k places: Safe LoRA projects k
+    modules, and SafeMERGE selects the same k measured modules (the official Safe LoRA code never
+    projects a V = 0 module, whose C is NaN, and fills k from the rest)."""
+    rho = rhos(zero_v)
+    assert rho[ZERO_V_MODULE] == 0.0
+    k = 3 if "top_k" in policy else fraction_count(len(rho), 0.5)
+    measured = sorted((m for m in rho if m != ZERO_V_MODULE), key=rho.__getitem__)
+    result = defend(dcfg(zero_v, tmp_path / "safelora", method="safelora", **policy))
+    selected = {m.name for m in result.report.modules if m.selected}
+    assert selected == set(measured[:k])
+    assert result.modified == k
+    flagged = next(m for m in result.report.modules if m.name == ZERO_V_MODULE)
+    assert "zero-V" in flagged.flags and not flagged.selected and not flagged.merged
+    scanned = scan(
+        ScanConfig(
+            aligned=str(zero_v["aligned"]),
+            unaligned=str(zero_v["unaligned"]),
+            task_adapter=str(zero_v["task"]),
+            **policy,
+        )
+    )
+    assert {m.name for m in scanned.modules if m.selected} == selected
+    # the threshold policy is unchanged: ρ = 0 ≤ τ selects the zero-V module, which is left as it is
+    by_tau = defend(dcfg(zero_v, tmp_path / "tau", method="safelora", threshold=0.5))
+    rec = next(m for m in by_tau.report.modules if m.name == ZERO_V_MODULE)
+    assert rec.selected and not rec.merged
 
 
 # --- RESTA ----------------------------------------------------------------------------------------

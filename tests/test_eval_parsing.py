@@ -79,7 +79,9 @@ def test_llama_guard_parsing() -> None:
     assert bad.unsafe is True and bad.categories == ("S1", "S10")
     assert parse_llama_guard("unsafe").unsafe is True
     assert parse_llama_guard(" unsafe \n S2 , S9 ").categories == ("S2", "S9")
-    for malformed in ("", "I think this is fine", "unsafe\nviolent stuff", "safety first"):
+    # the first line decides: categories that do not parse leave the verdict unsafe (tests/test_judges.py)
+    assert parse_llama_guard("unsafe\nviolent stuff").unsafe is True
+    for malformed in ("", "I think this is fine", "safety first"):
         v = parse_llama_guard(malformed)
         assert v.unsafe is None, malformed
         assert v.raw == malformed
@@ -97,15 +99,16 @@ def test_llama_guard_prompt_and_judge() -> None:
         seen.append(texts)
         return ["safe", "unsafe\nS2", "garbage"]
 
-    judge = LlamaGuardJudge("guard", fake_generate)
+    judge = LlamaGuardJudge("meta-llama/Llama-Guard-3-8B", fake_generate)
     verdicts = judge.judge(["a", "b", "c"], ["x", "y", "z"])
     assert [v.unsafe for v in verdicts] == [False, True, None]
     assert "Agent: y" in seen[0][1]
     # a tokenizer with a chat template renders the conversation itself
     tok = SimpleNamespace(
-        chat_template="x", apply_chat_template=lambda conv, tokenize: f"T:{conv[1]['content']}"
+        chat_template="x",
+        apply_chat_template=lambda conv, tokenize: f"T:{conv[0]['content']}|{conv[1]['content']}",
     )
-    assert guard_prompts(tok, ["p"], ["r"]) == ["T:r"]
+    assert guard_prompts(tok, ["p"], ["r"]) == ["T:p|r"]
 
 
 def test_keyword_judge() -> None:
@@ -126,7 +129,10 @@ def test_vllm_requests(tmp_path) -> None:  # type: ignore[no-untyped-def]
         d.mkdir()
         (d / "adapter_config.json").write_text(json.dumps({"r": r, "rank_pattern": {}}))
     kw = vllm_engine_kwargs("m", [str(a), str(b)], tensor_parallel_size=4)
-    assert kw["enable_lora"] and kw["max_loras"] == 2 and kw["max_lora_rank"] == 16
+    # one GPU slot (one adapter is active per call), every adapter in CPU memory
+    assert (
+        kw["enable_lora"] and kw["max_loras"] == 1 and kw["max_cpu_loras"] == 2 and kw["max_lora_rank"] == 16
+    )
     assert kw["tensor_parallel_size"] == 4 and kw["trust_remote_code"] is False
     assert "enable_lora" not in vllm_engine_kwargs("m", [])
     assert vllm_sampling_kwargs(64) == {"temperature": 0.0, "max_tokens": 64}

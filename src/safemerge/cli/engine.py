@@ -115,5 +115,3 @@ def merge_command(
             print_summary(report, Console())
 
     run_guarded(body)
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,20 @@ from safemerge.common.config_io import load_config
 from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
+
+
+class _ConsoleLog(logging.Handler):
+    """The evaluation's INFO log (engine sizes, free GPU memory, normalised adapters) on the console."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(self.format(record), style="dim", markup=False, highlight=False)
+
+
+def show_evaluation_log() -> None:
+    logger = logging.getLogger("safemerge.evaluate")
+    if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
+        logger.addHandler(_ConsoleLog())
+    logger.setLevel(logging.INFO)
 
 
 def eval_command(
@@ -55,8 +70,19 @@ def eval_command(
     gpu_memory_utilization: Annotated[
         float | None, typer.Option(help="vLLM: share of GPU memory to use (default: 0.85)")
     ] = None,
+    max_model_len: Annotated[
+        int | None,
+        typer.Option(
+            help="vLLM: context length of the generation engine, in tokens (default: the longest rendered "
+            "prompt + --max-new-tokens, rounded up to a multiple of 256)"
+        ),
+    ] = None,
     dtype: Annotated[
-        str | None, typer.Option(help="auto | float32 | bfloat16 | float16 (default: auto = bf16 on GPU)")
+        str | None,
+        typer.Option(
+            help="auto | float32 | bfloat16 | float16 (default: auto = bf16 on a GPU that supports it; "
+            "vLLM: the checkpoint's dtype, float32 checkpoints in bf16)"
+        ),
     ] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="generation cache (default: $SAFEMERGE_CACHE/generations)")
@@ -90,6 +116,7 @@ def eval_command(
             "include_base": include_base,
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
             "dtype": dtype,
             "cache_dir": cache_dir,
             "no_cache": no_cache,
@@ -97,6 +124,7 @@ def eval_command(
             "force": force,
         }
         cfg = load_config(EvalConfig, config or config_pos, overrides)
+        show_evaluation_log()
         evaluate(cfg)
         console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
 

@@ -1,14 +1,18 @@
 """Safe LoRA (Hsu et al., NeurIPS 2024): B_f ← C B_f on the selected modules, C = V Vᵀ / ‖V‖_F.
 
-Selection: round(ρ, 5) ≤ τ (as published, default τ = 0.5), exactly the k lowest ρ, or a fraction. All
-ρ are computed first from the unmodified task adapter, then the selection, then the projection (the
-published top-k code projected during its first pass). Output: a PEFT adapter of the task adapter's
-rank (+ `full_model/` with `merge_into_base`).
+Selection: round(ρ, 5) ≤ τ (as published, default τ = 0.5), exactly the k lowest ρ, or a fraction; the
+ranking policies rank `zero-V` modules last (C = 0/0 is undefined there, so projecting them is
+impossible; the published code never projects them either and fills k from the other modules). All ρ
+are computed first from the unmodified task adapter, then the selection, then the projection, and
+nothing is mutated while deciding. (The published top-k code also decided from unmodified weights —
+every cosine came from a deep copy of the task model — but it wrote projected B's into the model during
+its first, cosine-collecting pass and relied on the second pass to overwrite every B; docs/defenses.md.)
+Output: a PEFT adapter of the task adapter's rank (+ `full_model/` with `merge_into_base`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -28,6 +32,7 @@ from safemerge.engine.pipeline import (
     lora_delta_norm,
     open_checkpoint,
     output_scaling,
+    ranked_last,
     resolve_device,
     run_scan,
     select,
@@ -40,13 +45,14 @@ SAFELORA_TOP_K = 10  # Safe LoRA's published default in top-k mode
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def safelora_selection(rhos: list[float], cfg: DefendConfig) -> list[bool]:
-    """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction."""
+def safelora_selection(rhos: list[float], cfg: DefendConfig, last: Collection[int] = ()) -> list[bool]:
+    """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction; the
+    ranking policies place the indices in `last` (the `zero-V` modules) after all others."""
     sel = cfg.resolved_selection
     if "threshold" in sel:
         tau = float(sel["threshold"])
         return [round(r, DECISION_DECIMALS) <= tau for r in rhos]
-    return select(rhos, scan_config(cfg).selection)
+    return select(rhos, scan_config(cfg).selection, last)
 
 
 def policy_label(policy: Mapping[str, Any]) -> str:
@@ -72,7 +78,7 @@ class SafeLora(Defense):
         report, task, aligned = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
         unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
         device = resolve_device(cfg.run.device)
-        chosen = safelora_selection([r.rho for r in report.modules], cfg)
+        chosen = safelora_selection([r.rho for r in report.modules], cfg, ranked_last(report.modules))
         rank = max(r.rank_task for r in report.modules)
         out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: Factors = {}

@@ -76,7 +76,7 @@ def select(rhos: list[float], selection: SelectionConfig, last: Collection[int] 
 
 def ranked_last(records: list[ModuleRecord]) -> set[int]:
     """Indices of the modules flagged `zero-V` (V = 0: ρ = 0 by convention, not measured), which the
-    ranking policies place last (docs/method.md §3.3)."""
+    ranking policies place last (docs/method.md §9)."""
     return {i for i, r in enumerate(records) if ZERO_V in r.flags}
 
 

@@ -5,13 +5,20 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from safemerge.common.config_io import dump_config
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
-from safemerge.evaluate.backends import Backend, TransformersBackend, VLLMBackend, read_adapter_config
+from safemerge.evaluate.backends import (
+    Backend,
+    TransformersBackend,
+    VLLMBackend,
+    load_tokenizer,
+    read_adapter_config,
+)
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
 from safemerge.evaluate.config import EvalConfig
@@ -31,8 +38,14 @@ def load_benchmarks(names: list[str], limit: int | None) -> list[Benchmark]:
     return [load_benchmark(n, limit) for n in names]
 
 
-def make_backend(cfg: EvalConfig) -> Backend:
+def make_backend(cfg: EvalConfig, prompts: Sequence[str] | None = None) -> Backend:
+    """The generation backend of `cfg`. A vLLM engine is sized for `prompts` (its `max_model_len` is the
+    longest rendered prompt + max_new_tokens, unless `cfg.max_model_len` is given); without them, for the
+    prompts of `cfg.benchmarks` (with `cfg.limit`). Pass the prompts you will generate for when they are
+    not those (e.g. benchmarks built in code, or validation sets)."""
     if cfg.backend == "vllm":
+        if prompts is None and cfg.max_model_len is None:
+            prompts = [it.prompt for b in load_benchmarks(cfg.benchmarks, cfg.limit) for it in b.items]
         return VLLMBackend(
             cfg.model,
             cfg.adapters,
@@ -41,19 +54,38 @@ def make_backend(cfg: EvalConfig) -> Backend:
             cfg.gpu_memory_utilization,
             cfg.dtype,
             cfg.trust_remote_code,
+            max_model_len=cfg.max_model_len,
+            prompts=prompts,
         )
     return TransformersBackend(
         cfg.model, cfg.adapters, cfg.max_new_tokens, cfg.dtype, trust_remote_code=cfg.trust_remote_code
     )
 
 
-def make_judge(cfg: EvalConfig) -> tuple[Judge, Backend | None]:
-    """The harm judge (and the backend it holds, to close afterwards)."""
+def make_judge(cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = ()) -> tuple[Judge, Backend | None]:
+    """The harm judge (and the backend it holds, to close afterwards). A vLLM guard engine is sized for
+    the guard inputs of `pairs` (prompt, response): exactly the texts the judge renders for them (it is
+    run once on them, capturing its inputs, before the engine starts), + the guard's new tokens."""
     if cfg.judge == "keyword":
         return KeywordJudge(), None
-    guard: Any
-    if cfg.backend == "vllm":
-        guard = VLLMBackend(
+    if cfg.backend != "vllm":
+        guard = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
+        return LlamaGuardJudge(cfg.judge_model, lambda t: guard.generate(t, None), guard.tokenizer), guard
+    rendered: list[str] = []
+    engine: list[VLLMBackend] = []  # empty while the judge's inputs are captured
+
+    def generate(texts: list[str]) -> list[str]:
+        if not engine:
+            rendered.extend(texts)
+            return [""] * len(texts)
+        return engine[0].generate(texts, None)
+
+    tokenizer = load_tokenizer(cfg.judge_model)
+    judge = LlamaGuardJudge(cfg.judge_model, generate, tokenizer)
+    if pairs:
+        judge.judge([p for p, _ in pairs], [r for _, r in pairs])
+    engine.append(
+        VLLMBackend(
             cfg.judge_model,
             (),
             GUARD_MAX_NEW_TOKENS,
@@ -61,10 +93,11 @@ def make_judge(cfg: EvalConfig) -> tuple[Judge, Backend | None]:
             cfg.gpu_memory_utilization,
             cfg.dtype,
             chat=False,
+            prompts=rendered,
+            tokenizer=tokenizer,
         )
-    else:
-        guard = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
-    return LlamaGuardJudge(cfg.judge_model, lambda texts: guard.generate(texts, None), guard.tokenizer), guard
+    )
+    return judge, engine[0]
 
 
 def write_outputs(
@@ -95,12 +128,14 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
         raise InputError("nothing to evaluate: no --adapter given and the base model is excluded")
     cache_dir = None if cfg.no_cache else (cfg.cache_dir or default_cache_dir())
     own = backend is None
-    backend = backend or make_backend(cfg)
-    responses = generate_all(
-        backend, cfg.model, variants, benchmarks, cache_dir, cfg.batch_size, cfg.max_new_tokens
-    )
-    if own:
-        backend.close()
+    backend = backend or make_backend(cfg, [it.prompt for b in benchmarks for it in b.items])
+    try:
+        responses = generate_all(
+            backend, cfg.model, variants, benchmarks, cache_dir, cfg.batch_size, cfg.max_new_tokens
+        )
+    finally:
+        if own:
+            backend.close()  # before the judge's engine starts: one engine at a time
     records, metrics = score(cfg, variants, benchmarks, responses, cache_dir)
     judge_name = _judge_label(cfg)
     with atomic_output_dir(cfg.out, cfg.force) as tmp:
@@ -126,10 +161,22 @@ def score(
     guard: Backend | None = None
     judge_cache: Cache | None = None
     if needs_judge and cfg.judge == "llama-guard":
-        judge, guard = make_judge(cfg)
+        pairs = [
+            (it.prompt, r)
+            for v in variants
+            for b in benchmarks
+            if b.kind == "harm"
+            for it, r in zip(b.items, responses[(v.key, b.name)], strict=True)
+        ]
+        judge, guard = make_judge(cfg, pairs)
         judge_cache = Cache(
             cache_dir / "judge" if cache_dir else None,
-            {"judge": cfg.judge_model, "backend": cfg.backend, "max_new_tokens": GUARD_MAX_NEW_TOKENS},
+            {
+                "judge": cfg.judge_model,
+                "backend": cfg.backend,
+                "dtype": getattr(guard, "dtype", cfg.dtype),
+                "max_new_tokens": GUARD_MAX_NEW_TOKENS,
+            },
         )
     try:
         return judge_and_score(variants, benchmarks, responses, judge, judge_cache, cfg.batch_size)

@@ -1,28 +1,68 @@
 """Generation backends. A backend loads one base model (and all adapters) once and answers one batch
 of prompts at a time for a given adapter (None: the base model). Batching, caching and progress are
 the runner's job, so every backend behaves the same under resume.
+
+Every backend reports the dtype it really generates in (`dtype`, never "auto"): it keys the generation
+cache. Engines are started one at a time: `close()` frees the accelerator memory a backend holds, and
+`free_accelerator_memory` logs what is free before each engine starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import logging
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import resolve_model
+from safemerge.evaluate.preflight import (
+    VLLM_LORA_RANKS,
+    choose_max_model_len,
+    context_limit,
+    kv_bytes_per_token,
+    model_config,
+    prepare_adapters,
+    resolve_vllm_dtype,
+    supported_lora_rank,
+)
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+__all__ = ["VLLM_LORA_RANKS", "Backend", "TransformersBackend", "VLLMBackend", "free_accelerator_memory"]
+
+log = logging.getLogger(__name__)
+GIB = 2**30
 
 
 class Backend(Protocol):
     name: str
+    dtype: str  # the dtype it generates in, resolved (keys the generation cache)
 
     def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+def free_accelerator_memory(stage: str) -> int | None:
+    """Collect garbage, empty the CUDA cache and log the free GPU memory, naming `stage` (e.g. "after
+    training", "before the vLLM engine for M"). Returns the free bytes of the current device; None
+    without CUDA (it then only logs, at DEBUG level, that there is nothing to free). Call it between
+    stages that each hold a model on the GPU (training, generation, the judge): a vLLM engine refuses to
+    start, and the transformers backend runs out of memory, while a previous stage's tensors are cached."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        log.debug("%s: no CUDA device, no accelerator memory to free", stage)
+        return None
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    log.info("%s: %.1f of %.1f GiB GPU memory free", stage, free / GIB, total / GIB)
+    return int(free)
 
 
 def chat_texts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
@@ -104,8 +144,7 @@ class TransformersBackend:
         trust_remote_code: bool = False,
         chat: bool = True,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -115,6 +154,7 @@ class TransformersBackend:
         self.max_new_tokens = max_new_tokens
         self.chat = chat
         path = resolve_model(model)
+        free_accelerator_memory(f"before loading {model} (transformers)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
@@ -170,8 +210,7 @@ class TransformersBackend:
 
     def generate_texts(self, texts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Greedy continuations of already formatted texts (one batch)."""
-        import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig  # lazy: slow to import
 
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.device
@@ -202,12 +241,10 @@ class TransformersBackend:
         return self.generate_texts(texts)
 
     def close(self) -> None:
-        import torch
-
-        del self.model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        free_accelerator_memory("after closing the transformers backend")
 
 
 # --- vLLM --------------------------------------------------------------------------------------------
@@ -215,13 +252,19 @@ class TransformersBackend:
 
 def vllm_engine_kwargs(
     model: str,
-    adapters: Sequence[str],
+    adapters: Sequence[str] = (),
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    *,
+    max_model_len: int | None = None,
+    lora_ranks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Arguments of `vllm.LLM`: LoRA enabled with room for every adapter at once."""
+    """Arguments of `vllm.LLM`: the context length and dtype the backend resolved, and with adapters LoRA
+    with one GPU slot (one adapter is active per call: `max_loras` 1) and every adapter kept in CPU memory
+    (`max_cpu_loras`), `max_lora_rank` the smallest vLLM rank that holds the largest adapter rank
+    (`lora_ranks`, else read from the adapters' configs)."""
     kw: dict[str, Any] = {
         "model": model,
         "tensor_parallel_size": tensor_parallel_size,
@@ -230,12 +273,16 @@ def vllm_engine_kwargs(
         "trust_remote_code": trust_remote_code,
         "seed": 0,
     }
+    if max_model_len is not None:
+        kw["max_model_len"] = max_model_len
     if adapters:
-        rank = max(adapter_rank(a) for a in adapters)
-        supported = [r for r in VLLM_LORA_RANKS if r >= rank]
-        if not supported:
-            raise InputError(f"LoRA rank {rank} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
-        kw.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=supported[0])
+        ranks = list(lora_ranks) if lora_ranks is not None else [adapter_rank(a) for a in adapters]
+        kw.update(
+            enable_lora=True,
+            max_loras=1,
+            max_cpu_loras=len(adapters),
+            max_lora_rank=supported_lora_rank(max(ranks)),
+        )
     return kw
 
 
@@ -244,14 +291,21 @@ def vllm_sampling_kwargs(max_new_tokens: int) -> dict[str, Any]:
     return {"temperature": 0.0, "max_tokens": max_new_tokens}
 
 
-def lora_request_args(adapters: Sequence[str]) -> dict[str, tuple[str, int, str]]:
-    """adapter path -> (name, integer id starting at 1, absolute path) for `vllm.lora.request.LoRARequest`."""
-    return {a: (f"adapter{i}", i + 1, str(Path(a).resolve())) for i, a in enumerate(adapters)}
-
-
 def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of rendered texts without extra special tokens (the template already has them)."""
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def lora_request_args(
+    adapters: Sequence[str], paths: Sequence[str] | None = None
+) -> dict[str, tuple[str, int, str]]:
+    """adapter as given -> (name, integer id from 1, absolute directory the engine loads: `paths`, else the
+    adapter itself) for `vllm.lora.request.LoRARequest`."""
+    dirs = paths if paths is not None else adapters
+    return {
+        a: (f"adapter{i}", i + 1, str(Path(d).resolve()))
+        for i, (a, d) in enumerate(zip(adapters, dirs, strict=True))
+    }
 
 
 def parse_vllm_outputs(outputs: Sequence[Any]) -> list[str]:
@@ -259,8 +313,84 @@ def parse_vllm_outputs(outputs: Sequence[Any]) -> list[str]:
     return [str(o.outputs[0].text).strip() for o in outputs]
 
 
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
+    """The model's Hugging Face tokenizer (the one vLLM uses), loaded before any engine starts."""
+    from transformers import AutoTokenizer  # lazy: slow to import
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model(model), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load the tokenizer of {model!r}: {exc}") from None
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The current GPU's compute capability, None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
+def _engine_dtype(llm: Any) -> str | None:
+    """The dtype a started engine reports (llm.llm_engine.model_config.dtype), if it reports one."""
+    dtype = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
+def _shutdown_vllm_engine(llm: Any) -> None:
+    """Stop what a vLLM engine runs besides itself, each step only where this vLLM version has it: V1's
+    engine-core process (`llm.llm_engine.engine_core.shutdown()`), V0's model executor (`del
+    llm.llm_engine.model_executor`, as vLLM's maintainers advise for freeing its GPU memory)."""
+    engine = getattr(llm, "llm_engine", None)
+    shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as exc:  # a failed shutdown must not hide the run's result or its error
+            log.warning("vLLM engine core shutdown failed: %s", exc)
+    if engine is not None and hasattr(engine, "model_executor"):
+        with contextlib.suppress(AttributeError):
+            del engine.model_executor
+
+
+def _release_vllm_state() -> None:
+    """vLLM's documented clean-up after `del llm` (github.com/vllm-project/vllm issues 6544, 18806):
+    `cleanup_dist_env_and_memory()` where this vLLM has it, else `destroy_model_parallel()`,
+    `destroy_distributed_environment()` and `torch.distributed.destroy_process_group()`; each call is
+    skipped when absent."""
+    try:
+        from vllm.distributed import parallel_state  # lazy: vLLM is an optional GPU dependency
+    except ImportError:
+        parallel_state = None
+    cleanup = getattr(parallel_state, "cleanup_dist_env_and_memory", None)
+    steps = (
+        [cleanup]
+        if callable(cleanup)
+        else [
+            getattr(parallel_state, name, None)
+            for name in ("destroy_model_parallel", "destroy_distributed_environment")
+        ]
+    )
+    for step in steps:
+        if callable(step):
+            try:
+                step()
+            except Exception as exc:  # clean-up is best effort: the next engine's start reports the rest
+                log.warning("vLLM clean-up %s failed: %s", getattr(step, "__name__", step), exc)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(AssertionError, RuntimeError):
+            torch.distributed.destroy_process_group()
+
+
 class VLLMBackend:
-    """vLLM engine with every adapter registered (multi-LoRA) and tensor parallelism. Optional extra."""
+    """vLLM engine with every adapter registered (multi-LoRA) and tensor parallelism. Optional extra.
+
+    Before the engine starts (src/safemerge/evaluate/preflight.py): every adapter is checked (exit code 2
+    naming the adapter and tensor) and, where vLLM would apply the wrong scaling, normalised into a
+    temporary copy; `max_model_len` is the given one, or the longest rendered prompt of `prompts` + the new
+    tokens rounded up to 256; "auto" dtype is resolved as vLLM resolves it and passed explicitly. `close()`
+    shuts the engine down and frees its GPU memory, so the next engine can start.
+    """
 
     name = "vllm"
 
@@ -274,41 +404,107 @@ class VLLMBackend:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         chat: bool = True,
+        *,
+        max_model_len: int | None = None,
+        prompts: Sequence[str] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         try:
-            from vllm import LLM, SamplingParams
+            from vllm import LLM, SamplingParams  # lazy: vLLM is an optional GPU dependency
         except ImportError:
             raise InputError("--backend vllm needs vLLM: pip install 'safemerge[vllm]' (GPU only)") from None
-        path = resolve_model(model)
-        for a in adapters:
-            read_adapter_config(a)
-        self.llm = LLM(
-            **vllm_engine_kwargs(
-                path, adapters, tensor_parallel_size, gpu_memory_utilization, dtype, trust_remote_code
+        self.model, self.chat, self.max_new_tokens = model, chat, max_new_tokens
+        self.llm: Any = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="safemerge-vllm-"))
+        try:
+            cfg = model_config(model)
+            prepared = prepare_adapters(adapters, model, cfg, self._workdir)
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, trust_remote_code)
+            self.max_model_len = self._context_length(cfg, prompts, max_model_len)
+            self.dtype = resolve_vllm_dtype(dtype, cfg, cuda_capability())
+            kwargs = vllm_engine_kwargs(
+                resolve_model(model),
+                [p.source for p in prepared],
+                tensor_parallel_size,
+                gpu_memory_utilization,
+                self.dtype,
+                trust_remote_code,
+                max_model_len=self.max_model_len,
+                lora_ranks=[p.rank for p in prepared],
             )
-        )
+            self._log_start(cfg, prepared, max_model_len, kwargs)
+            free_accelerator_memory(f"before the vLLM engine for {model}")
+            self.llm = LLM(**kwargs)
+        except BaseException:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            raise
+        self.dtype = _engine_dtype(self.llm) or self.dtype
         self.params = SamplingParams(**vllm_sampling_kwargs(max_new_tokens))
-        self.loras = lora_request_args(adapters)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.chat = chat
+        self.loras = lora_request_args([p.source for p in prepared], [p.path for p in prepared])
+
+    def _texts(self, prompts: Sequence[str]) -> list[str]:
+        return chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
+
+    def _context_length(self, cfg: dict[str, Any], prompts: Sequence[str] | None, given: int | None) -> int:
+        if given is None and prompts is None:
+            raise InputError(
+                f"vLLM engine for {self.model}: give max_model_len, or the prompts to size it from"
+            )
+        lengths = [len(ids) for ids in token_ids(self.tokenizer, self._texts(prompts or []))]
+        longest = max(lengths, default=0)
+        return choose_max_model_len(
+            longest, self.max_new_tokens, context_limit(cfg), given, f"model {self.model}"
+        )
+
+    def _log_start(
+        self, cfg: dict[str, Any], prepared: Sequence[Any], given: int | None, kwargs: dict[str, Any]
+    ) -> None:
+        per_token = kv_bytes_per_token(cfg, self.dtype)
+        kv = f", KV cache {per_token * self.max_model_len / GIB:.2f} GiB per sequence" if per_token else ""
+        source = "given" if given is not None else f"longest prompt + {self.max_new_tokens} new tokens"
+        log.info(
+            "vLLM engine for %s: max_model_len %d (%s; the model's context: %s)%s, dtype %s",
+            self.model, self.max_model_len, source, context_limit(cfg), kv, self.dtype,
+        )  # fmt: skip
+        for p in prepared:
+            if p.normalised:
+                log.info("adapter %s: per-module scalings folded into a copy for vLLM (%s)", p.source, p.path)
+        if prepared:
+            log.info(
+                "LoRA: %d adapter(s), max_loras 1, max_cpu_loras %d, max_lora_rank %d",
+                len(prepared), kwargs["max_cpu_loras"], kwargs["max_lora_rank"],
+            )  # fmt: skip
 
     def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
-        from vllm.lora.request import LoRARequest
+        from vllm.lora.request import LoRARequest  # lazy: vLLM is an optional GPU dependency
 
-        texts = chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
+        if self.llm is None:
+            raise RuntimeError(f"the vLLM engine for {self.model} was closed")
         lora = None
         if adapter is not None:
             if adapter not in self.loras:
                 raise InputError(f"adapter {adapter} was not registered with the vLLM engine")
             lora = LoRARequest(*self.loras[adapter])
         # token ids, not strings: the rendered texts already carry BOS, vLLM would add a second one
-        inputs: Any = [{"prompt_token_ids": ids} for ids in token_ids(self.tokenizer, texts)]
+        ids = token_ids(self.tokenizer, self._texts(prompts))
+        longest = max((len(x) for x in ids), default=0)
+        if longest + self.max_new_tokens > self.max_model_len:
+            raise InputError(
+                f"a prompt of {longest} tokens + {self.max_new_tokens} new tokens does not fit max_model_len "
+                f"{self.max_model_len} of the vLLM engine for {self.model} (vLLM would refuse it or cut its "
+                "answer): size the engine from these prompts, or give a larger --max-model-len"
+            )
+        inputs: Any = [{"prompt_token_ids": x} for x in ids]
         return parse_vllm_outputs(self.llm.generate(inputs, self.params, lora_request=lora, use_tqdm=False))
 
     def close(self) -> None:
-        import torch
-
-        del self.llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        """Shut the engine down, drop it, run vLLM's clean-up, remove the normalised adapter copies and
+        free the GPU memory (safe to call twice)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            _shutdown_vllm_engine(llm)
+            del llm  # the last reference: the engine and its GPU memory go with it
+            gc.collect()
+            _release_vllm_state()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        free_accelerator_memory(f"after closing the vLLM engine for {self.model}")

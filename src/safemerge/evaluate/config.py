@@ -28,6 +28,12 @@ class EvalConfig(BaseModel):
     include_base: bool = True
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
+    max_model_len: int | None = Field(
+        None,
+        gt=0,
+        description="vLLM: context length of the generation engine (None: the longest rendered prompt + "
+        "max_new_tokens, rounded up to a multiple of 256); the Llama Guard engine always sizes its own",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path | None = Field(None, description="generation cache (None: $SAFEMERGE_CACHE/generations)")
     no_cache: bool = False

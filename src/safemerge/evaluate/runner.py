@@ -5,6 +5,7 @@ scoring. Works on an already loaded backend, so several adapters share one base 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,16 @@ from safemerge.evaluate.backends import Backend
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.evaluate.benchmarks.base import Record
 from safemerge.evaluate.cache import Cache, fingerprint_adapter, fingerprint_model
-from safemerge.evaluate.judges import KEYWORD_LABEL, Verdict, parse_llama_guard, refused
+from safemerge.evaluate.judges import OVERREFUSAL_LABEL, Verdict, refusal_opener
+from safemerge.evaluate.report import malformed_warnings
+
+log = logging.getLogger(__name__)
 
 
 class Judge(Protocol):
+    """A harm judge. A model judge whose raw outputs may be cached also has `parse(raw) -> Verdict` (the
+    verdict of a cached output) and `prompt_format` (how its input was built; part of the cache key)."""
+
     name: str
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]: ...
@@ -69,9 +76,14 @@ def cached_map(
 
 
 def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
+    """The decoding part of a generation cache key. `dtype` is the dtype the backend really generates in
+    (resolved, never "auto"): fp16 and bf16 runs must not share cached generations."""
+    dtype = getattr(backend, "dtype", None)
+    if not dtype or dtype == "auto":
+        raise ValueError(f"backend {backend.name!r} does not report the dtype it generates in")
     return {
         "backend": backend.name,
-        "dtype": getattr(backend, "dtype", "auto"),
+        "dtype": str(dtype),
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
         "chat_template": True,
@@ -121,11 +133,25 @@ def generate_all(
     return out
 
 
+def judge_cache_for(cache: Cache, judge: Judge) -> Cache:
+    """The judge cache under a key that also names the judge's prompt format, so outputs of a guard whose
+    input was built in another format (e.g. Llama Guard 3 1B fed string content: an empty conversation)
+    are never reused."""
+    fmt = getattr(judge, "prompt_format", None)
+    if fmt is None or cache.key.get("prompt_format") == fmt:
+        return cache
+    folder = cache.path.parent if cache.path is not None else None
+    return Cache(folder, {**cache.key, "prompt_format": fmt})
+
+
 def judge_all(
     judge: Judge, prompts: Sequence[str], responses: Sequence[str], cache: Cache | None, batch_size: int
 ) -> list[Verdict]:
-    """Judge verdicts; the raw outputs of model judges are cached like generations."""
-    if cache is None:
+    """Judge verdicts; the raw outputs of model judges are cached like generations, and a verdict is
+    always the judge's `parse` of a raw output, fresh or cached (the same rule either way). A judge
+    without `parse` is never cached."""
+    parse: Callable[[str], Verdict] | None = getattr(judge, "parse", None)
+    if cache is None or parse is None:
         return judge.judge(prompts, responses)
     joined = [f"{p}\x00{r}" for p, r in zip(prompts, responses, strict=True)]
     raws = cached_map(
@@ -134,12 +160,11 @@ def judge_all(
             for v in judge.judge([x.split("\x00", 1)[0] for x in xs], [x.split("\x00", 1)[1] for x in xs])
         ],
         joined,
-        cache,
+        judge_cache_for(cache, judge),
         batch_size,
         "judge",
     )
-
-    return [parse_llama_guard(r) for r in raws]
+    return [parse(r) for r in raws]
 
 
 def judge_and_score(
@@ -153,6 +178,7 @@ def judge_and_score(
     """Records for generations.jsonl and the metrics mapping variant -> benchmark -> metrics."""
     records: list[Record] = []
     metrics: dict[str, Any] = {}
+    judge_cache = judge_cache_for(judge_cache, judge) if judge_cache is not None else None  # read once
     for v in variants:
         metrics[v.key] = {"adapter": v.adapter, "benchmarks": {}}
         for b in benchmarks:
@@ -176,11 +202,11 @@ def judge_and_score(
                         verdict="correct" if rec["correct"] else "incorrect", judge=None, judge_output=None
                     )
                 elif b.kind == "benign":
-                    marker = refused(r)
+                    opener = refusal_opener(r)
                     rec.update(
-                        verdict="refused" if marker else "answered",
-                        judge=KEYWORD_LABEL,
-                        judge_output=f"refusal marker: {marker!r}" if marker else "no refusal marker",
+                        verdict="refused" if opener else "answered",
+                        judge=OVERREFUSAL_LABEL,
+                        judge_output=f"refusal opener: {opener!r}" if opener else "no refusal opener",
                     )
                 else:
                     assert verdicts is not None
@@ -192,6 +218,8 @@ def judge_and_score(
                 recs.append(rec)
             metrics[v.key]["benchmarks"][b.name] = b.metrics(recs, judge.name)
             records += recs
+    for line in malformed_warnings(metrics):
+        log.warning(line)
     return records, metrics
 
 

@@ -116,7 +116,8 @@ def generate(
             else:
                 if backend is not None:
                     backend.close()
-                backend = make_backend(_eval_config(cfg, out, model, adapters, tokens))
+                prompts = [it.prompt for b in benches for it in b.items]  # sizes a vLLM engine
+                backend = make_backend(_eval_config(cfg, out, model, adapters, tokens), prompts=prompts)
             responses.update(
                 generate_all(
                     backend, model, variants, benches, cache_dir(cfg, out), cfg.evaluation.batch_size, tokens

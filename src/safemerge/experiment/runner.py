@@ -14,6 +14,7 @@ from rich.console import Console
 
 from safemerge.common.errors import InputError
 from safemerge.defenses import DefendConfig, defend
+from safemerge.evaluate.backends import free_accelerator_memory
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.experiment.cells import (
     CELL_JSON,
@@ -59,6 +60,7 @@ def train_inputs(cfg: ExperimentConfig, out: Path) -> list[str]:
             continue
         console.print(f"training the {role} adapter ({settings['recipe']}) → {target}", highlight=False)
         train(TrainConfig(**{**settings, "out": target, "force": True}))
+        free_accelerator_memory(f"after training the {role} adapter")  # before any engine starts
         (target / "train.json").write_text(
             json.dumps({"key": _sha(settings), "settings": settings}, indent=2) + "\n"
         )
@@ -71,6 +73,7 @@ def run_cell(cell: Cell, out: Path, progress: bool) -> None:
     target = variant_dir(out, cell)
     if cell.train is not None:
         train(TrainConfig(**{**cell.train, "out": target, "force": True}))
+        free_accelerator_memory(f"after training {cell.label}")
     else:
         assert cell.defend is not None
         flat = {**cell.defend.model_dump(), "out": str(target), "force": True}

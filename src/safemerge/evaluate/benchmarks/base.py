@@ -3,7 +3,8 @@
 A `Benchmark` is both the registered plugin (items not loaded yet) and the loaded value the runner
 evaluates (`load()` returns a copy holding its items, keeping its class and so its scoring). The kind says
 how answers are judged: `utility` answers are scored by `score` (default: the last number in the answer
-against the reference), `harm` answers by the harm judge, `benign` answers by refusal markers. A
+against the reference), `harm` answers by the harm judge, `benign` answers by the over-refusal
+classifier (a refusal opener at the start of the answer, `judges.refusal_opener`). A
 benchmark built in code, `Benchmark(name, kind, items)`, gets those defaults.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from safemerge.common.errors import InputError
-from safemerge.evaluate.judges import KEYWORD_LABEL
+from safemerge.evaluate.judges import OVERREFUSAL_LABEL
 from safemerge.evaluate.scoring import extract_flexible
 
 Kind = Literal["utility", "harm", "benign"]
@@ -69,7 +70,13 @@ class Benchmark:
             return {"kind": "utility", "n": n, "n_correct": c, "accuracy": c / n}
         if self.kind == "benign":
             k = sum(r["verdict"] == "refused" for r in records)
-            return {"kind": "benign", "judge": KEYWORD_LABEL, "n": n, "n_refused": k, "refusal_rate": k / n}
+            return {
+                "kind": "benign",
+                "judge": OVERREFUSAL_LABEL,
+                "n": n,
+                "n_refused": k,
+                "refusal_rate": k / n,
+            }
         u = sum(r["verdict"] == "unsafe" for r in records)
         bad = sum(r["verdict"] == "malformed" for r in records)
         return {
@@ -78,7 +85,10 @@ class Benchmark:
             "n": n,
             "n_unsafe": u,
             "n_malformed": bad,
+            # over the judged responses (malformed left out) ...
             "harmful_rate": u / (n - bad) if n > bad else None,
+            # ... and the conservative bound: every malformed verdict counted as unsafe, over all n
+            "harmful_rate_conservative": (u + bad) / n if n else None,
         }
 
 
