@@ -12,6 +12,7 @@ import json
 import math
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,16 @@ def _scan_header(weights: Path, label: str) -> tuple[dict[str, int], list[str]]:
     if not modules:
         raise InputError(f"{weights}: no LoRA tensors found — {label}")
     return ranks, extra
+
+
+def lora_tensor_shapes(weights: Path) -> Iterator[tuple[str, str, str, tuple[int, ...]]]:
+    """(key, module path, "A" or "B", shape) of every lora_A / lora_B tensor of an adapter's safetensors
+    file, from its header alone (no tensor is read): what shape checks against a base model need."""
+    for key, info in _read_safetensors_header(weights).items():
+        if key == "__metadata__" or (".lora_A." not in key and ".lora_B." not in key):
+            continue
+        module = key.removeprefix(PREFIX).split(".lora_")[0]
+        yield key, module, "A" if ".lora_A." in key else "B", tuple(int(x) for x in info["shape"])
 
 
 def _find_key(fh: Any, module: str, which: str) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import resolve_model
+from safemerge.engine.lora import lora_tensor_shapes
 from safemerge.evaluate.preflight import (
     VLLM_LORA_RANKS,
     choose_max_model_len,
@@ -98,8 +99,6 @@ def read_adapter_config(adapter: str) -> dict[str, Any]:
 
 def check_adapter_fits(model: Any, adapter: str) -> None:
     """Every LoRA tensor must sit on a module of the base model with matching shapes (checked by name)."""
-    from safetensors import safe_open
-
     path = Path(adapter) / "adapter_model.safetensors"
     if not path.is_file():
         raise InputError(
@@ -107,19 +106,14 @@ def check_adapter_fits(model: Any, adapter: str) -> None:
         )
     modules = dict(model.named_modules())
     problems = []
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            stem = key.removeprefix("base_model.model.").split(".lora_")[0]
-            mod = modules.get(stem)
-            shape = tuple(f.get_slice(key).get_shape())
-            if mod is None or not hasattr(mod, "in_features"):
-                problems.append(f"{stem}: no such linear module in the base model")
-            elif ".lora_A." in key and shape[1] != mod.in_features:
-                problems.append(f"{stem}: lora_A has {shape[1]} inputs, the base module {mod.in_features}")
-            elif ".lora_B." in key and shape[0] != mod.out_features:
-                problems.append(f"{stem}: lora_B has {shape[0]} outputs, the base module {mod.out_features}")
+    for _, stem, which, shape in lora_tensor_shapes(path):
+        mod = modules.get(stem)
+        if mod is None or not hasattr(mod, "in_features"):
+            problems.append(f"{stem}: no such linear module in the base model")
+        elif which == "A" and shape[1] != mod.in_features:
+            problems.append(f"{stem}: lora_A has {shape[1]} inputs, the base module {mod.in_features}")
+        elif which == "B" and shape[0] != mod.out_features:
+            problems.append(f"{stem}: lora_B has {shape[0]} outputs, the base module {mod.out_features}")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 from huggingface_hub import hf_hub_download
-from safetensors import safe_open
 
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import resolve_model
-from safemerge.engine.lora import LoraAdapter, layer_index, module_type, write_adapter
+from safemerge.engine.lora import LoraAdapter, layer_index, lora_tensor_shapes, module_type, write_adapter
 
 # LoRA ranks vLLM accepts as max_lora_rank (vllm/config: LoRAConfig.max_lora_rank).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -201,23 +200,16 @@ def _fit_problems(
 ) -> list[str]:
     """Each LoRA tensor that does not sit on a projection of the model's config with its shape."""
     problems = []
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            module = key.removeprefix("base_model.model.").split(".lora_")[0]
-            leaf, layer = module_type(module), layer_index(module)
-            shape = tuple(f.get_slice(key).get_shape())
-            if leaf not in shapes:
-                problems.append(
-                    f"{key}: vLLM applies LoRA to {', '.join(shapes)}; {leaf!r} is not one of them"
-                )
-            elif layer is None or (n_layers is not None and layer >= n_layers):
-                problems.append(f"{key}: layer {layer}, but {model} has {n_layers} layers")
-            elif ".lora_A." in key and shape[1] != shapes[leaf][0]:
-                problems.append(f"{key}: {shape[1]} input features, {leaf} of {model} has {shapes[leaf][0]}")
-            elif ".lora_B." in key and shape[0] != shapes[leaf][1]:
-                problems.append(f"{key}: {shape[0]} output features, {leaf} of {model} has {shapes[leaf][1]}")
+    for key, module, which, shape in lora_tensor_shapes(weights):
+        leaf, layer = module_type(module), layer_index(module)
+        if leaf not in shapes:
+            problems.append(f"{key}: vLLM applies LoRA to {', '.join(shapes)}; {leaf!r} is not one of them")
+        elif layer is None or (n_layers is not None and layer >= n_layers):
+            problems.append(f"{key}: layer {layer}, but {model} has {n_layers} layers")
+        elif which == "A" and shape[1] != shapes[leaf][0]:
+            problems.append(f"{key}: {shape[1]} input features, {leaf} of {model} has {shapes[leaf][0]}")
+        elif which == "B" and shape[0] != shapes[leaf][1]:
+            problems.append(f"{key}: {shape[0]} output features, {leaf} of {model} has {shapes[leaf][1]}")
     return problems
 
 
