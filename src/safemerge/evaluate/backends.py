@@ -173,7 +173,7 @@ class TransformersBackend:
         return model
 
     def _load_adapter(self, model: Any, adapter: str) -> Any:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft adds ~2.4 s to every command's start
 
         name = f"adapter{len(self.names)}"
         try:

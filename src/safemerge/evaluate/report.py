@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 HEADLINE = {"utility": "accuracy", "harm": "harmful_rate", "benign": "refusal_rate"}
 MALFORMED_WARN_SHARE = 0.05  # warn when more than this share of a benchmark's judge outputs is malformed
 
@@ -74,9 +77,6 @@ def markdown(metrics: dict[str, Any], judge: str) -> str:
 
 
 def print_table(metrics: dict[str, Any], judge: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header, rows = table_rows(metrics)
     t = Table(title=f"safemerge eval (harm judge: {judge})")
     for h in header:

@@ -35,7 +35,7 @@ class ToyInputs:
 def build_toy_inputs(root: Path, layers: int = 4, hidden: int = 64, r: int = 4, seed: int = 0) -> ToyInputs:
     """Write unaligned/aligned models and task/safety adapters under `root` (deterministic)."""
     from peft import LoraConfig, get_peft_model  # lazy: peft adds ~2.4 s to every command's start
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # lazy, like peft: slow to import
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
