@@ -11,13 +11,10 @@ Normalisation (`normalised_bytes`), nothing else:
    keys still fail). The other version stamps (transformers_version in config.json and
    generation_config.json, peft_version in adapter_config.json) are NOT normalised: they only change
    with a library upgrade, which may change other bytes too (re-record then, noting it in CHANGELOG.md).
-2. Text files (.json, .yaml, .md): the random suffix of a temporary directory name,
-   `.<out>.tmp-XXXXXXXX` (tempfile.mkdtemp in atomic_output_dir, src/safemerge/outdir.py), becomes
-   `.<out>.tmp-RANDOM`. Why: `defend -m safemerge/merge-all` runs the inner merge into
-   `<tmp>/_merge` and its safemerge.yaml and the report's options record that path as `out`, so those two
-   files differed between two runs of the same code. That was the only run-to-run difference.
 Everything else, PNG plots included, is compared byte for byte: two runs of the same code, in different
-directories, gave identical bytes for every other file.
+directories, give identical bytes for every other file. (Until 2026-11-29 `defend -m safemerge/merge-all`
+recorded the temporary directory of its inner merge as `out` in safemerge.yaml and the report, a random
+name that needed normalising; they now record the final `out`, as CHANGELOG.md says.)
 
 Re-recording (`python tests/fixtures/golden/record.py --write`) is only allowed for an INTENDED change of the
 output, which must be noted in CHANGELOG.md; a refactor must pass this test unchanged.
@@ -27,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -61,8 +57,6 @@ CASES: dict[str, list[str]] = {
 }
 
 
-# `.<name>.tmp-` + the 8 random characters tempfile.mkdtemp adds (see the module docstring, item 2)
-TMP_SUFFIX = re.compile(rb"(\.tmp-)[a-z0-9_]{8}\b")
 TEXT_SUFFIXES = {".json", ".yaml", ".md"}
 
 
@@ -71,7 +65,6 @@ def normalised_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if path.suffix not in TEXT_SUFFIXES:
         return data
-    data = TMP_SUFFIX.sub(rb"\1RANDOM", data)
     if path.suffix != ".json":
         return data
     obj = json.loads(data)

@@ -14,7 +14,7 @@ from safemerge.defenses.base import SELECTION, Defense, DefenseResult
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import write_defense_report
 from safemerge.defenses.steps import move_up
-from safemerge.engine.pipeline import merge
+from safemerge.engine.pipeline import merge, merge_config_yaml
 
 # The options of `safemerge merge` besides its inputs and selection, and the full-model output.
 MERGE_OPTIONS = frozenset({"weights", "mode", "merge_method", "density", "seed", "rank"})
@@ -34,7 +34,10 @@ class SafeMerge(Defense):
         inner = tmp / "_merge"
         report = merge(cfg.merge_config(str(inner)), progress=progress)
         move_up(inner, tmp)
+        # the merge ran in a temporary directory; its config and report name the final one
         report.outputs = {k: v.replace(str(inner), str(out)) for k, v in report.outputs.items()}
+        report.options["out"] = str(out)
+        (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg.merge_config(str(out))))
         if self.policy_label:
             report.options["selection_policy"] = self.policy_label
         write_defense_report(report, tmp, cfg)

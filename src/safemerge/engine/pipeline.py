@@ -474,7 +474,7 @@ def _write_merge(
         tmp, task.config, stored, result.rank, result.lora_alpha, cfg.inputs.aligned, task.read_extra()
     )
     (tmp / "README.md").write_text(model_card(report))
-    (tmp / "safemerge.yaml").write_text(_config_yaml(cfg))
+    (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg))
     if cfg.merge.merge_into_base:
         deltas = {
             m: (a.to(torch.float32), b.to(torch.float32), result.scaling) for m, (a, b) in stored.items()
@@ -487,7 +487,8 @@ def _write_merge(
     write_report(report, tmp, plot=cfg.run.plot)
 
 
-def _config_yaml(cfg: MergeConfig) -> str:
+def merge_config_yaml(cfg: MergeConfig) -> str:
+    """The resolved config as `safemerge.yaml` (rerun with `safemerge merge safemerge.yaml`)."""
     data = plain_dump(cfg, exclude=("force",))
     data["weights"] = list(cfg.merge.weights)
     return (
