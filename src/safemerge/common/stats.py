@@ -12,6 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+# Rates are k/n with n in the thousands at most, so two different rates (or differences of rates) differ
+# by far more than this, while float arithmetic on them errs by ~1e-16: 0.46 − 0.03 = 0.43000000000000005.
+RATE_TOLERANCE = 1e-9
+
+
+def at_least(x: float, bound: float) -> bool:
+    """x ≥ bound for rates and differences of rates, immune to float rounding at the boundary."""
+    return x >= bound - RATE_TOLERANCE
+
+
+def at_most(x: float, bound: float) -> bool:
+    """x ≤ bound for rates and differences of rates, immune to float rounding at the boundary."""
+    return x <= bound + RATE_TOLERANCE
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from safemerge.common.stats import at_least, at_most
 from safemerge.experiment.config import ChooseSpec
 
 
@@ -41,12 +42,12 @@ def within_tolerance(cell: Summary, reference: Summary, spec: ChooseSpec) -> boo
     lost_utility = (
         cell.utility is not None
         and reference.utility is not None
-        and cell.utility < reference.utility - spec.max_utility_drop
+        and not at_least(cell.utility - reference.utility, -spec.max_utility_drop)
     )
     added_refusal = (
         cell.refusal is not None
         and reference.refusal is not None
-        and cell.refusal > reference.refusal + spec.max_refusal_rise
+        and not at_most(cell.refusal - reference.refusal, spec.max_refusal_rise)
     )
     return not (lost_utility or added_refusal)
 
