@@ -28,7 +28,15 @@ from safemerge.engine.criterion import (
     safety_difference,
     weights_similarity,
 )
-from safemerge.engine.lora import LoraFactors
+from safemerge.engine.lora import (
+    LoraAdapter,
+    LoraFactors,
+    layer_index,
+    lora_tensor_shapes,
+    module_type,
+    natural_key,
+    write_adapter,
+)
 from safemerge.engine.merging import (
     dare_in_order,
     exact_merge,
@@ -522,3 +530,394 @@ def test_extra_tensors_of_the_task_adapter_are_carried_through(tmp_path: Path, m
     after = load_file(out / "adapter_model.safetensors")
     for key in extra:
         assert torch.equal(after[key], before[key]), key
+
+
+# --- engine/lora.py ----------------------------------------------------------------------------------
+
+
+def _bare_adapter(weights: Path) -> LoraAdapter:
+    """A LoraAdapter on a hand-written safetensors file (no config: only header readers are used)."""
+    return LoraAdapter(weights.parent, {}, weights, [], [])
+
+
+@pytest.mark.parametrize(
+    ("lora_dtype", "extra_dtype", "expected"),
+    [
+        (torch.float16, torch.float64, torch.float16),
+        (torch.bfloat16, torch.float16, torch.bfloat16),
+        (torch.float64, torch.float16, torch.float64),
+        (torch.float32, torch.float64, torch.float32),
+        (torch.int32, torch.float64, torch.float32),  # not a float dtype: float32
+    ],
+)
+def test_storage_dtype_reads_the_lora_tensors_dtype(
+    tmp_path: Path, lora_dtype: torch.dtype, extra_dtype: torch.dtype, expected: torch.dtype
+) -> None:
+    """Kills LoraAdapter.storage_dtype mutants on the F16 / BF16 / F64 names, the `__metadata__` and
+    "lora_" tests (a non-LoRA tensor of another dtype whose name sorts first; metadata present) and the
+    float32 default for an unknown dtype."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(
+        {
+            "a_extra.weight": torch.zeros(2, 2, dtype=extra_dtype),
+            "base_model.model.m.lora_A.weight": torch.zeros(1, 2, dtype=lora_dtype),
+            "base_model.model.m.lora_B.weight": torch.zeros(2, 1, dtype=lora_dtype),
+        },
+        str(weights),
+        metadata={"format": "pt"},
+    )
+    assert _bare_adapter(weights).storage_dtype() == expected
+
+
+def test_storage_dtype_without_lora_tensors_is_float32(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file({"a.weight": torch.zeros(2, dtype=torch.float16)}, str(weights), metadata={"format": "pt"})
+    assert _bare_adapter(weights).storage_dtype() == torch.float32
+
+
+def test_lora_tensor_shapes_from_the_header(tmp_path: Path) -> None:
+    """Kills every lora_tensor_shapes mutant (no test called it): keys with and without the PEFT prefix,
+    a non-LoRA tensor sorted first, metadata, A and B shapes written by hand."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "adapter_model.safetensors"
+    save_file(
+        {
+            "a.lm_head.weight": torch.zeros(3, 2),
+            "base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 6),
+            "base_model.model.layers.0.q_proj.lora_B.weight": torch.zeros(5, 4),
+            "layers.1.v_proj.lora_A.weight": torch.zeros(2, 7),
+            "layers.1.v_proj.lora_B.weight": torch.zeros(3, 2),
+        },
+        str(weights),
+        metadata={"format": "pt"},
+    )
+    got = sorted(lora_tensor_shapes(weights))
+    assert got == [
+        ("base_model.model.layers.0.q_proj.lora_A.weight", "layers.0.q_proj", "A", (4, 6)),
+        ("base_model.model.layers.0.q_proj.lora_B.weight", "layers.0.q_proj", "B", (5, 4)),
+        ("layers.1.v_proj.lora_A.weight", "layers.1.v_proj", "A", (2, 7)),
+        ("layers.1.v_proj.lora_B.weight", "layers.1.v_proj", "B", (3, 2)),
+    ]
+
+
+def test_write_adapter_config_text_and_overrides(tmp_path: Path) -> None:
+    """Kills write_adapter mutants that drop use_rslora / lora_dropout / inference_mode from the
+    overrides, or write the config unindented or unsorted: the whole file is compared with the text
+    written here by hand."""
+    base = {
+        "peft_type": "LORA",
+        "use_rslora": True,
+        "lora_dropout": 0.1,
+        "inference_mode": False,
+        "rank_pattern": {"q": 8},
+        "alpha_pattern": {"q": 2},
+        "target_modules": ["q"],
+        "base_model_name_or_path": "old",
+        "r": 8,
+        "lora_alpha": 1,
+    }
+    factors = {"layers.0.q": (torch.ones(2, 3), torch.ones(4, 2))}
+    write_adapter(tmp_path, base, factors, rank=2, lora_alpha=4.0, base_model="new")
+    assert (tmp_path / "adapter_config.json").read_text() == (
+        "{\n"
+        '  "alpha_pattern": {},\n'
+        '  "base_model_name_or_path": "new",\n'
+        '  "inference_mode": true,\n'
+        '  "lora_alpha": 4.0,\n'
+        '  "lora_dropout": 0.0,\n'
+        '  "peft_type": "LORA",\n'
+        '  "r": 2,\n'
+        '  "rank_pattern": {},\n'
+        '  "target_modules": [\n'
+        '    "q"\n'
+        "  ],\n"
+        '  "use_rslora": false\n'
+        "}\n"
+    )
+
+
+def test_natural_key_and_layer_index_by_hand() -> None:
+    """Kills natural_key 1 and 9 (digits not compared as numbers) and layer_index 9 (no block index)."""
+    assert natural_key("model.layers.10.q_proj") == ["model.layers.", 10, ".q_proj"]
+    names = ["layers.10.q", "layers.9.q", "layers.2.q"]
+    assert sorted(names, key=natural_key) == ["layers.2.q", "layers.9.q", "layers.10.q"]
+    assert layer_index("lm_head") is None
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+
+
+def test_module_type_of_a_name_without_a_dot() -> None:
+    """Kills module_type 8 (`[+1]`: a name without a dot has no second part)."""
+    assert module_type("lm_head") == "lm_head" and module_type("model.layers.0.q_proj") == "q_proj"
+
+
+def test_load_error_messages_name_the_file_and_label(tmp_path: Path) -> None:
+    """Kills LoraAdapter.load 1, 2 (the default label "adapter"), 7 (label not passed to the config
+    reader) and 13-18 (the adapter_model.bin refusal and its message), messages written by hand."""
+    no_config = tmp_path / "empty"
+    no_config.mkdir()
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(no_config, label="task")
+    assert str(exc.value) == f"{no_config}: not a PEFT adapter directory (adapter_config.json missing) — task"
+
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    (only_config / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(only_config)
+    assert str(exc.value) == f"{only_config}: adapter_model.safetensors is missing — adapter"
+
+    (only_config / "adapter_model.bin").write_bytes(b"not read")
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(only_config)
+    assert str(exc.value) == (
+        f"{only_config} has only adapter_model.bin (pickle, can execute code when loaded); "
+        "convert it to adapter_model.safetensors"
+    )
+
+
+def _hand_adapter(directory: Path, n_extra: int, lora: bool = True) -> Path:
+    """An adapter written by hand: module `m` (r = 1) and `n_extra` non-LoRA tensors e0.weight, ..."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
+    tensors = {f"e{i}.weight": torch.zeros(2) for i in range(n_extra)}
+    if lora:
+        tensors["base_model.model.m.lora_A.weight"] = torch.ones(1, 2)
+        tensors["base_model.model.m.lora_B.weight"] = torch.ones(2, 1)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("n_extra", "listed"),
+    [
+        (4, "e0.weight, e1.weight, e2.weight, e3.weight"),
+        (5, "e0.weight, e1.weight, e2.weight, e3.weight ..."),
+    ],
+)
+def test_load_warns_with_the_first_four_extra_tensors(tmp_path: Path, n_extra: int, listed: str) -> None:
+    """Kills LoraAdapter.load 30-37 (the warning's list: first four names, " ..." only beyond four)."""
+    d = _hand_adapter(tmp_path / "a", n_extra)
+    with pytest.warns(UserWarning) as rec:
+        adapter = LoraAdapter.load(d, label="task")
+    assert [str(w.message) for w in rec] == [
+        f"task {d} carries non-LoRA tensors (modules_to_save): {listed}; they are copied unchanged"
+    ]
+    assert adapter.extra_keys == [f"e{i}.weight" for i in range(n_extra)] and adapter.lora_modules == ["m"]
+
+
+def test_load_error_without_lora_tensors_names_the_label(tmp_path: Path) -> None:
+    """Kills LoraAdapter.load 22 (label not passed to the header scan)."""
+    d = _hand_adapter(tmp_path / "a", 1, lora=False)
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(d, label="task")
+    assert str(exc.value) == f"{d / 'adapter_model.safetensors'}: no LoRA tensors found — task"
+
+
+def test_load_keeps_label_revision_and_natural_module_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills LoraAdapter.load 44, 45, 52, 53 (label / revision not stored) and 56, 58 (modules in the
+    header's byte order: layers.10 < layers.2 < layers.9, not 2, 9, 10)."""
+    from safetensors.torch import save_file
+
+    from safemerge.engine import lora
+
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
+    tensors = {}
+    for i in (10, 2, 9):
+        tensors[f"base_model.model.layers.{i}.q.lora_A.weight"] = torch.ones(1, 2)
+        tensors[f"base_model.model.layers.{i}.q.lora_B.weight"] = torch.ones(2, 1)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    # a hub snapshot resolves to a directory and a revision (the snapshot's commit)
+    monkeypatch.setattr(lora, "resolve_local_dir", lambda name: (d, "abc123"))
+    adapter = LoraAdapter.load("owner/name", label="task")
+    assert (adapter.label, adapter.revision) == ("task", "abc123")
+    assert adapter.lora_modules == ["layers.2.q", "layers.9.q", "layers.10.q"]
+
+
+@pytest.mark.parametrize(
+    ("config", "rank", "expected"),
+    [
+        ({}, 8, 1.0),  # PEFT's defaults r = 8, lora_alpha = 8: 8 / 8
+        ({"r": 4}, 4, 2.0),  # alpha 8 by default: 8 / 4
+        ({"r": 8, "lora_alpha": 16, "rank_pattern": {"m": 4}}, 4, 4.0),  # rank_pattern alone: 16 / 4
+        ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"m": 2}}, 4, 0.5),  # alpha_pattern alone: 2 / 4
+        ({"r": 4, "lora_alpha": 8, "use_rslora": True}, 4, 4.0),  # rsLoRA: 8 / √4
+    ],
+)
+def test_scaling_defaults_and_single_patterns(config: dict[str, object], rank: int, expected: float) -> None:
+    """Kills LoraAdapter.scaling 13, 15, 18, 20, 22, 25 (PEFT's defaults r = lora_alpha = 8) and 26 (a
+    rank_pattern or an alpha_pattern given alone is ignored); values by hand."""
+    adapter = LoraAdapter(Path("."), config, Path("w.safetensors"), ["m"], [], _ranks={"m": rank})
+    assert adapter.scaling("m") == expected
+
+
+def test_factors_are_float32_and_errors_are_worded(tmp_path: Path) -> None:
+    """Kills LoraAdapter.factors 2 (message of an unknown module), 15 (A left in its stored float16) and
+    scaling 48 (message of a rank that contradicts the config); messages written by hand."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 2}')
+    save_file(
+        {
+            "base_model.model.m.lora_A.weight": torch.tensor([[0.5, 1.5]], dtype=torch.float16),
+            "base_model.model.m.lora_B.weight": torch.tensor([[2.0], [-1.0]], dtype=torch.float16),
+        },
+        str(d / "adapter_model.safetensors"),
+    )
+    adapter = LoraAdapter.load(d, label="task")
+    f = adapter.factors("m")
+    assert (f.A.dtype, f.B.dtype, f.scaling) == (torch.float32, torch.float32, 2.0)
+    assert f.A.tolist() == [[0.5, 1.5]] and f.B.tolist() == [[2.0], [-1.0]]
+    with pytest.raises(InputError) as exc:
+        adapter.factors("x")
+    assert str(exc.value) == f"module 'x' is not in the task {d}"
+    adapter.config["r"] = 3
+    with pytest.raises(InputError) as exc:
+        adapter.scaling("m")
+    assert str(exc.value) == f"{d / 'adapter_model.safetensors'}: module m has rank 1 but the config says 3"
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "message"),
+    [
+        (torch.ones(2, 3), torch.ones(4, 1), "m lora_A (2, 3) vs lora_B (4, 1)"),
+        (torch.tensor([[1.0, math.inf]]), torch.ones(2, 1), "m.lora_A has NaN or Inf"),
+        (torch.ones(1, 2), torch.tensor([[1.0], [math.nan]]), "m.lora_B has NaN or Inf"),
+    ],
+)
+def test_factors_refusals_are_worded(tmp_path: Path, a: torch.Tensor, b: torch.Tensor, message: str) -> None:
+    """Kills LoraAdapter.factors 39-41 (the shape mismatch's message) and 42-47, 51 (which factor holds
+    NaN / Inf); messages written by hand (B in float32 after a float16 file: see the test above, 26)."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": a.shape[0], "lora_alpha": 1})
+    )
+    weights = d / "adapter_model.safetensors"
+    save_file({"base_model.model.m.lora_A.weight": a, "base_model.model.m.lora_B.weight": b}, str(weights))
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(d).factors("m")
+    assert str(exc.value) == f"{weights}: {message}"
+
+
+def _raw_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: str | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(config or '{"peft_type": "LORA", "r": 1, "lora_alpha": 1}')
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"m.lora_magnitude_vector": torch.ones(2)},
+         "tensor 'm.lora_magnitude_vector' — DoRA (use_dora) adapters are not supported"),
+        ({"m.lora_C.weight": torch.ones(2, 2)}, "unsupported LoRA tensor 'm.lora_C.weight'"),
+        ({"m.lora_A.weight": torch.ones(1, 2, 3), "m.lora_B.weight": torch.ones(2, 1)},
+         "'m.lora_A.weight' has shape [1, 2, 3]; only Linear/Conv1D LoRA is supported"),
+    ],
+)  # fmt: skip
+def test_scan_header_refusals_are_worded(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], message: str
+) -> None:
+    """Kills _scan_header 10, 21, 26, 27 (messages) and 18, 19 (an unknown lora_ tensor taken for a
+    non-LoRA one); messages written by hand."""
+    d = _raw_adapter(tmp_path / "a", tensors)
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(d)
+    assert str(exc.value) == f"{d / 'adapter_model.safetensors'}: {message}"
+
+
+def test_unprefixed_keys_and_config_refusals(tmp_path: Path) -> None:
+    """Kills _scan_header 13 (the PEFT prefix cut from every key), _read_config 7 (invalid JSON's message)
+    and 9 (the config's path in _check_config's message)."""
+    d = _raw_adapter(
+        tmp_path / "a",
+        {"layers.0.q.lora_A.weight": torch.ones(1, 2), "layers.0.q.lora_B.weight": torch.ones(3, 1)},
+    )
+    adapter = LoraAdapter.load(d)
+    assert adapter.lora_modules == ["layers.0.q"] and adapter.extra_keys == []
+    assert adapter.factors("layers.0.q").B.shape == (3, 1)
+    bad = _raw_adapter(tmp_path / "b", {"m.lora_A.weight": torch.ones(1, 2)}, config="{")
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(bad)
+    assert str(exc.value).startswith(f"{bad / 'adapter_config.json'}: invalid JSON (Expecting")
+    ia3 = _raw_adapter(tmp_path / "c", {"m.lora_A.weight": torch.ones(1, 2)}, config='{"peft_type": "ia3"}')
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(ia3)
+    assert (
+        str(exc.value)
+        == f"{ia3 / 'adapter_config.json'}: peft_type IA3 is not supported (only LORA adapters)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("names", "listed"),
+    [(["m0", "m1"], "m1"), ([f"m{i}" for i in range(7)], "m1, m2, m3, m4, m5")],
+)
+def test_scan_header_lists_modules_without_lora_b(tmp_path: Path, names: list[str], listed: str) -> None:
+    """Kills _scan_header 30 (every module recorded under one key), 50 (no completeness check) and 56-59
+    (the message lists the first five incomplete modules): m0 has A and B, the others only A."""
+    tensors = {f"{n}.lora_A.weight": torch.ones(1, 2) for n in names}
+    tensors["m0.lora_B.weight"] = torch.ones(2, 1)
+    d = _raw_adapter(tmp_path / "a", tensors)
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(d)
+    assert (
+        str(exc.value)
+        == f"{d / 'adapter_model.safetensors'}: modules without both lora_A and lora_B: {listed}"
+    )
+
+
+def test_find_key_message() -> None:
+    """Kills _find_key 2 (its message), reached only when a file loses a tensor after loading."""
+    from safemerge.engine.lora import _find_key
+
+    class NoKeys:
+        def keys(self) -> list[str]:
+            return ["base_model.model.m.lora_A.weight"]
+
+    with pytest.raises(InputError) as exc:
+        _find_key(NoKeys(), "m", "B")
+    assert str(exc.value) == "lora_B of m not found"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"use_dora": True}, "DoRA adapters (use_dora: true) are not supported"),
+        ({"lora_bias": True}, "adapters with lora_bias are not supported"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication is not supported"),
+        ({"peft_type": "lora", "use_dora": False, "lora_bias": False, "layer_replication": None}, None),
+        ({}, None),  # no peft_type: LORA by default
+    ],
+)
+def test_check_config_refusals_are_worded(
+    tmp_path: Path, config: dict[str, object], message: str | None
+) -> None:
+    """Kills _check_config 5, 7, 10 (a config without peft_type is a LoRA one), 15-19 and the lora_bias /
+    layer_replication mutants after them (each refusal and its message, written by hand)."""
+    tensors = {"m.lora_A.weight": torch.ones(1, 2), "m.lora_B.weight": torch.ones(2, 1)}
+    d = _raw_adapter(tmp_path / "a", tensors, config=json.dumps({"r": 1, "lora_alpha": 1, **config}))
+    if message is None:
+        assert LoraAdapter.load(d).lora_modules == ["m"]
+        return
+    with pytest.raises(InputError) as exc:
+        LoraAdapter.load(d)
+    assert str(exc.value) == f"{d / 'adapter_config.json'}: {message}"
