@@ -92,3 +92,19 @@ def save_adapter(
 
 def adapter_config(path: Path) -> dict[str, object]:
     return dict(json.loads((path / "adapter_config.json").read_text()))
+
+
+def tiny_chat_setup(root: Path) -> dict[str, Path]:
+    """A tiny chat model pair (unaligned seed 0, aligned seed 1, with a tokenizer and chat template) and a
+    task and a safety adapter on the aligned one: the inputs of the end-to-end experiment tests."""
+    from tinymodel import build_tiny_model
+
+    un = build_tiny_model(root / "unaligned", seed=0)
+    al = build_tiny_model(root / "aligned", seed=1)
+    return {
+        "root": root,
+        "aligned": al,
+        "unaligned": un,
+        "task": save_adapter(al, root / "task", seed=1, r=4, alpha=8),
+        "safety": save_adapter(al, root / "safety", seed=2, r=4, alpha=8),
+    }

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from builders import save_adapter
-from tinymodel import build_tiny_model
+from builders import tiny_chat_setup
 from typer.testing import CliRunner
 
 import safemerge.evaluate
@@ -28,16 +27,7 @@ SHIPPED = sorted(
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("exp-inputs")
-    un = build_tiny_model(root / "unaligned", seed=0)
-    al = build_tiny_model(root / "aligned", seed=1)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1, r=4, alpha=8),
-        "safety": save_adapter(al, root / "safety", seed=2, r=4, alpha=8),
-    }
+    return tiny_chat_setup(tmp_path_factory.mktemp("exp-inputs"))
 
 
 def config(inputs: dict[str, Path], out: Path, **changes: Any) -> dict[str, Any]:

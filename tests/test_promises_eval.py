@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from builders import save_adapter
-from tinymodel import build_tiny_model
+from builders import tiny_chat_setup
 from typer.testing import CliRunner
 
 from safemerge.cli import app
@@ -121,16 +120,7 @@ def test_guard_refuses_a_harmbench_prompt_in_a_later_user_turn(tmp_path: Path) -
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny aligned / unaligned pair with a task and a safety adapter."""
-    root = tmp_path_factory.mktemp("promises-eval")
-    un = build_tiny_model(root / "unaligned", seed=0)
-    al = build_tiny_model(root / "aligned", seed=1)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1, r=4, alpha=8),
-        "safety": save_adapter(al, root / "safety", seed=2, r=4, alpha=8),
-    }
+    return tiny_chat_setup(tmp_path_factory.mktemp("promises-eval"))
 
 
 def _forbid_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
