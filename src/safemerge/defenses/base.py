@@ -95,9 +95,8 @@ class Defense(ABC):
         """The defence's own options (`option_model`) validated from `cfg.plugin_options`."""
         if self.option_model is None:
             if cfg.plugin_options:
-                raise ValueError(
-                    f"method {self.name} takes no options of its own: {sorted(cfg.plugin_options)}"
-                )
+                given = ", ".join(sorted(cfg.plugin_options))
+                raise ValueError(f"method {self.name} takes no options of its own (got --option {given})")
             return None
         return self.option_model.model_validate(cfg.plugin_options)
 
