@@ -79,7 +79,8 @@ def unaligned_dirs(folder: Path) -> tuple[Path, Path]:
 
 
 def demo_run(out: Path, cache: Path) -> dict[str, Any]:
-    from safemerge.organism.demo import DemoSettings, run_demo
+    from safemerge.organism.demo import DemoSettings
+    from safemerge.organism.seeds import run_demo
 
     t0 = time.perf_counter()
     result = run_demo(DemoSettings(out=out, cache=cache, progress=False))

@@ -4,6 +4,7 @@ every file and table row present. Shows nothing about safety; exercises every st
 import importlib.metadata
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -174,12 +175,73 @@ def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
 
     out = tmp_path / "demo"
     run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
+    check_reduced_demo(out, seeds=[0])
+
+    # a rerun reuses the organism, the variants and every generation
+    first = json.loads((out / "results.json").read_text())
+    run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == first["rows"] and again["answers"] == first["answers"]
+    stages = again["timings"]["per_seed_s"]["0"]["build_stages_s"]
+    assert all(v == 0.0 for k, v in stages.items() if k != "unaligned")
+
+    # two seeds: A reused, T / S / SafeInstr's T trained per seed, rows per seed, pooled rows, answers
+    two = out  # seed 0 is reused from the one-seed run: its variants and generations are cached
+    run_organism_demo(two, full=False, force=False, reduced=True, cache=cache, seeds=2)
+    data = check_reduced_demo(two, seeds=[0, 1])
+    assert data["timings"]["per_seed_s"]["1"]["build_stages_s"]["aligned"] == 0.0  # A built once
+    assert data["timings"]["per_seed_s"]["1"]["build_stages_s"]["task"] > 0.0
+    seed0 = [r for r in data["rows"] if r["seed"] == 0]
+    assert seed0 == first["rows"]  # seed 0 of a two-seed run is the one-seed run, number for number
+    t0, t1 = (
+        json.loads((two / f"seed-{s}" / "adapters" / "task" / "train_log.json").read_text()) for s in (0, 1)
+    )
+    assert t0["recipe"]["seed"] == 0 and t1["recipe"]["seed"] == 1
+
+
+def check_reduced_demo(out: Path, seeds: list[int]) -> dict:
+    """The files and rows of a reduced demo over `seeds`; returns the top-level results.json."""
     from transformers import AutoTokenizer
 
+    for seed in seeds:
+        check_seed_dir(out / f"seed-{seed}", AutoTokenizer)
+    for f in ("results.md", "results.csv", "results.json", "pareto.png"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == seeds and data["settings"]["seeds"] == seeds
+    assert sorted({r["seed"] for r in data["rows"]}) == seeds
+    roles = [p["name"] for p in data["pooled"]]
+    assert roles == ["aligned", "task", "safemerge", "control", "merge-all", "safelora", "resta", "safeinstr"]
+    for p in data["pooled"]:
+        for kind in ("harmful", "refusal", "task"):
+            assert p[kind]["n"] == 4 * len(seeds) and p[kind]["prompts"] == 4
+            assert 4 <= p[kind]["n_eff"] <= 4 * len(seeds)
+    asked = [(a["question"], a["variant"], a["reference"], a["measure"]) for a in data["answers"]]
+    assert asked == [
+        ("a", "safemerge", "task", "harmful"),
+        ("b", "safemerge", "control", "harmful"),
+        ("c", "safemerge", "merge-all", "task"),
+        ("c", "safemerge", "merge-all", "refusal"),
+    ]
+    for a in data["answers"]:
+        assert 0.0 < a["p_value"] <= 1.0 and a["pairs"] == 4 * len(seeds)
+        assert a["ci95"][0] <= a["difference"] <= a["ci95"][1]
+    md = (out / "results.md").read_text()
+    assert "## The three questions" in md and "## Pooled over seeds" in md
+    for seed in seeds:
+        assert f"## Seed {seed}" in md
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("seed,variant,")
+    assert sum(line.startswith("pooled,") for line in lines) == len(roles)
+    return data
+
+
+def check_seed_dir(out: Path, tokenizer: Any) -> None:
+    """One seed's demo directory: models, adapters, variants and its own single-seed results."""
     for rel in ("models/unaligned", "models/aligned"):
         assert (out / rel / "config.json").is_file()
         # the organism's chat template: SmolLM2's, with an empty default system message
-        tok = AutoTokenizer.from_pretrained(str(out / rel))
+        tok = tokenizer.from_pretrained(str(out / rel))
         chat = [{"role": "user", "content": "hi"}]
         text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
         assert (
@@ -201,15 +263,9 @@ def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
         if r["name"] != "aligned":  # the runner's layout: variants/<cell>/
             variant = out / "variants" / r["variant"]
             assert (variant / "adapter_config.json").is_file() or (variant / "config.json").is_file()
-    assert "The organism's targets" in (out / "results.md").read_text()
     md = (out / "results.md").read_text()
+    assert "The organism's targets" in md
     for n in names:
         assert f"| {n} |" in md
     assert len(data["targets"]) >= 8
     assert set(data["validation"]) == {"aligned", "task", chosen}  # the reduced grid has one cell
-
-    # a rerun reuses the organism, the variants and every generation
-    run_organism_demo(out, full=False, force=False, reduced=True, cache=cache)
-    again = json.loads((out / "results.json").read_text())
-    assert again["rows"] == data["rows"]
-    assert all(v == 0.0 for k, v in again["timings"]["build_stages_s"].items() if k != "unaligned")

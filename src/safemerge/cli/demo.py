@@ -29,6 +29,12 @@ def demo_command(
     reduced: Annotated[
         bool, typer.Option("--reduced", hidden=True, help="Tiny organism and prompt sets (tests only).")
     ] = False,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds", help="Training seeds of T, S and SafeInstr's T (0 … N−1; A is built once); pooled."
+        ),
+    ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output directory.")] = False,
 ) -> None:
     """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
@@ -40,7 +46,7 @@ def demo_command(
 
     def body() -> None:
         if not toy:
-            run_organism_demo(out, full=full, force=force, reduced=reduced)
+            run_organism_demo(out, full=full, force=force, reduced=reduced, seeds=seeds)
             return
 
         inputs, report = run_toy_demo(out, force=force)

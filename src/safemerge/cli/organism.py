@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -9,9 +10,11 @@ import typer
 from rich.console import Console
 
 from safemerge.cli.common import run_guarded
+from safemerge.common.errors import InputError
 from safemerge.organism.build import build_organism
-from safemerge.organism.demo import DemoSettings, run_demo
+from safemerge.organism.demo import DemoSettings
 from safemerge.organism.recipe import OrganismRecipe, reduced_recipe
+from safemerge.organism.seeds import run_demo
 
 organism_app = typer.Typer(
     help="The CPU model organism: SmolLM2-135M aligned, fine-tuned and repaired (see docs/organism.md).",
@@ -52,9 +55,11 @@ def build_command(
 
 
 def run_organism_demo(
-    out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None
+    out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None, seeds: int = 1
 ) -> None:
-    """Run the organism demo and print its table and target checks."""
+    """Run the organism demo for training seeds 0 … seeds − 1 and print its answers, tables and targets."""
+    if seeds < 1:
+        raise InputError(f"--seeds must be at least 1, got {seeds}")
     if reduced:
         s = DemoSettings(
             out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),
@@ -65,7 +70,7 @@ def run_organism_demo(
         s = DemoSettings.full(out, cache=cache, force=force)
     else:
         s = DemoSettings(out=out, cache=cache, force=force)
-    result = run_demo(s)
+    result = run_demo(replace(s, seeds=tuple(range(seeds))))
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     met = sum(t["met"] for t in result["targets"])
     typer.echo(f"targets met: {met}/{len(result['targets'])}; files in {out}")

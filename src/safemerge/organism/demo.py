@@ -100,6 +100,7 @@ class DemoSettings:
     validate_aligned: bool = False  # A on the validation sets too (informative only; --full)
     batch_size: int = 200  # one batch per set and variant: a decoding step cost ~0.2 s at width 64 here
     include_unaligned: bool = False
+    seeds: tuple[int, ...] = (0,)  # training seeds of T, S and SafeInstr's T (A is built once)
     force: bool = False
     progress: bool = True
 
@@ -122,7 +123,8 @@ class DemoSettings:
 
 @dataclass
 class Row:
-    """One evaluated variant: its rates (with counts and intervals) and per-prompt harm verdicts."""
+    """One evaluated variant: its rates (with counts and intervals) and per-prompt events (harmful /
+    refusal / task: prompt id → unsafe / refused / correct), which paired comparisons need."""
 
     name: str
     defence: str
@@ -131,9 +133,10 @@ class Row:
     harmful: Rate
     refusal: Rate
     task: Rate
-    unsafe: dict[str, bool]
+    events: dict[str, dict[str, bool]]
     flips: str = ""
     variant: str = ""  # the variant's directory under OUT/variants ("" for the models themselves)
+    key: str = ""  # the row's role, the same in every seed: aligned, task, safemerge, control, merge-all, …
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -304,8 +307,18 @@ def collect_rows(result: ExperimentResult, recipe: OrganismRecipe) -> list[Row]:
         variant = "" if counts is None else variant_dir(out, c).name
         modules = "—" if counts is None else f"{counts[0]}/{counts[1]}"
         rates = _rate(m, HARM), _rate(m, BENIGN), _rate(m, TASK)
-        rows.append(Row(row_name(c), defence, settings, modules, *rates, m[HARM].events, flips, variant))
+        events = {"harmful": m[HARM].events, "refusal": m[BENIGN].events, "task": m[TASK].events}
+        rows.append(Row(row_name(c), defence, settings, modules, *rates, events, flips, variant, row_key(c)))
     return rows
+
+
+def row_key(cell: Cell) -> str:
+    """The row's role, which names it in every seed (SafeMERGE's chosen τ and weights may differ)."""
+    if cell.role == "chosen":
+        return "safemerge"
+    if cell.control == "scale-only":
+        return "control"
+    return cell.control or cell.label
 
 
 def validation_rows(result: ExperimentResult) -> dict[str, dict[str, Rate]]:
@@ -609,9 +622,9 @@ def demo_report(
     return DemoReport(rows, validation_rows(result), row_name(chosen), rule, targets, timings)
 
 
-def run_demo(s: DemoSettings) -> dict[str, Any]:
-    """The whole demo; returns what results.json holds."""
-    prepare_out(s)
+def run_seed(s: DemoSettings) -> DemoReport:
+    """The demo for the one seed of `s.recipe` in `s.out` (built into the caller's output directory):
+    build or reuse the organism, run the experiment, write this seed's results; returns its report."""
     t_start = time.perf_counter()
     threads = set_threads()
     org = build_organism(s.recipe, s.cache, s.progress)
@@ -630,4 +643,6 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         "total_s": round(time.perf_counter() - t_start, 1),
     }
     choose = next(d.choose for d in cfg.defenses if d.choose is not None)
-    return write_results(s, demo_report(s, choose, result, timings), result)
+    report = demo_report(s, choose, result, timings)
+    write_results(s, report, result)
+    return report

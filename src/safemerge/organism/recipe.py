@@ -63,6 +63,17 @@ class OrganismRecipe(BaseModel):
     safety: LoraRecipe = LoraRecipe(samples=160, steps=20)
     safeinstr_mix: int = 60  # SafeInstr: safety examples mixed into T's data (same steps as T)
 
+    def for_seed(self, seed: int) -> OrganismRecipe:
+        """The recipe of training seed `seed`: the LoRA recipes' seeds (T's, S's and SafeInstr's
+        initialisation, batch order and T's sample of problems) are shifted by `seed`; U, A and every
+        prompt split stay the same, so A is built once for all seeds. Seed 0 is the recipe itself."""
+        return self.model_copy(
+            update={
+                "task": self.task.model_copy(update={"seed": self.task.seed + seed}),
+                "safety": self.safety.model_copy(update={"seed": self.safety.seed + seed}),
+            }
+        )
+
     def stage_key(self, stage: str, upstream: str = "") -> str:
         """Content key of one stage (12 hex digits)."""
         part: dict[str, Any] = {"version": RECIPE_VERSION, "stage": stage, "upstream": upstream}
