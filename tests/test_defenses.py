@@ -406,12 +406,14 @@ _COMMON = {"method", "aligned", "unaligned", "task_adapter", "out", "device", "a
 _SELECTION = {"threshold", "top_k", "fraction"}
 _MERGE = {"safety_adapter", "weights", "mode", "merge_method", "density", "seed", "rank"}
 _FULL = {"merge_into_base", "max_shard_size"}
+# Added after 0.1.0: full fine-tunes and sketches as inputs of every defence (docs/defenses.md).
+_INPUTS = {"task_model", "modules", "subspace", "ignore_fingerprint"}
 APPLIES_0_1_0 = {
-    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL,
-    "merge-all": _COMMON | _MERGE | _FULL,
-    "safelora": _COMMON | _SELECTION | _FULL | {"preserve_norm"},
-    "resta": _COMMON | {"beta", "scope", "dare", "density", "seed", "max_shard_size"},
-    "none": _COMMON,
+    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL | _INPUTS | {"safety_model"},
+    "merge-all": _COMMON | _MERGE | _FULL | _INPUTS | {"safety_model"},
+    "safelora": _COMMON | _SELECTION | _FULL | {"preserve_norm"} | _INPUTS,
+    "resta": _COMMON | {"beta", "scope", "dare", "density", "seed", "max_shard_size"} | _INPUTS,
+    "none": _COMMON | _INPUTS,
 }
 
 

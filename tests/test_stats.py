@@ -144,3 +144,14 @@ def test_paired_comparison_one_seed_and_missing_verdicts() -> None:
     assert paired_comparison([ref], [var]).pairs == 39
     with pytest.raises(ValueError, match="same seeds"):
         paired_comparison([ref, ref], [var])
+
+
+def test_pooled_rate_effective_size_is_capped_at_n() -> None:
+    # per prompt (events, trials): a, b, c (1, 2), d (2, 2): k = 5, n = 8, p = 0.625; Σ (k_p − p·n_p)² =
+    # 3·0.25² + 0.75² = 0.75, var = 0.75/64, p(1 − p)/var = 0.234375·64/0.75 = 20 > n: capped at n = 8,
+    # where the interval is Wilson's for 5 of 8.
+    r = pooled_rate(
+        [{"a": True, "b": False, "c": True, "d": True}, {"a": False, "b": True, "c": False, "d": True}]
+    )
+    assert r.n_eff == 8.0
+    assert (r.rate.lo, r.rate.hi) == (pytest.approx(wilson(5, 8).lo), pytest.approx(wilson(5, 8).hi))

@@ -11,6 +11,7 @@ from safemerge.cli.engine import merge_command, scan_command
 from safemerge.cli.eval import eval_command
 from safemerge.cli.experiment import experiment_command
 from safemerge.cli.organism import organism_app
+from safemerge.cli.subspace import subspace_command
 from safemerge.cli.train import train_command
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.command("train")(train_command)
 app.command("eval")(eval_command)
 app.command("defend")(defend_command)
 app.command("experiment")(experiment_command)
+app.command("subspace")(subspace_command)
 
 
 def main() -> None:

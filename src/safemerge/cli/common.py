@@ -48,6 +48,43 @@ UnalignedOpt = Annotated[
 TaskOpt = Annotated[
     str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")
 ]
+TaskModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task-model",
+        help="A full fine-tune of the aligned model (directory or hub id), instead of --task-adapter.",
+    ),
+]
+ModulesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With --task-model: scan the linear layers whose module name matches this regular expression "
+        "(re.search). Default: the attention and MLP projections (q,k,v,o,gate,up,down; c_attn,c_proj,c_fc)."
+    ),
+]
+SubspaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A sketch of V (`safemerge subspace`) instead of --unaligned: ρ from its rank-K directions. "
+        "A LoRA scan then needs no base model; where aligned weights are read, --aligned must match the "
+        "sketch's fingerprint."
+    ),
+]
+IgnoreFingerprintOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--ignore-fingerprint",
+        help="Use a --subspace sketch made from another aligned checkpoint (the report records it). "
+        "Default off.",
+    ),
+]
+SafetyModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--safety-model",
+        help="With --task-model: a full safety fine-tune of the aligned model, instead of --safety-adapter.",
+    ),
+]
 ThresholdOpt = Annotated[
     float | None,
     typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),

@@ -13,13 +13,18 @@ from safemerge.cli.common import (
     ConfigArg,
     DeviceOpt,
     ForceOpt,
+    IgnoreFingerprintOpt,
     MaxShardOpt,
     MergeIntoBaseOpt,
+    ModulesOpt,
     PickleOpt,
     PlotOpt,
     QuietOpt,
     RankOpt,
+    SafetyModelOpt,
     SeedOpt,
+    SubspaceOpt,
+    TaskModelOpt,
     TaskOpt,
     UnalignedOpt,
     given_options,
@@ -44,11 +49,16 @@ def defend_command(
     ] = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
+    subspace: SubspaceOpt = None,
+    ignore_fingerprint: IgnoreFingerprintOpt = None,
     task_adapter: TaskOpt = None,
+    task_model: TaskModelOpt = None,
+    modules: ModulesOpt = None,
     safety_adapter: Annotated[
         str | None,
         typer.Option("--safety-adapter", "-s", help="Safety LoRA (safemerge, merge-all). No default."),
     ] = None,
+    safety_model: SafetyModelOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output directory (must not exist, see --force). Required."),
@@ -120,7 +130,7 @@ def defend_command(
     ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Apply one post-fine-tuning defence to a task LoRA (the defences: see --method)."""
+    """Apply one post-fine-tuning defence to a task LoRA or full fine-tune (the defences: see --method)."""
 
     def body() -> None:
         cfg = load_config(DefendConfig, config, given_options(ctx, "config", "quiet"))

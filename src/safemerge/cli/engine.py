@@ -14,13 +14,18 @@ from safemerge.cli.common import (
     DeviceOpt,
     ForceOpt,
     FractionOpt,
+    IgnoreFingerprintOpt,
     MaxShardOpt,
     MergeIntoBaseOpt,
+    ModulesOpt,
     PickleOpt,
     PlotOpt,
     QuietOpt,
     RankOpt,
+    SafetyModelOpt,
     SeedOpt,
+    SubspaceOpt,
+    TaskModelOpt,
     TaskOpt,
     ThresholdOpt,
     TopKOpt,
@@ -39,7 +44,11 @@ def scan_command(
     config: ConfigArg = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
+    subspace: SubspaceOpt = None,
+    ignore_fingerprint: IgnoreFingerprintOpt = None,
     task_adapter: TaskOpt = None,
+    task_model: TaskModelOpt = None,
+    modules: ModulesOpt = None,
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
     fraction: FractionOpt = None,
@@ -52,7 +61,8 @@ def scan_command(
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compute ρ for every module of the task adapter and show which modules SafeMERGE would merge."""
+    """Compute ρ for every module of the task adapter (or full fine-tune) and show which modules SafeMERGE
+    would merge."""
 
     def body() -> None:
         cfg = load_config(ScanConfig, config, given_options(ctx, "config", "quiet"))
@@ -68,10 +78,15 @@ def merge_command(
     config: ConfigArg = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
+    subspace: SubspaceOpt = None,
+    ignore_fingerprint: IgnoreFingerprintOpt = None,
     task_adapter: TaskOpt = None,
+    task_model: TaskModelOpt = None,
+    modules: ModulesOpt = None,
     safety_adapter: Annotated[
         str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
     ] = None,
+    safety_model: SafetyModelOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")
     ] = None,
@@ -106,7 +121,8 @@ def merge_command(
     plot: PlotOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Scan, then merge the selected modules with the safety adapter; write a PEFT adapter and a report."""
+    """Scan, then merge the selected modules with the safety update; write a PEFT adapter (a full model
+    for --task-model) and a report."""
 
     def body() -> None:
         cfg = load_config(MergeConfig, config, given_options(ctx, "config", "quiet"))

@@ -7,10 +7,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from safemerge.cli.common import run_guarded
+from safemerge.common.errors import InputError
+from safemerge.experiment.config import ExecutionSpec, parse_experiment
+from safemerge.experiment.executor_ray import RayExecutor
 from safemerge.experiment.results import print_rows
-from safemerge.experiment.runner import run_experiment
+from safemerge.experiment.runner import Executor, run_experiment
 
 
 def experiment_command(
@@ -31,17 +35,56 @@ def experiment_command(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(
+            help="local: every stage in this process; ray: on a Ray cluster (docs/distributed.md). "
+            "Default: the config's execution.executor, else local."
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (`auto` or HOST:PORT). Default: start a local Ray instance."),
+    ] = None,
+    gpus_per_cell: Annotated[
+        float | None,
+        typer.Option(help="GPUs of each Ray task and eval worker (a fraction packs them). Default 0."),
+    ] = None,
+    cpus_per_cell: Annotated[
+        float | None,
+        typer.Option(help="CPUs (and torch threads) of each Ray task and eval worker. Default 1."),
+    ] = None,
 ) -> None:
     """Run every defence × grid cell on one setup, evaluate all variants, write the table and plot."""
 
-    def body() -> None:
-        result = run_experiment(config, out, dry_run=dry_run, progress=not quiet, limit=limit)
-        if not dry_run:
-            print_rows(result.rows, Console())
-            Console().print(
-                f"computed {len(result.computed)} cell(s), evaluated {len(result.evaluated)}; "
-                f"results in {result.out}/results.md",
-                highlight=False,
-            )
+    def body() -> int:
+        cfg = parse_experiment(config)
+        spec = (cfg.execution or ExecutionSpec()).with_flags(
+            executor=executor,
+            ray_address=ray_address,
+            gpus_per_cell=gpus_per_cell,
+            cpus_per_cell=cpus_per_cell,
+        )
+        runner: Executor | None = RayExecutor(spec) if spec.executor == "ray" else None
+        result = run_experiment(cfg, out, dry_run=dry_run, progress=not quiet, limit=limit, executor=runner)
+        if dry_run:
+            return 0
+        print_rows(result.rows, Console())
+        Console().print(
+            f"computed {len(result.computed)} cell(s), evaluated {len(result.evaluated)}; "
+            f"results in {result.out}/results.md",
+            highlight=False,
+        )
+        for label, error in result.failed.items():
+            Console(stderr=True).print(f"[bold red]failed:[/] {label}: {error}", highlight=False)
+        return 1 if result.failed else 0
 
-    run_guarded(body)
+    def escaped() -> int:
+        try:
+            return body()
+        except InputError as exc:  # run_guarded prints with rich markup: keep `safemerge[ray]` as written
+            raise InputError(escape(str(exc))) from None
+
+    code = run_guarded(escaped)
+    if code:
+        raise typer.Exit(code)

@@ -29,6 +29,7 @@ Output = Literal["adapter", "model"]
 # Options of every defence: the defence, its inputs, the output and how to run (DefendConfig's flat keys).
 COMMON_OPTIONS = frozenset(
     {"method", "aligned", "unaligned", "task_adapter", "out", "device", "allow_pickle", "force", "plot"}
+    | {"task_model", "modules", "subspace", "ignore_fingerprint"}
 )
 SELECTION = frozenset(SELECTION_OPTIONS)
 # Options that say how to write, not what is computed: left out of a defence's `settings`.
@@ -62,6 +63,10 @@ class Defense(ABC):
     name: str  # the --method value; equals the entry point's name
     output: Output  # what `out` holds: a PEFT adapter or a full model
     needs: tuple[str, ...] = ()  # inputs that must be given, e.g. ("safety_adapter",)
+    # inputs that may stand in for one of `needs`, e.g. {"safety_adapter": ("safety_model",)}
+    alternatives: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    # whether it takes a full fine-tune (`task_model`) as well as a task LoRA (docs/defenses.md)
+    full_finetune: bool = False
     options: frozenset[str] = frozenset()  # the other DefendConfig keys it reads
     # the selection policy when none is given (used when `options` include the selection options)
     default_selection: Mapping[str, Any] = MappingProxyType({"threshold": DEFAULT_THRESHOLD})
@@ -80,7 +85,11 @@ class Defense(ABC):
     @property
     def applies(self) -> frozenset[str]:
         """Every DefendConfig key this defence reads."""
-        return COMMON_OPTIONS | frozenset(self.needs) | self.options
+        return COMMON_OPTIONS | frozenset(self.needs) | self.options | self._alternative_inputs
+
+    @property
+    def _alternative_inputs(self) -> frozenset[str]:
+        return frozenset(name for alts in self.alternatives.values() for name in alts)
 
     @property
     def selects(self) -> bool:
@@ -102,7 +111,7 @@ class Defense(ABC):
 
     def settings(self, cfg: DefendConfig) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags), for reports and experiment cells."""
-        keep = self.options - SELECTION - WRITE_OPTIONS - frozenset(self.needs)
+        keep = self.options - SELECTION - WRITE_OPTIONS - frozenset(self.needs) - self._alternative_inputs
         data = {k: v for k, v in plain_dump(cfg).items() if k in keep}
         if self.selects:
             data.update(cfg.resolved_selection)

@@ -24,6 +24,7 @@ from safemerge.engine.config import (
     RunOptions,
     SelectionConfig,
     SelectionOptions,
+    omit_unset,
 )
 
 RESTA_BETA = 0.5
@@ -43,6 +44,11 @@ class DefendConfig(FlatConfig):
     method: str = Field("safemerge", description="the defence: a registered name (`safemerge defend --help`)")
     inputs: InputsConfig
     safety_adapter: str | None = Field(None, description="safety LoRA (safemerge, merge-all)")
+    safety_model: str | None = Field(
+        None,
+        description="full safety fine-tune, with task_model (safemerge, merge-all)",
+        exclude_if=omit_unset,
+    )
     out: str = Field(description="output directory")
     # selection (safemerge: ρ < τ; safelora: ρ ≤ τ; the default policy is the defence's)
     selection: SelectionOptions
@@ -91,13 +97,23 @@ class DefendConfig(FlatConfig):
         wrong = sorted(
             n
             for n in self.flat_fields_set() - defense.applies - {"plugin_options"}
-            if flat[n] != self.flat_default(n)
+            if flat.get(n) != self.flat_default(n)
         )
         if wrong:
             raise ValueError(f"option(s) {', '.join(wrong)} do not apply to method {self.method}")
+        if self.safety_adapter is not None and self.safety_model is not None:
+            raise ValueError("give either safety_adapter or safety_model, not both")
+        if self.safety_model is not None and self.inputs.task_model is None:
+            raise ValueError("safety_model needs task_model: a LoRA merge takes a safety_adapter")
+        if self.inputs.task_model is not None and not defense.full_finetune:
+            raise ValueError(
+                f"method {self.method} takes a task LoRA only, not a full fine-tune (task_model); the "
+                "defences for full fine-tunes: safemerge, merge-all, safelora, resta, none"
+            )
         for need in defense.needs:
-            if not flat.get(need):
-                raise ValueError(f"method {self.method} needs {need}")
+            alts = (need, *defense.alternatives.get(need, ()))
+            if not any(flat.get(a) for a in alts):
+                raise ValueError(f"method {self.method} needs {' or '.join(alts)}")
         defense.check(self)
         defense.own_options(self)  # validates them
         return self
@@ -109,13 +125,13 @@ class DefendConfig(FlatConfig):
 
     def merge_config(self, out: str) -> MergeConfig:
         """The `safemerge merge` config of a safemerge / merge-all cell: the same groups, composed."""
-        assert self.safety_adapter is not None
         return MergeConfig(
             selection=SelectionConfig(**self.resolved_selection),
             inputs=self.inputs,
             out=out,
             run=self.run.model_copy(update={"force": False}),
             safety_adapter=self.safety_adapter,
+            safety_model=self.safety_model,
             merge=self.merge,
         )
 

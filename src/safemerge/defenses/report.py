@@ -22,6 +22,7 @@ from safemerge.engine.report import (
     REPORT_MD,
     Report,
     _fmt,
+    input_lines,
     markdown,
     plot_similarity,
     report_dict,
@@ -78,12 +79,11 @@ def defense_markdown(report: Report, cfg: DefendConfig, edits: list[TensorEdit] 
         "",
         _settings_line(cfg),
         "",
-        f"- aligned: `{report.inputs['aligned']['path']}`",
-        f"- unaligned: `{report.inputs['unaligned']['path']}`",
-        f"- task adapter: `{report.inputs['task_adapter']['path']}`",
+        *input_lines(report, with_safety=False),
         f"- selection: {report.options.get('selection_policy')}",
         "",
-        f"**{s['merged']} of {s['modules']} LoRA modules {defense.changed_verb}**; "
+        f"**{s['merged']} of {s['modules']} {'LoRA ' if 'task_adapter' in report.inputs else ''}modules "
+        f"{defense.changed_verb}**; "
         f"ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
         "",
         *defense.report_notes(cfg),

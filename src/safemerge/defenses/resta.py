@@ -1,8 +1,10 @@
 """RESTA (Bhardwaj et al., ACL 2024): W = W_al + ΔW_f + β (W_al − W_un), ΔW_f optionally after DARE.
 
 Scope `all-linear` (default) adds β·V to every 2-D linear `*.weight` (embeddings, LM head and norms
-excluded by name); `targeted` only to the modules the task LoRA targets. DARE is the engine's
-`merging.dare`, seeded per module. Output: a full model (sharded safetensors, config, tokenizer).
+excluded by name); `targeted` only to the modules the task LoRA targets (for a full fine-tune, the
+scanned modules; there W_al + ΔW_f is the task weight, and tensors outside the scope stay the task's).
+DARE is the engine's `merging.dare`, seeded per module. Output: a full model (sharded safetensors,
+config, tokenizer).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from safemerge.common.errors import InputError
 from safemerge.defenses.base import Defense, DefenseResult
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import TensorEdit, write_defense_report
-from safemerge.defenses.steps import move_up, scan_config, without_selection
-from safemerge.defenses.tensors import resta_weight
+from safemerge.defenses.steps import move_up, scan_config, unaligned_of, without_selection
+from safemerge.defenses.tensors import resta_task_weight, resta_weight
 from safemerge.engine.checkpoint import Checkpoint, find_module_weight
 from safemerge.engine.criterion import safety_difference
 from safemerge.engine.merging import dare, module_seed
-from safemerge.engine.pipeline import open_checkpoint, run_scan
-from safemerge.engine.report import ModuleRecord
+from safemerge.engine.pipeline import open_checkpoint, run_full_scan, run_scan
+from safemerge.engine.report import ModuleRecord, Report
 from safemerge.engine.writer import write_model
 
 # Checkpoint keys that are not linear layers even when 2-D (RESTA's all-linear scope skips them).
@@ -60,6 +62,7 @@ class Resta(Defense):
     output = "model"
     options = frozenset({"beta", "scope", "dare", "density", "seed", "max_shard_size"})
     changed_verb = "edited"
+    full_finetune = True
 
     def check(self, cfg: DefendConfig) -> None:
         if cfg.merge.density != cfg.flat_default("density") and not cfg.dare:
@@ -72,8 +75,12 @@ class Resta(Defense):
         return data
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        if cfg.inputs.task_model is not None:
+            return self.run_full(cfg, tmp, out, progress)
+        unaligned_name = unaligned_of(cfg)  # before the scan: RESTA adds V itself, a sketch cannot do
         report, task, aligned = run_scan(scan_config(cfg, {"fraction": 1.0}), "defend", progress)
-        unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
+        assert aligned is not None  # InputsConfig: with unaligned, aligned is given
+        unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
         lora_keys = {find_module_weight(aligned, r.name): r for r in report.modules}
         safety_keys = set(lora_keys)
         if cfg.scope != "targeted":
@@ -103,6 +110,50 @@ class Resta(Defense):
         inner = tmp / "_model"
         write_model(aligned, edit, inner, cfg.merge.max_shard_size, progress)
         move_up(inner, tmp)
+        return self.finish(cfg, tmp, out, report, edits)
+
+    def run_full(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        """RESTA on a full fine-tune: W = W_task + β V (= W_al + ΔW_f + β V); with DARE, the scanned modules
+        get W_al + DARE(ΔW_f) + β V. Tensors outside the scope are the task model's."""
+        unaligned_name = unaligned_of(cfg)
+        report, task, aligned = run_full_scan(scan_config(cfg, {"fraction": 1.0}), "defend", progress)
+        unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
+        module_keys = {r.name + ".weight": r for r in report.modules}
+        safety_keys = set(module_keys)
+        if cfg.scope != "targeted":
+            safety_keys |= set(linear_weight_keys(aligned))
+        check_safety_keys(safety_keys, aligned, unaligned)
+        edits: list[TensorEdit] = []
+
+        def edit(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name not in safety_keys:
+                return t
+            rec = module_keys.get(name)
+            w_al, w_un = aligned.get(name), unaligned.get(name)
+            delta = t.to(torch.float32) - w_al.to(torch.float32)
+            if cfg.dare and rec is not None:
+                flip = task.transposed  # masks drawn on the d_out × d_in update, as for LoRAs
+                seed = module_seed(cfg.merge.seed, rec.name)
+                dropped = dare(delta.T if flip else delta, cfg.merge.density, seed)
+                delta = dropped.T if flip else dropped
+                new = resta_weight(w_al, w_un, delta, cfg.beta).to(t.dtype)
+            else:
+                new = resta_task_weight(t, w_al, w_un, cfg.beta)
+            edits.append(tensor_edit(name, rec, w_al, w_un, delta, new, cfg.beta))
+            if rec is not None:
+                rec.merged, rec.w_task, rec.w_safety = True, 1.0, cfg.beta
+                rec.delta_norm_out = edits[-1].change_norm
+            return new
+
+        inner = tmp / "_model"
+        write_model(task.checkpoint, edit, inner, cfg.merge.max_shard_size, progress)
+        move_up(inner, tmp)
+        return self.finish(cfg, tmp, out, report, edits)
+
+    def finish(
+        self, cfg: DefendConfig, tmp: Path, out: Path, report: Report, edits: list[TensorEdit]
+    ) -> DefenseResult:
+        """The report of a RESTA run (every scanned module counts as selected) and the result."""
         for rec in report.modules:
             rec.selected = True
         report.options = without_selection(report.options) | {

@@ -7,7 +7,8 @@ are computed first from the unmodified task adapter, then the selection, then th
 nothing is mutated while deciding. (The published top-k code also decided from unmodified weights —
 every cosine came from a deep copy of the task model — but it wrote projected B's into the model during
 its first, cosine-collecting pass and relied on the second pass to overwrite every B; docs/defenses.md.)
-Output: a PEFT adapter of the task adapter's rank (+ `full_model/` with `merge_into_base`).
+Output: a PEFT adapter of the task adapter's rank (+ `full_model/` with `merge_into_base`); for a full
+fine-tune (`task_model`), ΔW_f ← C ΔW_f on the selected modules, written as a full model.
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from typing import Any
 
 import torch
 
+from safemerge.common.errors import InputError
 from safemerge.defenses.base import SELECTION, Defense, DefenseResult
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import write_defense_report
-from safemerge.defenses.steps import scan_config, without_selection
-from safemerge.defenses.tensors import rescale, safelora_project
+from safemerge.defenses.steps import move_up, scan_config, unaligned_of, without_selection
+from safemerge.defenses.tensors import project_update, rescale, safelora_project
 from safemerge.engine.checkpoint import Checkpoint, find_module_weight
 from safemerge.engine.criterion import DECISION_DECIMALS, safety_difference
+from safemerge.engine.fullft import change_norm
 from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
 from safemerge.engine.merging import exact_merge, pad_rank
 from safemerge.engine.pipeline import (
@@ -34,13 +37,15 @@ from safemerge.engine.pipeline import (
     output_scaling,
     ranked_last,
     resolve_device,
+    run_full_scan,
     run_scan,
     select,
 )
-from safemerge.engine.writer import write_merged_model
+from safemerge.engine.writer import write_merged_model, write_model
 
 SAFELORA_THRESHOLD = 0.5  # Safe LoRA's published default (select ρ ≤ 0.5)
 SAFELORA_TOP_K = 10  # Safe LoRA's published default in top-k mode
+SAFELORA_NAME = "safelora"
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -67,19 +72,24 @@ def policy_label(policy: Mapping[str, Any]) -> str:
 class SafeLora(Defense):
     """Safe LoRA's projection of the selected modules' B onto the alignment directions."""
 
-    name = "safelora"
+    name = SAFELORA_NAME
     output = "adapter"
     options = SELECTION | frozenset({"merge_into_base", "max_shard_size", "preserve_norm"})
     default_selection = MappingProxyType({"threshold": SAFELORA_THRESHOLD})
     changed_verb = "projected (B ← C·B)"
+    full_finetune = True
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+        if cfg.inputs.task_model is not None:
+            return run_full(cfg, tmp, out, progress)
         # One read-only pass computes every ρ first; then selection; then projection.
+        unaligned_name = unaligned_of(cfg)  # before the scan: Safe LoRA needs V itself, not a sketch
         report, task, aligned = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
-        unaligned, _ = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
+        assert aligned is not None  # InputsConfig: with unaligned, aligned is given
+        unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
         device = resolve_device(cfg.run.device)
         chosen = safelora_selection([r.rho for r in report.modules], cfg, ranked_last(report.modules))
-        rank = max(r.rank_task for r in report.modules)
+        rank = max(task.rank(m) for m in task.lora_modules)
         out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: Factors = {}
         for rec, pick in zip(report.modules, chosen, strict=True):
@@ -101,12 +111,7 @@ class SafeLora(Defense):
             a, b = pad_rank(a, b, rank)
             factors[rec.name] = (a, b)
             rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
-        policy = cfg.resolved_selection
-        report.options = {
-            **without_selection(report.options),
-            **policy,
-            "selection_policy": policy_label(policy),
-            "preserve_norm": cfg.preserve_norm,
+        report.options = safelora_options(report.options, cfg) | {
             "output_rank": rank,
             "output_scaling": out_scale,
             "output_lora_alpha": alpha,
@@ -127,6 +132,62 @@ class SafeLora(Defense):
         ]
 
 
+def safelora_options(options: dict[str, Any], cfg: DefendConfig) -> dict[str, Any]:
+    """The scan's options with Safe LoRA's selection policy and `preserve_norm`."""
+    policy = cfg.resolved_selection
+    return {
+        **without_selection(options),
+        **policy,
+        "selection_policy": policy_label(policy),
+        "preserve_norm": cfg.preserve_norm,
+    }
+
+
+def run_full(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+    """Safe LoRA on a full fine-tune: ΔW_f ← C ΔW_f on the selected modules (W = W_al + C ΔW_f), every other
+    tensor the task model's. All ρ first, then the selection, then the projection, as for LoRAs."""
+    if cfg.merge.merge_into_base:
+        raise InputError("merge_into_base does not apply to task_model: the output is already a full model")
+    unaligned_name = unaligned_of(cfg)
+    report, task, aligned = run_full_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
+    unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
+    device = resolve_device(cfg.run.device)
+    chosen = safelora_selection([r.rho for r in report.modules], cfg, ranked_last(report.modules))
+    records = {}
+    for rec, pick in zip(report.modules, chosen, strict=True):
+        rec.selected = pick
+        rec.delta_norm_out = rec.delta_norm_in
+        if pick:
+            records[rec.name + ".weight"] = rec
+
+    def edit(name: str, t: torch.Tensor) -> torch.Tensor:
+        rec = records.get(name)
+        if rec is None:
+            return t
+        w_al = aligned.get(name).to(device)
+        v = safety_difference(w_al, unaligned.get(name).to(device))
+        delta = t.to(device=device, dtype=torch.float64) - w_al.to(torch.float64)
+        flip = task.transposed  # Conv1D: stored ΔWᵀ, and C acts on the output side
+        projected = project_update(v.T if flip else v, delta.T if flip else delta)
+        if projected is None:
+            rec.flags.append("zero-V: projection undefined, module left unchanged")
+            return t
+        if cfg.preserve_norm:
+            projected = rescale(projected, rec.delta_norm_in, float(torch.linalg.vector_norm(projected)))
+        new = (w_al.to(torch.float64) + (projected.T if flip else projected)).to(t.dtype).cpu()
+        rec.merged = True
+        rec.delta_norm_out = change_norm(new, aligned.get(name))
+        return new
+
+    inner = tmp / "_model"
+    write_model(task.checkpoint, edit, inner, cfg.merge.max_shard_size, progress)
+    move_up(inner, tmp)
+    report.options = safelora_options(report.options, cfg)
+    report.outputs = {"full_model": str(out), "report": str(out / "safemerge_report.json")}
+    write_defense_report(report, tmp, cfg)
+    return DefenseResult(SAFELORA_NAME, out, "model", report.summary["merged"], report, out)
+
+
 def write_outputs(
     cfg: DefendConfig,
     tmp: Path,
@@ -141,7 +202,8 @@ def write_outputs(
     rank, alpha, out_scale = shape
     dtype = task.storage_dtype()
     stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
-    write_adapter(tmp, task.config, stored, rank, alpha, cfg.inputs.aligned, task.read_extra())
+    base = cfg.inputs.aligned or str(task.config.get("base_model_name_or_path") or "")
+    write_adapter(tmp, task.config, stored, rank, alpha, base, task.read_extra())
     if not cfg.merge.merge_into_base:
         return None
     deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}

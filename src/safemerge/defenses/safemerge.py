@@ -2,7 +2,8 @@
 
 `safemerge` merges the selected modules (round(ρ,5) < τ, or top-k / fraction) with the safety LoRA;
 `merge-all` is the same merge on every module (the `fraction = 1` policy). The output is exactly what
-`safemerge merge` writes (a PEFT adapter, plus `full_model/` with `merge_into_base`).
+`safemerge merge` writes (a PEFT adapter, plus `full_model/` with `merge_into_base`; for a full fine-tune,
+`task_model`, the merged full model).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class SafeMerge(Defense):
     name = "safemerge"
     output = "adapter"
     needs = ("safety_adapter",)
+    alternatives = MappingProxyType({"safety_adapter": ("safety_model",)})
+    full_finetune = True
     options = SELECTION | MERGE_OPTIONS | FULL_MODEL_OPTIONS
     policy_label: str | None = None  # replaces the engine's selection policy in the report
 
@@ -41,8 +44,11 @@ class SafeMerge(Defense):
         if self.policy_label:
             report.options["selection_policy"] = self.policy_label
         write_defense_report(report, tmp, cfg)
+        merged = report.summary["merged"]
+        if cfg.inputs.task_model is not None:  # a full fine-tune: `out` is the merged full model
+            return DefenseResult(self.name, out, "model", merged, report, out)
         full = out / "full_model" if cfg.merge.merge_into_base else None
-        return DefenseResult(self.name, out, "adapter", report.summary["merged"], report, full)
+        return DefenseResult(self.name, out, "adapter", merged, report, full)
 
 
 class MergeAll(SafeMerge):

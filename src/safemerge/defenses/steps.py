@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safemerge.common.errors import InputError
 from safemerge.defenses.config import DefendConfig
 from safemerge.engine.config import SELECTION_OPTIONS, ScanConfig, SelectionConfig
 
@@ -26,3 +27,10 @@ def move_up(inner: Path, outer: Path) -> None:
     for entry in inner.iterdir():
         entry.rename(outer / entry.name)
     inner.rmdir()
+
+
+def unaligned_of(cfg: DefendConfig) -> str:
+    """The unaligned model of a defence that needs V itself, not only ρ (Safe LoRA's C, RESTA's β V)."""
+    if cfg.inputs.unaligned is None:
+        raise InputError(f"method {cfg.method} needs unaligned: it uses V = W_al - W_un itself, not a sketch")
+    return cfg.inputs.unaligned

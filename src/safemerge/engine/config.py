@@ -21,14 +21,66 @@ SELECTION_OPTIONS = ("threshold", "top_k", "fraction")  # alternatives: one poli
 MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
 
 
+def omit_unset(value: Any) -> bool:  # the `exclude_if` of optional inputs
+    """Leave an optional input out of dumps when it is not given, so configs and reports of the inputs
+    that existed before it read as they did."""
+    return value is None or value is False
+
+
 class InputsConfig(BaseModel):
-    """The aligned/unaligned pair and the task adapter every command reads."""
+    """The inputs every command reads: the aligned model, the safety subspace (the unaligned model or a
+    sketch of V), and the task update (a LoRA or a full fine-tune).
+
+    Which are required depends on the command (a LoRA scan with a sketch needs no aligned model); the
+    pipeline checks that. Exactly one task input, and at most one of `unaligned` and `subspace`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    aligned: str = Field(description="aligned model the adapters were trained on (directory or hub id)")
-    unaligned: str = Field(description="unaligned (pre-alignment) base model (directory or hub id)")
-    task_adapter: str = Field(description="the fine-tuned task LoRA (PEFT directory or hub id)")
+    aligned: str | None = Field(
+        None,
+        description="aligned model the fine-tunes started from (directory or hub id)",
+        exclude_if=omit_unset,
+    )
+    unaligned: str | None = Field(
+        None, description="unaligned (pre-alignment) base model (directory or hub id)", exclude_if=omit_unset
+    )
+    task_adapter: str | None = Field(
+        None, description="the fine-tuned task LoRA (PEFT directory or hub id)", exclude_if=omit_unset
+    )
+    task_model: str | None = Field(
+        None, description="a full fine-tune of the aligned model (directory or hub id)", exclude_if=omit_unset
+    )
+    modules: str | None = Field(
+        None,
+        description="full fine-tunes: the linear-layer modules whose name matches this regular expression "
+        "(default: attention and MLP projections)",
+        exclude_if=omit_unset,
+    )
+    subspace: str | None = Field(
+        None,
+        description="a sketch of V (`safemerge subspace`) instead of the unaligned model",
+        exclude_if=omit_unset,
+    )
+    ignore_fingerprint: bool = Field(
+        False, description="use a sketch made from another aligned checkpoint", exclude_if=omit_unset
+    )
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> InputsConfig:
+        if (self.task_adapter is None) == (self.task_model is None):
+            raise ValueError("give exactly one of task_adapter (a LoRA) and task_model (a full fine-tune)")
+        if self.modules is not None and self.task_model is None:
+            raise ValueError("modules applies to task_model (LoRA modules are the adapter's)")
+        if self.unaligned is not None and self.subspace is not None:
+            raise ValueError("give either unaligned or subspace (a sketch of W_aligned - W_unaligned)")
+        if self.unaligned is None and self.subspace is None:
+            raise ValueError("give unaligned (or subspace, a sketch of W_aligned - W_unaligned)")
+        if self.ignore_fingerprint and self.subspace is None:
+            raise ValueError("ignore_fingerprint applies only with subspace")
+        if self.aligned is None and (self.subspace is None or self.task_model is not None):
+            raise ValueError("give aligned (only a LoRA scan with a subspace sketch can do without it)")
+        return self
 
 
 class RunOptions(BaseModel):
@@ -135,6 +187,21 @@ class ScanConfig(FlatConfig):
 class MergeConfig(ScanConfig):
     """Inputs and options of `safemerge merge`."""
 
-    out: str = Field(description="output directory (PEFT adapter, report, optionally the full model)")
-    safety_adapter: str = Field(description="the safety LoRA trained on the aligned model")
+    out: str = Field(description="output directory (PEFT adapter or full model, report)")
+    safety_adapter: str | None = Field(
+        None, description="the safety LoRA trained on the aligned model", exclude_if=omit_unset
+    )
+    safety_model: str | None = Field(
+        None, description="a full safety fine-tune of the aligned model", exclude_if=omit_unset
+    )
     merge: MergeOptions
+
+    @model_validator(mode="after")
+    def _one_safety(self) -> MergeConfig:
+        if (self.safety_adapter is None) == (self.safety_model is None):
+            raise ValueError(
+                "give exactly one of safety_adapter (a LoRA) and safety_model (a full fine-tune)"
+            )
+        if self.safety_model is not None and self.inputs.task_model is None:
+            raise ValueError("safety_model needs task_model: a LoRA merge takes a safety_adapter")
+        return self

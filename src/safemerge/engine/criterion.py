@@ -202,3 +202,116 @@ def fraction_count(n: int, fraction: float) -> int:
 def select_fraction(rhos: list[float], fraction: float, last: Collection[int] = ()) -> list[bool]:
     """Select the lowest-ρ fraction of modules (⌈fraction · n⌉ of them; `last` as in `select_top_k`)."""
     return select_top_k(rhos, fraction_count(len(rhos), fraction), last)
+
+
+# --- full fine-tunes: ρ of a dense update ΔW = W_task − W_al (docs/method.md §3.7) -----------------
+INPUT_ROUTE = "input"  # P = Vᵀ ΔW (d_in × d_in), then V P: cost 2 · d_out · d_in²
+OUTPUT_ROUTE = "output"  # K = V Vᵀ (d_out × d_out), then K ΔW: cost 2 · d_out² · d_in
+
+
+def update_route(d_out: int, d_in: int) -> str:
+    """The cheaper association of C ΔW = V Vᵀ ΔW for a d_out × d_in module (docs/engine.md).
+
+    Both routes hold one min(d_out, d_in)² product besides a block of rows; V(VᵀΔW) costs 2·d_out·d_in²,
+    (VVᵀ)ΔW costs 2·d_out²·d_in, so the smaller side decides (ties: the input route).
+    """
+    return INPUT_ROUTE if d_in <= d_out else OUTPUT_ROUTE
+
+
+@dataclass(frozen=True)
+class UpdateTerms:
+    """The three terms of ρ for a dense update, in float64: ‖VᵀΔW‖², ‖VVᵀΔW‖² and ‖ΔW‖² (the constants
+    of C are left out: they cancel in ρ)."""
+
+    num: float
+    cdw2: float
+    dw2: float
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.num, self.cdw2, self.dw2))
+
+
+def _sq(x: torch.Tensor) -> float:
+    """‖x‖_F² accumulated in float64 (float32 reductions of long vectors lose digits, §3.6)."""
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
+
+def _update_terms(
+    al: torch.Tensor, un: torch.Tensor, ft: torch.Tensor, route: str, block_rows: int, dtype: torch.dtype
+) -> UpdateTerms:
+    """The terms of ρ from three d_out × d_in views (any layout), forming V and ΔW block by block.
+
+    input route: row blocks i give V_i, ΔW_i; P = Σ V_iᵀ ΔW_i, then ‖VVᵀΔW‖² = Σ ‖V_i P‖².
+    output route: column blocks j (rows of the transposed views) give V_j, ΔW_j; K = Σ V_j V_jᵀ, then
+    ⟨K ΔW_j, ΔW_j⟩ and ‖K ΔW_j‖² per block. Products in `dtype`, every sum of squares in float64.
+    """
+    if route == OUTPUT_ROUTE:
+        al, un, ft = al.T, un.T, ft.T  # rows are now the input side: blocks are column blocks of V
+    rows, cols = al.shape
+    dev = al.device
+    step = max(1, min(block_rows, rows))
+    buf_v = torch.empty(step, cols, device=dev, dtype=dtype)
+    buf_d = torch.empty(step, cols, device=dev, dtype=dtype)
+
+    def diff(buf: torch.Tensor, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
+        d = buf[: min(step, rows - i)]
+        d.copy_(x[i : i + step])
+        return d.sub_(y[i : i + step])
+
+    acc = torch.zeros(cols, cols, device=dev, dtype=dtype)  # P (input) or K (output)
+    num = cdw2 = dw2 = 0.0
+    if route == INPUT_ROUTE:
+        for i in range(0, rows, step):
+            d = diff(buf_d, ft, al, i)
+            acc.addmm_(diff(buf_v, al, un, i).T, d)  # P += V_iᵀ ΔW_i
+            dw2 += _sq(d)
+        num = _sq(acc)  # ‖Vᵀ ΔW‖²
+        for i in range(0, rows, step):
+            cdw2 += _sq(diff(buf_v, al, un, i) @ acc)  # ‖V_i P‖²
+        return UpdateTerms(num, cdw2, dw2)
+    for i in range(0, rows, step):
+        v = diff(buf_v, al, un, i)
+        acc.addmm_(v.T, v)  # K += V_j V_jᵀ  (here V_jᵀ is a row block)
+    for i in range(0, rows, step):
+        d = diff(buf_d, ft, al, i)
+        m = d @ acc  # (K ΔW_j)ᵀ: K is symmetric
+        num += float((m.to(torch.float64) * d.to(torch.float64)).sum())
+        cdw2 += _sq(m)
+        dw2 += _sq(d)
+    return UpdateTerms(num, cdw2, dw2)
+
+
+def update_similarity(
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    w_task: torch.Tensor,
+    transposed: bool = False,
+    block_rows: int = 1024,
+    route: str | None = None,
+) -> tuple[Similarity, float]:
+    """ρ of the dense update ΔW = W_task − W_al against V = W_al − W_un, and ‖ΔW‖_F (float64).
+
+    The weights are the stored tensors (Conv1D: d_in × d_out with `transposed`); V and ΔW are formed in
+    float32 blocks of `block_rows` (bf16 → fp32 is exact, §3.6) and never held whole, C is never formed,
+    and the association of V Vᵀ ΔW is `update_route`'s (or `route`). A non-finite or 0 term triggers a
+    float64 recompute, which names the degeneracy (§3.3) or raises ValueError for non-finite input.
+    """
+    if not (w_aligned.shape == w_unaligned.shape == w_task.shape) or w_aligned.dim() != 2:
+        shapes = ", ".join(str(tuple(w.shape)) for w in (w_aligned, w_unaligned, w_task))
+        raise ValueError(f"aligned, unaligned and task weights must share one 2-D shape (got {shapes})")
+    al, un, ft = (w.T if transposed else w for w in (w_aligned, w_unaligned, w_task))
+    route = route or update_route(*al.shape)
+    terms = _update_terms(al, un, ft, route, block_rows, torch.float32)
+    if not terms.finite or min(terms.num, terms.cdw2, terms.dw2) <= 0.0:
+        terms = _update_terms(al, un, ft, route, block_rows, torch.float64)
+        if not terms.finite:
+            raise ValueError("non-finite values in the aligned, unaligned or task weights")
+    norm = math.sqrt(max(terms.dw2, 0.0))
+    if terms.dw2 <= 0.0:
+        return Similarity(0.0, "zero-update"), norm
+    if terms.cdw2 <= 0.0:
+        vn = _sq(safety_difference(w_aligned, w_unaligned))
+        return Similarity(0.0, ZERO_V if vn == 0.0 else "orthogonal"), norm
+    rho = terms.num / math.sqrt(terms.cdw2 * terms.dw2)
+    return Similarity(min(max(rho, 0.0), 1.0)), norm

@@ -23,7 +23,7 @@ from safemerge.common.config_io import plain_dump
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.engine.checkpoint import Checkpoint, file_sha256, find_module_weight, resolve_local_dir
-from safemerge.engine.config import MergeConfig, ScanConfig, SelectionConfig
+from safemerge.engine.config import MergeConfig, MergeOptions, ScanConfig, SelectionConfig
 from safemerge.engine.criterion import (
     ZERO_V,
     Similarity,
@@ -31,6 +31,17 @@ from safemerge.engine.criterion import (
     select_threshold,
     select_top_k,
     weights_similarity,
+)
+from safemerge.engine.fullft import (
+    FullMerge,
+    FullModel,
+    LoraSafety,
+    ModelSafety,
+    SafetyUpdates,
+    conv1d_layout,
+    full_similarities,
+    full_sketch_similarities,
+    write_full_merge,
 )
 from safemerge.engine.lora import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
 from safemerge.engine.merging import (
@@ -41,7 +52,15 @@ from safemerge.engine.merging import (
     peft_linear_merge,
     svd_factors,
 )
-from safemerge.engine.report import ModuleRecord, Report, library_versions, model_card, write_report
+from safemerge.engine.report import (
+    ModuleRecord,
+    Report,
+    full_model_card,
+    library_versions,
+    model_card,
+    write_report,
+)
+from safemerge.engine.subspace import Sketch, load_sketch, measured_error, near_threshold
 from safemerge.engine.writer import write_merged_model
 
 
@@ -193,23 +212,150 @@ def _module_record(module: str, factors: LoraFactors, sim: Similarity) -> Module
     )
 
 
-def _scan_inputs(cfg: ScanConfig) -> tuple[Checkpoint, Checkpoint, LoraAdapter, dict[str, Any]]:
-    task = LoraAdapter.load(cfg.inputs.task_adapter, label="task adapter")
-    aligned, info_al = open_checkpoint(cfg.inputs.aligned, "aligned", cfg.run.allow_pickle)
-    unaligned, info_un = open_checkpoint(cfg.inputs.unaligned, "unaligned", cfg.run.allow_pickle)
-    inputs = {
-        "aligned": info_al,
-        "unaligned": info_un,
-        "task_adapter": _adapter_info(task, cfg.inputs.task_adapter),
+@dataclass
+class ScanSources:
+    """Where V comes from: the aligned and unaligned checkpoints, or a sketch (`subspace`), plus the
+    aligned checkpoint when given; `inputs` describes them for the report."""
+
+    aligned: Checkpoint | None
+    unaligned: Checkpoint | None
+    sketch: Sketch | None
+    inputs: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_sources(cfg: ScanConfig) -> ScanSources:
+    """Open the base checkpoints and the sketch the config names; a sketch must match the aligned model's
+    fingerprint when both are given (InputError, unless `ignore_fingerprint`, which the report records)."""
+    run, given = cfg.run, cfg.inputs
+    src = ScanSources(None, None, None, {})
+    if given.aligned is not None:
+        src.aligned, src.inputs["aligned"] = open_checkpoint(given.aligned, "aligned", run.allow_pickle)
+    if given.unaligned is not None:
+        unaligned = open_checkpoint(given.unaligned, "unaligned", run.allow_pickle)
+        src.unaligned, src.inputs["unaligned"] = unaligned
+    if given.subspace is not None:
+        src.sketch = load_sketch(given.subspace)
+        src.inputs["subspace"] = sketch_info(src.sketch, given.subspace)
+        if src.aligned is not None:
+            mismatch = src.sketch.check_fingerprint(src.aligned, ignore=given.ignore_fingerprint)
+            src.inputs["subspace"]["fingerprint_matches"] = mismatch is None
+            if mismatch:
+                src.warnings.append(f"{mismatch}; used anyway (ignore_fingerprint)")
+    return src
+
+
+def sketch_info(sketch: Sketch, name: str) -> dict[str, Any]:
+    """The report's description of a sketch: path, K, and the models it was made from."""
+    meta = sketch.meta
+    return {
+        "path": str(name),
+        "local_dir": str(sketch.directory),
+        "rank": sketch.rank,
+        "layout": meta.get("layout"),
+        "aligned": {k: meta["aligned"].get(k) for k in ("path", "revision", "fingerprint")},
+        "unaligned": {k: meta["unaligned"].get(k) for k in ("path", "revision", "fingerprint")},
     }
-    return aligned, unaligned, task, inputs
 
 
-def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint]:
-    """ρ and the selection for every task module; returns the report, the task adapter, the aligned model."""
-    aligned, unaligned, task, inputs = _scan_inputs(cfg)
+def _sketch_similarities(
+    sketch: Sketch, task: LoraAdapter, device: torch.device, progress: bool
+) -> list[ModuleRecord]:
+    """ρ of every task module from the sketch (no base weights read); the record keeps its energy."""
+    sketch.require(task.lora_modules)
+    records: list[ModuleRecord] = []
+    with progress_bar(progress) as bar:
+        job = bar.add_task("scanning modules", total=len(task.lora_modules))
+        for module in task.lora_modules:
+            factors = task.factors(module)
+            shape = (int(factors.B.shape[0]), int(factors.A.shape[1]))
+            if sketch.shape(module) != shape:
+                raise InputError(
+                    f"module {module}: the {task.label} expects (d_out, d_in) = {shape}, the subspace sketch "
+                    f"{sketch.directory} holds {sketch.shape(module)}"
+                )
+            sim = sketch.similarity(module, factors.A.to(device), factors.B.to(device))
+            records.append(_module_record(module, factors, sim))
+            records[-1].sketch_energy = sketch.energy(module)
+            bar.advance(job)
+    return records
+
+
+def note_sketch(report: Report, src: ScanSources, cfg: ScanConfig) -> None:
+    """Record that ρ came from a rank-K sketch; warn about fingerprint overrides and about modules whose
+    ρ lies within the sketch's measured error of τ (docs/subspace.md), where the exact ρ may decide
+    differently. A module sketched at full rank is exact and never warned about."""
+    if src.sketch is None:
+        return
+    sketch = src.sketch
+    report.options["rho_source"] = f"rank-{sketch.rank} sketch of V ({cfg.inputs.subspace})"
+    report.warnings.extend(src.warnings)
+    tau = cfg.selection.threshold  # None under top-k / fraction (one policy at a time)
+    if tau is None:
+        return
+    close = [
+        r.name
+        for r in report.modules
+        if sketch.rank_of(r.name) < min(sketch.shape(r.name))
+        and near_threshold(r.rho, tau, measured_error(sketch.rank_of(r.name)))
+    ]
+    if close:
+        report.warnings.append(
+            f"{len(close)} module(s) have rho within the measured sketch error of the threshold {tau}; the "
+            f"exact criterion may decide them differently: {_listed(close)}"
+        )
+
+
+def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint | None]:
+    """ρ and the selection for every task module; returns the report, the task adapter and the aligned
+    model (None for a scan from a sketch without one)."""
+    if cfg.inputs.task_model is not None:
+        raise InputError(f"{command}: this step takes a task adapter, not a full fine-tune (task_model)")
+    assert cfg.inputs.task_adapter is not None  # InputsConfig: exactly one task input
+    task = LoraAdapter.load(cfg.inputs.task_adapter, label="task adapter")
+    src = open_sources(cfg)
+    inputs = src.inputs | {"task_adapter": _adapter_info(task, cfg.inputs.task_adapter)}
     device = resolve_device(cfg.run.device)
-    records = _similarities(aligned, unaligned, task, device, progress)
+    if src.sketch is not None:
+        records = _sketch_similarities(src.sketch, task, device, progress)
+    else:
+        assert src.aligned is not None and src.unaligned is not None  # InputsConfig
+        records = _similarities(src.aligned, src.unaligned, task, device, progress)
+    report = _selected_report(cfg, command, inputs, records)
+    note_sketch(report, src, cfg)
+    return report, task, src.aligned
+
+
+def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, FullModel, Checkpoint]:
+    """ρ and the selection for every module of a full fine-tune (docs/method.md §3.7); returns the report,
+    the task model and the aligned model."""
+    assert cfg.inputs.task_model is not None  # InputsConfig: a full fine-tune needs the aligned model too
+    src = open_sources(cfg)
+    aligned = src.aligned
+    assert aligned is not None
+    model, info_task = open_checkpoint(cfg.inputs.task_model, "task model", cfg.run.allow_pickle)
+    task = FullModel.open(model, aligned, src.unaligned, cfg.inputs.modules)
+    inputs = src.inputs | {"task_model": info_task}
+    device = resolve_device(cfg.run.device)
+    if src.sketch is not None:
+        records = full_sketch_similarities(aligned, src.sketch, task, device, progress)
+    else:
+        assert src.unaligned is not None  # InputsConfig: unaligned or subspace
+        records = full_similarities(aligned, src.unaligned, task, device, progress)
+    report = _selected_report(cfg, command, inputs, records)
+    note_sketch(report, src, cfg)
+    if task.missing_unaligned:
+        report.warnings.append(
+            f"{len(task.missing_unaligned)} module(s) are not in the unaligned model and were not scanned: "
+            f"{_listed(task.missing_unaligned)}"
+        )
+    return report, task, aligned
+
+
+def _selected_report(
+    cfg: ScanConfig, command: str, inputs: dict[str, Any], records: list[ModuleRecord]
+) -> Report:
+    """The scan's report: the selection policy applied to the records, options and degeneracy warnings."""
     chosen_all = select([r.rho for r in records], cfg.selection, ranked_last(records))
     for rec, chosen in zip(records, chosen_all, strict=True):
         rec.selected = chosen
@@ -221,7 +367,7 @@ def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, Lor
             report.warnings.append(
                 f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0"
             )
-    return report, task, aligned
+    return report
 
 
 def scan(cfg: ScanConfig, progress: bool = False) -> Report:
@@ -231,7 +377,10 @@ def scan(cfg: ScanConfig, progress: bool = False) -> Report:
     """
     if cfg.out:
         check_output_dir(Path(cfg.out), cfg.run.force)
-    report, _, _ = run_scan(cfg, "scan", progress)
+    if cfg.inputs.task_model is not None:
+        report, _, _ = run_full_scan(cfg, "scan", progress)
+    else:
+        report, _, _ = run_scan(cfg, "scan", progress)
     if cfg.out:
         with atomic_output_dir(cfg.out, cfg.run.force) as tmp:
             write_report(report, tmp, plot=cfg.run.plot)
@@ -381,6 +530,11 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     """SafeMERGE: scan, then merge the selected modules with the safety adapter; write everything to `out`."""
     out = Path(cfg.out)
     check_output_dir(out, cfg.run.force)
+    if cfg.inputs.task_model is not None:
+        return merge_full(cfg, progress)
+    assert cfg.safety_adapter is not None  # MergeConfig: a LoRA merge takes a safety adapter
+    if cfg.merge.merge_into_base and cfg.inputs.aligned is None:
+        raise InputError("merge_into_base needs aligned (the base weights the merged update is added to)")
     safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
     report, task, aligned = run_scan(cfg, "merge", progress)
     report.command = "merge"
@@ -463,19 +617,20 @@ def _write_merge(
     report: Report,
     result: MergedAdapter,
     task: LoraAdapter,
-    aligned: Checkpoint,
+    aligned: Checkpoint | None,
     tmp: Path,
     progress: bool,
 ) -> None:
     """The adapter, its model card, the resolved config, the optional full model and the report."""
     out = Path(cfg.out)
     stored = result.factors
-    write_adapter(
-        tmp, task.config, stored, result.rank, result.lora_alpha, cfg.inputs.aligned, task.read_extra()
-    )
+    base = cfg.inputs.aligned or str(task.config.get("base_model_name_or_path") or "")
+    write_adapter(tmp, task.config, stored, result.rank, result.lora_alpha, base, task.read_extra())
     (tmp / "README.md").write_text(model_card(report))
     (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg))
     if cfg.merge.merge_into_base:
+        if aligned is None:
+            raise InputError("merge_into_base needs aligned (the base weights the merged update is added to)")
         deltas = {
             m: (a.to(torch.float32), b.to(torch.float32), result.scaling) for m, (a, b) in stored.items()
         }
@@ -495,3 +650,77 @@ def merge_config_yaml(cfg: MergeConfig) -> str:
         "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n"
         + yaml.safe_dump(data, sort_keys=False)
     )
+
+
+# --- full fine-tunes -------------------------------------------------------------------------------
+def check_full_options(opts: MergeOptions) -> None:
+    """Merge options that have no meaning for a full fine-tune are refused, naming the option."""
+    if opts.mode != "exact":
+        raise InputError("mode peft-linear mixes LoRA factors: a full fine-tune (task_model) has none")
+    if opts.rank is not None:
+        raise InputError("rank sets a LoRA output rank: the output of a full fine-tune is a full model")
+    if opts.merge_into_base:
+        raise InputError("merge_into_base does not apply to task_model: the output is already a full model")
+
+
+def open_safety(cfg: MergeConfig) -> tuple[SafetyUpdates, str, dict[str, Any]]:
+    """The safety update of a full merge — a safety LoRA or a full safety model — checked against the
+    aligned model before the scan (headers only), with its report key and description."""
+    assert cfg.inputs.aligned is not None  # InputsConfig: a full fine-tune needs the aligned model
+    aligned, _ = open_checkpoint(cfg.inputs.aligned, "aligned", cfg.run.allow_pickle)
+    if cfg.safety_model is not None:
+        ckpt, info = open_checkpoint(cfg.safety_model, "safety model", cfg.run.allow_pickle)
+        return ModelSafety(ckpt, aligned), "safety_model", info
+    assert cfg.safety_adapter is not None  # MergeConfig: exactly one safety input
+    adapter = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
+    safety = LoraSafety(adapter, aligned, conv1d_layout(aligned))
+    return safety, "safety_adapter", _adapter_info(adapter, cfg.safety_adapter)
+
+
+def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
+    """SafeMERGE on a full fine-tune: selected modules become W_al + w_f ΔW_f + w_s ΔW_s (or TIES / DARE of
+    the two); every other tensor is the task model's. `out` holds the full model and the report."""
+    out = Path(cfg.out)
+    check_output_dir(out, cfg.run.force)
+    check_full_options(cfg.merge)
+    safety, safety_key, safety_info = open_safety(cfg)
+    report, task, aligned = run_full_scan(cfg, "merge", progress)
+    report.inputs[safety_key] = safety_info
+    if isinstance(safety, LoraSafety) and (unused := safety.unused(task.modules)):
+        _warn(report, f"{len(unused)} module(s) of the safety adapter are not scanned and are ignored: "
+              f"{_listed(unused)}")  # fmt: skip
+    opts = cfg.merge
+    selected = {r.name for r in report.modules if r.selected}
+    with atomic_output_dir(out, cfg.run.force) as tmp:
+        inner = tmp / "_model"
+        how = (opts.weights, opts.method, opts.density, opts.seed)
+        result = write_full_merge(task, aligned, safety, selected, how, inner, opts.max_shard_size, progress)
+        for entry in inner.iterdir():
+            entry.rename(tmp / entry.name)
+        inner.rmdir()
+        record_full_merge(report, result, safety, opts.weights)
+        report.outputs = {"full_model": str(out), "report": str(out / "safemerge_report.json")}
+        (tmp / "README.md").write_text(full_model_card(report))
+        (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg))
+        write_report(report, tmp, plot=cfg.run.plot)
+    return report
+
+
+def record_full_merge(
+    report: Report, result: FullMerge, safety: SafetyUpdates, weights: tuple[float, float]
+) -> None:
+    """What a full merge did, per module: weights, ‖W_out − W_al‖ (= ‖ΔW_f‖ where unchanged), flags."""
+    for rec in report.modules:
+        rec.rank_safety = safety.rank(rec.name)
+        rec.delta_norm_out = result.norms_out.get(rec.name, rec.delta_norm_in)
+        if rec.name in result.merged:
+            rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
+        if rec.name in result.no_safety_counterpart:
+            rec.flags.append("no-safety-counterpart")
+    missing = result.no_safety_counterpart
+    if missing:
+        _warn(
+            report,
+            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
+            f"{_listed(missing)}",
+        )

@@ -25,13 +25,16 @@ PLOT_PNG = "similarity.png"
 
 @dataclass
 class ModuleRecord:
-    """One row of the report: a LoRA module, its ρ, the decision and what the merge did."""
+    """One row of the report: a module, its ρ, the decision and what the merge did.
+
+    `rank_task` is None for a full fine-tune; the optional fields at the end are left out of the JSON
+    when None (`OPTIONAL_FIELDS`), so a LoRA report is unchanged by their existence."""
 
     name: str
     layer: int | None
     module_type: str
     shape: tuple[int, int]
-    rank_task: int
+    rank_task: int | None
     rho: float
     rho_rounded: float
     selected: bool
@@ -43,6 +46,17 @@ class ModuleRecord:
     w_safety: float = 0.0
     delta_norm_out: float | None = None
     svd_rel_error: float | None = None
+    route: str | None = None  # full fine-tunes: the association of V Vᵀ ΔW (criterion.update_route)
+    sketch_energy: float | None = None  # ρ from a rank-K sketch: the share of ‖V‖_F² it holds
+
+
+# Fields of `ModuleRecord` written to the JSON only when set.
+OPTIONAL_FIELDS = ("route", "sketch_energy")
+
+
+def record_dict(record: ModuleRecord) -> dict[str, Any]:
+    """A module's JSON form: every field, minus the optional ones that are None."""
+    return {k: v for k, v in asdict(record).items() if k not in OPTIONAL_FIELDS or v is not None}
 
 
 @dataclass
@@ -89,7 +103,7 @@ def report_dict(report: Report) -> dict[str, Any]:
         "versions": report.versions,
         "warnings": report.warnings,
         "outputs": report.outputs,
-        "modules": [asdict(m) for m in report.modules],
+        "modules": [record_dict(m) for m in report.modules],
     }
 
 
@@ -115,26 +129,35 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
 
 
+# The inputs a report lists, in order: (key in `Report.inputs`, label).
+INPUT_LABELS = (
+    ("aligned", "aligned"),
+    ("unaligned", "unaligned"),
+    ("subspace", "subspace sketch"),
+    ("task_adapter", "task adapter"),
+    ("task_model", "task model"),
+)
+SAFETY_LABELS = (("safety_adapter", "safety adapter"), ("safety_model", "safety model"))
+
+
+def input_lines(report: Report, with_safety: bool) -> list[str]:
+    """`- label: `path`` for every input the report names (the safety input only `with_safety`)."""
+    labels = INPUT_LABELS + (SAFETY_LABELS if with_safety else ())
+    return [f"- {label}: `{report.inputs[k]['path']}`" for k, label in labels if k in report.inputs]
+
+
 def markdown(report: Report) -> str:
     """A human-readable report: inputs, options, summary, and the per-module table."""
     s = report.summary
-    lines = [
-        f"# SafeMERGE {report.command} report",
-        "",
-        f"- aligned: `{report.inputs['aligned']['path']}`",
-        f"- unaligned: `{report.inputs['unaligned']['path']}`",
-        f"- task adapter: `{report.inputs['task_adapter']['path']}`",
-    ]
-    if "safety_adapter" in report.inputs:
-        lines.append(f"- safety adapter: `{report.inputs['safety_adapter']['path']}`")
+    lines = [f"# SafeMERGE {report.command} report", "", *input_lines(report, with_safety=True)]
     lines += [
         f"- selection: {report.options.get('selection_policy')}",
     ]
     if report.command == "merge":
         o = report.options
+        output = f"output rank {o.get('output_rank')}" if "output_rank" in o else "output: a full model"
         lines.append(
-            f"- merge: mode `{o['mode']}`, method `{o['method']}`, weights {tuple(o['weights'])}, "
-            f"output rank {o.get('output_rank')}"
+            f"- merge: mode `{o['mode']}`, method `{o['method']}`, weights {tuple(o['weights'])}, {output}"
         )
     lines += [
         "",
@@ -237,6 +260,28 @@ from peft import PeftModel
 model = AutoModelForCausalLM.from_pretrained("{base}")
 model = PeftModel.from_pretrained(model, "PATH_TO_THIS_DIRECTORY")
 ```
+
+The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
+`safemerge.yaml`.
+"""
+    return front + "\n" + body
+
+
+def full_model_card(report: Report) -> str:
+    """README.md of a merged full model (a full fine-tune merged with a safety update)."""
+    base = report.inputs["aligned"]["path"]
+    s, o = report.summary, report.options
+    safety = report.inputs.get("safety_adapter") or report.inputs.get("safety_model") or {}
+    front = "\n".join(["---", f"base_model: {base}", "tags:", "- safemerge", "- safety", "---"])
+    task = report.inputs["task_model"]["path"]
+    body = f"""
+# SafeMERGE model
+
+A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239): the task model
+`{task}` with the {s["merged"]} of {s["modules"]} modules whose update left the safety subspace
+(selection: {o.get("selection_policy")}) set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
+safety update of `{safety.get("path")}` (weights {tuple(o["weights"])}, method `{o["method"]}`). Every other
+tensor is the task model's, unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
 
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
 `safemerge.yaml`.

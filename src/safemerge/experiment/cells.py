@@ -99,6 +99,7 @@ class ExperimentResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     rows: list[dict[str, Any]] = field(default_factory=list)
     plans: dict[str, EvalPlan] = field(default_factory=dict)  # "test" and, with validation, "validation"
+    failed: dict[str, str] = field(default_factory=dict)  # label → error of a cell that kept failing (Ray)
 
     @property
     def table(self) -> list[Cell]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from safemerge.common.config_io import load_config
+from safemerge.common.config_io import load_config, validation_message
+from safemerge.common.errors import InputError
 from safemerge.defenses import defense_names, get_defense
 
 # Training-time baselines the runner trains itself; every other method is a registered defence.
@@ -197,6 +198,64 @@ class EvaluationSpec(BaseModel):
         )
 
 
+class StageResources(BaseModel):
+    """What one task of a stage asks the Ray scheduler for (unset: the execution block's defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float | None = Field(None, gt=0, description="CPUs per task (also its torch threads, at least 1)")
+    gpus: float | None = Field(None, ge=0, description="GPUs per task; a fraction packs tasks on one GPU")
+
+
+Stage = Literal["train", "defend", "evaluate"]
+
+
+class ExecutionSpec(BaseModel):
+    """How the cells run (docs/distributed.md): nothing here changes a result or a key (only the
+    `execution:` lines of OUT/experiment.yaml, which records the config as given).
+
+    `local` runs every stage in this process, in order. `ray` runs adapter training and defence cells as
+    Ray tasks and evaluates on long-lived Ray actors that load the base model once. `gpus_per_cell` and
+    `cpus_per_cell` are every stage's resources; `stages` overrides them per stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = Field(
+        None, description="None: start a local Ray instance; `auto` or HOST:PORT joins a running cluster"
+    )
+    cpus_per_cell: float = Field(1.0, gt=0, description="CPUs of each training, defence and eval task")
+    gpus_per_cell: float = Field(0.0, ge=0, description="GPUs of each task (a fraction packs small models)")
+    stages: dict[Stage, StageResources] = Field(
+        default_factory=dict, description="per-stage overrides: train, defend, evaluate"
+    )
+    eval_workers: int | None = Field(
+        None, ge=1, description="evaluation actors (default: as many as the cluster's resources fit)"
+    )
+    max_retries: int = Field(2, ge=0, description="retries of a task whose worker process died")
+
+    def resources(self, stage: Stage) -> dict[str, float]:
+        """The stage's `{"cpus", "gpus"}`: its override where given, else the per-cell defaults."""
+        own = self.stages.get(stage, StageResources())
+        return {
+            "cpus": self.cpus_per_cell if own.cpus is None else own.cpus,
+            "gpus": self.gpus_per_cell if own.gpus is None else own.gpus,
+        }
+
+    def with_flags(self, **flags: Any) -> ExecutionSpec:
+        """The block with the command line's flags on top (a flag left unset, None, overrides nothing).
+        `--cpus-per-cell` / `--gpus-per-cell` set every stage's value, per-stage overrides included."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        stages = dict(self.stages)
+        for key, res in (("cpus_per_cell", "cpus"), ("gpus_per_cell", "gpus")):
+            if key in given:
+                stages = {s: r.model_copy(update={res: None}) for s, r in stages.items()}
+        try:
+            return ExecutionSpec.model_validate({**self.model_dump(), **given, "stages": stages})
+        except ValidationError as exc:
+            raise InputError(f"execution options: {validation_message(exc)}") from None
+
+
 class ExperimentConfig(BaseModel):
     """A whole comparison: one setup, a list of defences with grids, one evaluation."""
 
@@ -210,6 +269,21 @@ class ExperimentConfig(BaseModel):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the defences' math runs")
     expected_runtime: str | None = Field(None, description="free text, for the reader")
     reference: dict[str, Any] | None = Field(None, description="published numbers to compare with (not used)")
+    execution: ExecutionSpec | None = Field(
+        None, description="how the cells run: local (default) or on Ray, with resources per stage"
+    )
+    seeds: list[int] | None = Field(
+        None,
+        description="training seeds: the experiment runs once per seed in OUT/seed-<s>/ (seed s shifts "
+        "the seed of every adapter it trains by s) and OUT/results.* pool them",
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and (not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0):
+            raise ValueError(f"seeds must be distinct non-negative integers, at least one (got {seeds})")
+        return seeds
 
     @model_validator(mode="after")
     def _validation_for_choices(self) -> ExperimentConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +181,9 @@ def _flip_columns(reference: dict[str, Measure], ms: dict[str, Measure], same: b
 def build_rows(
     cfg: ExperimentConfig, out: Path, result: ExperimentResult, plan: EvalPlan
 ) -> list[dict[str, Any]]:
-    """One flat row per table cell with its metrics (None where a benchmark has no value)."""
-    table = result.table
+    """One flat row per table cell with its metrics (None where a benchmark has no value); a cell that
+    failed (`result.failed`) has no row."""
+    table = [c for c in result.table if c.label not in result.failed]
     ms = {c.label: measures(out, c, plan) for c in table}
     ref = cfg.evaluation.flips_vs
     roles = any(c.role != "row" for c in table)
@@ -209,7 +210,7 @@ def build_rows(
     ):
         row["pareto"] = front
         row.update(_interval_columns(ms[c.label]))
-        if ref is not None:
+        if ref is not None and ref in ms:  # the reference row may have failed
             row.update(_flip_columns(ms[ref], ms[c.label], c.label == ref))
         if roles:
             row["role"] = c.role
@@ -321,6 +322,8 @@ def markdown(
     ]
     if result.choices and val_plan is not None:
         lines += validation_section(cfg.evaluation.validate_also, result, val_plan)
+    if result.failed:
+        lines += failed_section(result.failed)
     if cfg.reference:
         lines += [
             "",
@@ -333,14 +336,26 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def validation_rates(out: Path, cells: Sequence[Cell], plan: EvalPlan) -> dict[str, dict[str, Rate | None]]:
-    """Row label → validation benchmark → rate, for the rows evaluated on validation."""
-    return {c.label: {b: m.rate for b, m in measures(out, c, plan).items()} for c in cells if c.validates}
+def validation_rates(
+    out: Path, cells: Sequence[Cell], plan: EvalPlan, failed: Collection[str] = ()
+) -> dict[str, dict[str, Rate | None]]:
+    """Row label → validation benchmark → rate, for the rows evaluated on validation (not `failed`)."""
+    return {
+        c.label: {b: m.rate for b, m in measures(out, c, plan).items()}
+        for c in cells
+        if c.validates and c.label not in failed
+    }
+
+
+def failed_section(failed: Mapping[str, str]) -> list[str]:
+    """The cells that kept failing (their rows are missing from the table), each with its last error."""
+    lines = ["", "## Failed cells (not in the table; rerun to retry them)", ""]
+    return lines + [f"- {label}: {' '.join(error.split())}" for label, error in failed.items()]
 
 
 def validation_section(also: Sequence[str], result: ExperimentResult, plan: EvalPlan) -> list[str]:
     """The choices made on validation and the table of every row evaluated there."""
-    rates = validation_rates(result.out, result.cells, plan)
+    rates = validation_rates(result.out, result.cells, plan, result.failed)
     chosen = {ch.chosen for ch in result.choices}
     lines = ["", "## Validation (chooses one grid cell; not the test set)", ""]
     for ch in result.choices:
@@ -499,9 +514,11 @@ def write_results(
         "rows": rows,
     }
     if result.choices and val_plan is not None:
-        rates = validation_rates(out, result.cells, val_plan)
+        rates = validation_rates(out, result.cells, val_plan, result.failed)
         data["validation"] = {n: {b: rate_dict(r) for b, r in rs.items()} for n, rs in rates.items()}
         data["choices"] = [vars(ch) for ch in result.choices]
+    if result.failed:
+        data["failed"] = dict(result.failed)
     (out / "results.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     if not plot_pareto(rows, out / "pareto.png", f"{cfg.name}: harmfulness vs utility"):
         (out / "pareto.png").unlink(missing_ok=True)

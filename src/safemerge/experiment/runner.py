@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 from rich.console import Console
@@ -38,33 +39,60 @@ from safemerge.experiment.choice import Choice, choose_cell, rule_text
 from safemerge.experiment.config import ExperimentConfig, parse_experiment
 from safemerge.experiment.evaluation import evaluate_cells, load_planned
 from safemerge.experiment.results import measures, print_cells, summary, write_results
+from safemerge.experiment.seeds import check_seeds, seed_config, seed_dir, write_pooled
 from safemerge.train import TrainConfig, train
 
 console = Console(stderr=True)
+
+
+class Executor(Protocol):
+    """Runs the stages of `execute` after the cells are keyed: train the inputs, compute the cells,
+    validate and choose, evaluate the table (filling `result`). None in `execute` is the local, in-process
+    run below; `safemerge.experiment.executor_ray.RayExecutor` runs them on Ray (docs/distributed.md)."""
+
+    def run(
+        self,
+        cfg: ExperimentConfig,
+        result: ExperimentResult,
+        provided: Mapping[str, Benchmark],
+        progress: bool,
+    ) -> None: ...
+
+
+def needs_training(cfg: ExperimentConfig, out: Path, role: str) -> bool:
+    """Whether the setup's `role` adapter is a recipe without a trained adapter of its current key."""
+    settings = _train_of(cfg, role)
+    if settings is None:
+        return False
+    target = trained_adapter_dir(out, role)
+    stamp = _read_json(target / "train.json")
+    return not (
+        stamp is not None
+        and stamp.get("key") == _sha(settings)
+        and (target / "adapter_model.safetensors").is_file()
+    )
+
+
+def train_input(cfg: ExperimentConfig, out: Path, role: str) -> None:
+    """Train the setup's `role` adapter from its recipe and stamp it with the recipe's key."""
+    settings = _train_of(cfg, role)
+    assert settings is not None
+    target = trained_adapter_dir(out, role)
+    console.print(f"training the {role} adapter ({settings['recipe']}) → {target}", highlight=False)
+    train(TrainConfig(**{**settings, "out": target, "force": True}))
+    free_accelerator_memory(f"after training the {role} adapter")  # before any engine starts
+    (target / "train.json").write_text(
+        json.dumps({"key": _sha(settings), "settings": settings}, indent=2) + "\n"
+    )
 
 
 def train_inputs(cfg: ExperimentConfig, out: Path) -> list[str]:
     """Train the task / safety adapters the setup gives as recipes (skipped when already trained)."""
     done = []
     for role in ("task", "safety"):
-        settings = _train_of(cfg, role)
-        if settings is None:
-            continue
-        target = trained_adapter_dir(out, role)
-        stamp = _read_json(target / "train.json")
-        if (
-            stamp is not None
-            and stamp.get("key") == _sha(settings)
-            and (target / "adapter_model.safetensors").is_file()
-        ):
-            continue
-        console.print(f"training the {role} adapter ({settings['recipe']}) → {target}", highlight=False)
-        train(TrainConfig(**{**settings, "out": target, "force": True}))
-        free_accelerator_memory(f"after training the {role} adapter")  # before any engine starts
-        (target / "train.json").write_text(
-            json.dumps({"key": _sha(settings), "settings": settings}, indent=2) + "\n"
-        )
-        done.append(role)
+        if needs_training(cfg, out, role):
+            train_input(cfg, out, role)
+            done.append(role)
     return done
 
 
@@ -99,12 +127,24 @@ def _with_limit(cfg: ExperimentConfig, limit: int | None) -> ExperimentConfig:
     return cfg.model_copy(update={"evaluation": cfg.evaluation.capped(limit)})
 
 
-def choose(cfg: ExperimentConfig, result: ExperimentResult, i: int, progress: bool) -> None:
+ComputeCells = Callable[[list[Cell], Path, bool, ExperimentResult], None]
+
+
+def choose(
+    cfg: ExperimentConfig,
+    result: ExperimentResult,
+    i: int,
+    progress: bool,
+    compute: ComputeCells | None = None,
+) -> None:
     """Apply `cfg.defenses[i].choose` to its candidates' validation results, then compute the derived
-    controls of the chosen cell and put them right after the defence's candidates."""
+    controls of the chosen cell (with `compute`, default `compute_cells`) and put them right after the
+    defence's candidates. Candidates in `result.failed` are left out of the choice."""
     spec, out, plan = cfg.defenses[i], result.out, result.plans["validation"]
     assert spec.choose is not None
-    cands = [c for c in result.cells if c.spec == i and c.role == "candidate"]
+    cands = [
+        c for c in result.cells if c.spec == i and c.role == "candidate" and c.label not in result.failed
+    ]
     ref = next(c for c in result.cells if c.label == spec.choose.reference)
     summaries = [(c.label, summary(measures(out, c, plan))) for c in cands]
     if any(s.harmful is None for _, s in summaries):
@@ -117,7 +157,7 @@ def choose(cfg: ExperimentConfig, result: ExperimentResult, i: int, progress: bo
     assign_keys(cfg, out, derived, allow_download=True)
     at = result.cells.index(cands[-1]) + 1
     result.cells[at:at] = derived
-    compute_cells(derived, out, progress, result)
+    (compute or compute_cells)(derived, out, progress, result)
     rule = rule_text(spec.choose, met, ref.label)
     result.choices.append(Choice(chosen.name, ref.label, label, met, rule, [c.label for c in cands]))
     console.print(f"{chosen.name}: chose {label} on validation ({rule})", highlight=False)
@@ -147,10 +187,12 @@ def execute(
     progress: bool = True,
     limit: int | None = None,
     benchmarks: Mapping[str, Benchmark] | None = None,
+    executor: Executor | None = None,
 ) -> ExperimentResult:
     """Everything but the results files: validate the config, then (unless `dry_run`) train, compute,
     validate and choose, and evaluate every row not yet cached. `benchmarks` supplies benchmarks built
-    in code, by the names the config uses (their content keys the evaluations)."""
+    in code, by the names the config uses (their content keys the evaluations). `executor` runs those
+    stages elsewhere (e.g. on Ray); None runs them here, one after the other."""
     cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
     provided = dict(benchmarks or {})
     target, cells = prepare(cfg, out, provided)
@@ -164,7 +206,13 @@ def execute(
         print_cells(cfg, cells, Console())
         return result
     target.mkdir(parents=True, exist_ok=True)
-    (target / "experiment.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    unset = {"execution"} if cfg.execution is None else set()  # an older config's file stays as it was
+    dumped = cfg.model_dump(mode="json", exclude=unset)
+    (target / "experiment.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
+    if executor is not None:
+        executor.run(cfg, result, provided, progress)
+        set_status(target, result.cells, plans["test"], plans.get("validation"))
+        return result
     start = time.perf_counter()
     result.trained = train_inputs(cfg, target)
     if result.trained:  # the adapters' content changed: keys depend on it
@@ -200,14 +248,46 @@ def run_experiment(
     dry_run: bool = False,
     progress: bool = True,
     limit: int | None = None,
+    executor: Executor | None = None,
 ) -> ExperimentResult:
     """Validate the config (a YAML path or an `ExperimentConfig`), then (unless `dry_run`) compute and
     evaluate every cell not yet cached and write the results files. `limit` overrides `evaluation.limit`
-    (and caps every benchmark's own limit)."""
+    (and caps every benchmark's own limit); `executor` as in `execute`."""
     cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
-    result = execute(cfg, out, dry_run, progress)
+    if cfg.seeds:
+        return run_seeds(cfg, out, dry_run, progress, executor)
+    result = execute(cfg, out, dry_run, progress, executor=executor)
     if not dry_run:
         result.rows = write_results(
             cfg, result.out, result, result.plans["test"], result.plans.get("validation")
         )
     return result
+
+
+def run_seeds(
+    cfg: ExperimentConfig, out: Path | None, dry_run: bool, progress: bool, executor: Executor | None
+) -> ExperimentResult:
+    """`seeds:`: the whole experiment once per seed in OUT/seed-<s>/ (`experiment.seeds`), then the
+    pooled results in OUT. The returned result lists every seed's work and rows, labelled by seed."""
+    seeds = check_seeds(cfg)
+    root = out or (Path(cfg.out) if cfg.out else None)
+    if root is None:
+        raise InputError(
+            f"experiment {cfg.name!r}: no output directory: set `out:` in the config or pass --out"
+        )
+    runs = []
+    for s in seeds:
+        console.print(f"seed {s} → {seed_dir(root, s)}", highlight=False)
+        runs.append(
+            (s, run_experiment(seed_config(cfg, s), seed_dir(root, s), dry_run, progress, executor=executor))
+        )
+    first = runs[0][1]
+    merged = ExperimentResult(root, first.cells, plans=first.plans)
+    for s, r in runs:
+        for name in ("computed", "evaluated", "validated", "trained"):
+            getattr(merged, name).extend(f"seed {s}: {x}" for x in getattr(r, name))
+        merged.failed.update({f"seed {s}: {k}": v for k, v in r.failed.items()})
+        merged.rows += [{**row, "label": f"seed {s}: {row['label']}"} for row in r.rows]
+    if not dry_run:
+        write_pooled(cfg, root, runs)
+    return merged

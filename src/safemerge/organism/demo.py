@@ -5,7 +5,8 @@ The defences, the validation choice and the evaluation are one `safemerge experi
 API, with the validation prompt sets built here); this module says what the organism runs, names the
 rows, checks the organism's targets and writes the demo's own tables.
 
-Layout of the output directory:
+This module runs one training seed; `safemerge.organism.seeds` runs every seed of `--seeds` and pools
+them. Layout of one seed's directory (`OUT/seed-<s>/`):
   models/{unaligned,aligned}       symlinks to the cached models (loadable by `safemerge eval --model`)
   adapters/{task,safety}           copies of T and S
   variants/<cell>/                 one directory per defence (PEFT adapter on A, or a full model for RESTA),
