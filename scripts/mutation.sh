@@ -10,6 +10,9 @@
 # that cover the mutated function) and keeps its results in mutants/, so a rerun only redoes what
 # changed. The summary is printed at the end; `mutmut show NAME` prints one mutant's diff.
 # Record the numbers and every survivor (a killing test, or why it is equivalent) in docs/testing.md.
+# mutmut maps a test to the functions it calls when it first sees the test: after code moved into a
+# new function (or a file was added to only_mutate), `mv mutants/mutmut-stats.json /tmp/` first, so
+# the mapping is re-collected (cached results are kept); see docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -15,12 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 from builders import save_adapter, save_pair
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
 
 from safemerge.common.errors import InputError
 from safemerge.common.stats import paired_flips, wilson
-from safemerge.defenses import DefendConfig, defend
+from safemerge.defenses import DefendConfig, DefenseResult, defend, resta
 from safemerge.defenses.tensors import rescale, resta_weight, safelora_project
 from safemerge.engine import criterion
+from safemerge.engine.checkpoint import Checkpoint
 from safemerge.engine.criterion import (
     Similarity,
     dense_similarity,
@@ -921,3 +924,388 @@ def test_check_config_refusals_are_worded(
     with pytest.raises(InputError) as exc:
         LoraAdapter.load(d)
     assert str(exc.value) == f"{d / 'adapter_config.json'}: {message}"
+
+
+# --- defenses/resta.py -------------------------------------------------------------------------------
+
+
+def _hand_checkpoint(directory: Path, shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
+    """A checkpoint of zero tensors with the given names and shapes, written with safetensors directly."""
+    directory.mkdir(parents=True)
+    save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(directory / "model.safetensors"))
+    return Checkpoint(directory)
+
+
+def test_linear_weight_keys_by_hand(tmp_path: Path) -> None:
+    """Kills linear_weight_keys 2 (`and` for `or`: a 1-D `.weight` without a marker, or a 2-D tensor not
+    named `.weight`, would pass). Oracle: the hand-picked names below."""
+    ckpt = _hand_checkpoint(
+        tmp_path / "c",
+        {
+            "model.layers.0.mlp.up_proj.weight": (3, 2),  # linear
+            "model.layers.0.attn.c_attn.weight": (2, 6),  # linear (Conv1D layout)
+            "model.layers.0.mlp.scale.weight": (3,),  # 1-D .weight, no marker: not linear
+            "model.layers.0.attn.bias": (2, 2),  # 2-D, not a .weight (GPT-2's mask buffer): not linear
+            "model.layers.0.input_layernorm.weight": (2,),  # norm
+            "model.embed_tokens.weight": (5, 2),  # embedding
+            "lm_head.weight": (5, 2),  # LM head
+            "model.layers.0.ln_1.weight": (2, 2),  # 2-D, but a norm by name
+        },
+    )
+    got = resta.linear_weight_keys(ckpt)
+    assert sorted(got) == ["model.layers.0.attn.c_attn.weight", "model.layers.0.mlp.up_proj.weight"]
+
+
+def test_check_safety_keys_messages(tmp_path: Path) -> None:
+    """Kills check_safety_keys 3, 7, 8, 9 (the two messages: missing tensor, shape mismatch)."""
+    al = _hand_checkpoint(tmp_path / "al", {"m.q.weight": (2, 3), "m.k.weight": (2, 2)})
+    missing = _hand_checkpoint(tmp_path / "un1", {"m.k.weight": (2, 2)})
+    with pytest.raises(InputError) as err:
+        resta.check_safety_keys({"m.k.weight", "m.q.weight"}, al, missing)
+    assert str(err.value) == "RESTA: m.q.weight is in the aligned checkpoint but not in the unaligned one"
+    other = _hand_checkpoint(tmp_path / "un2", {"m.q.weight": (3, 2), "m.k.weight": (2, 2)})
+    with pytest.raises(InputError) as err:
+        resta.check_safety_keys({"m.k.weight", "m.q.weight"}, al, other)
+    assert str(err.value) == "RESTA: m.q.weight has shape (2, 3) (aligned) vs (3, 2) (unaligned)"
+    resta.check_safety_keys({"m.k.weight"}, al, other)  # the premise: equal shapes pass
+
+
+def test_resta_density_without_dare_message() -> None:
+    """Kills Resta.check 8 (the message, exactly as pydantic reports the ValueError)."""
+    with pytest.raises(ValidationError) as err:
+        DefendConfig.from_flat(
+            method="resta", aligned="a", unaligned="u", task_adapter="t", out="o", density=0.3
+        )
+    assert [e["msg"] for e in err.value.errors()] == [
+        "Value error, density applies to resta only with dare: true"
+    ]
+
+
+def test_tensor_edit_norms_by_hand() -> None:
+    """Kills tensor_edit 17, 18 (‖βV‖ of a tensor without a safety vector is 0, not None / 1). Oracle:
+    hand values on a 2 × 2 example (3-4-5 and 6-8-10 triangles)."""
+    w_al = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    w_un = torch.tensor([[0.0, 0.0], [0.0, -4.0]])  # V = W_al − W_un = [[3, 0], [0, 4]], ‖V‖ = 5
+    delta = torch.tensor([[0.0, 6.0], [8.0, 0.0]])  # ‖ΔW‖ = 10
+    task_only = resta.tensor_edit("k", None, w_al, None, delta, w_al + delta, 0.5)
+    assert (task_only.key, task_only.lora_module) == ("k", None)
+    assert (task_only.task_norm, task_only.safety_norm, task_only.change_norm) == (10.0, 0.0, 10.0)
+    # β = −0.5: ‖βV‖ = 2.5; W_out − W_al = ΔW + βV = [[−1.5, 6], [8, −2]], norm √106.25
+    new = w_al + delta - 0.5 * (w_al - w_un)
+    both = resta.tensor_edit("k", None, w_al, w_un, delta, new, -0.5)
+    assert (both.task_norm, both.safety_norm) == (10.0, 2.5)
+    assert both.change_norm == pytest.approx(math.sqrt(106.25), rel=1e-12)
+    safety_only = resta.tensor_edit("k", None, w_al, w_un, None, w_al + 0.5 * (w_al - w_un), 0.5)
+    assert (safety_only.task_norm, safety_only.safety_norm) == (0.0, 2.5)
+
+
+def _resta_env(root: Path, targets: list[str]) -> dict[str, object]:
+    """A tiny Llama pair and a task adapter on `targets`, as DefendConfig fields for RESTA."""
+    al, un = save_pair(root, "llama", torch.float32)
+    task = save_adapter(al, root / "task", seed=1, r=4, alpha=8, targets=targets)
+    return {
+        "method": "resta",
+        "aligned": str(al),
+        "unaligned": str(un),
+        "task_adapter": str(task),
+        "plot": False,
+    }
+
+
+def _resta_oracle(env: dict[str, object], key: str, module: str | None, beta: float) -> torch.Tensor:
+    """W_al + s·B A + β (W_al − W_un) for one tensor in float64, read with safetensors directly."""
+    w_al = load_file(Path(str(env["aligned"])) / "model.safetensors")[key].to(torch.float64)
+    un_dir = Path(str(env["unaligned"]))
+    if (un_dir / "model.safetensors").is_file():
+        w_un = load_file(un_dir / "model.safetensors")[key].to(torch.float64)
+    else:  # a pickle checkpoint written by the test itself
+        w_un = torch.load(un_dir / "pytorch_model.bin", weights_only=True)[key].to(torch.float64)
+    expected = w_al + beta * (w_al - w_un)
+    if module is not None:
+        ad = load_file(Path(str(env["task_adapter"])) / "adapter_model.safetensors")
+        a = ad[f"base_model.model.{module}.lora_A.weight"].to(torch.float64)
+        b = ad[f"base_model.model.{module}.lora_B.weight"].to(torch.float64)
+        expected = expected + (8 / 4) * (b @ a)  # s = lora_alpha / r
+    return expected
+
+
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")  # PEFT, for a LoRA on lm_head
+@pytest.mark.filterwarnings("ignore:task adapter .* carries non-LoRA tensors")  # lm_head.base_layer
+@pytest.mark.parametrize("scope", ["all-linear", "targeted"])
+def test_resta_lora_on_the_lm_head_gets_beta_v_in_both_scopes(tmp_path: Path, scope: str) -> None:
+    """A task LoRA on `lm_head` (not a linear layer by RESTA's name rule) gets ΔW + βV in both scopes: the
+    all-linear set is the LoRA targets plus the linear layers. Kills Resta.run 36 (`=` for `|=`).
+    Oracle: the dense float64 RESTA formula from the files."""
+    env = _resta_env(tmp_path / "in", ["q_proj", "lm_head"])
+    out = tmp_path / "out"
+    defend(DefendConfig.model_validate({**env, "out": str(out), "beta": 0.7, "scope": scope}))
+    got = load_file(out / "model.safetensors")
+    expected = _resta_oracle(env, "lm_head.weight", "lm_head", 0.7)
+    without_v = _resta_oracle(env, "lm_head.weight", "lm_head", 0.0)
+    assert float((expected - without_v).abs().max()) > 1e-3  # premise: β·V changes the LM head
+    torch.testing.assert_close(got["lm_head.weight"].to(torch.float64), expected, rtol=0, atol=1e-6)
+    down = "model.layers.1.mlp.down_proj.weight"  # a linear layer the LoRA does not target
+    w_al = load_file(Path(str(env["aligned"])) / "model.safetensors")[down]
+    if scope == "targeted":
+        assert torch.equal(got[down], w_al)
+    else:
+        torch.testing.assert_close(
+            got[down].to(torch.float64), _resta_oracle(env, down, None, 0.7), rtol=0, atol=1e-6
+        )
+
+
+def test_resta_reads_a_pickle_unaligned_checkpoint_when_allowed(tmp_path: Path) -> None:
+    """With allow_pickle, an unaligned checkpoint in pytorch_model.bin is read by the scan and again for
+    W_un. Kills Resta.run 20 (allow_pickle not passed to the second open). Oracle: the dense formula."""
+    env = _resta_env(tmp_path / "in", ["q_proj"])
+    safe = Path(str(env["unaligned"]))
+    pickled = tmp_path / "in" / "unaligned-bin"
+    pickled.mkdir()
+    torch.save(load_file(safe / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "config.json").write_text((safe / "config.json").read_text())
+    env = {**env, "unaligned": str(pickled), "allow_pickle": True}
+    out = tmp_path / "out"
+    defend(DefendConfig.model_validate({**env, "out": str(out)}))
+    got = load_file(out / "model.safetensors")
+    for key, module in (
+        ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj"),
+        ("model.layers.2.mlp.gate_proj.weight", None),
+    ):
+        expected = _resta_oracle(env, key, module, 0.5)  # β = 0.5, the default
+        torch.testing.assert_close(got[key].to(torch.float64), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("scope", "policy"), [("targeted", "targeted"), ("all-linear", "all linear")])
+def test_resta_selection_policy_and_result_fields(tmp_path: Path, scope: str, policy: str) -> None:
+    """Kills Resta.run 130, 132, 133, 135, 136 (the report's selection policy text) and 176, 180, 181,
+    186, 187 (the DefenseResult: method, report, full-model path)."""
+    env = _resta_env(tmp_path / "in", ["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    res = defend(DefendConfig.model_validate({**env, "out": str(out), "scope": scope}))
+    assert (res.method, res.out, res.kind, res.full_model, res.model_dir) == ("resta", out, "model", out, out)
+    assert res.report.options["selection_policy"] == f"RESTA on {policy} weights"
+    data = json.loads((out / "safemerge_report.json").read_text())
+    assert data["options"]["selection_policy"] == f"RESTA on {policy} weights"
+    # targeted: the 6 LoRA modules (q, v in 3 layers); all-linear: 7 linear layers in 3 layers
+    assert res.modified == len(data["tensors"]) == {"targeted": 6, "all-linear": 21}[scope]
+    assert res.report.outputs == {"full_model": str(out), "report": str(out / "safemerge_report.json")}
+
+
+# --- defenses/none.py, steps.py, config.py, report.py ------------------------------------------------
+
+
+def _defend_env(root: Path) -> dict[str, object]:
+    """A tiny Llama pair with a task and a safety adapter, as DefendConfig fields (no plot)."""
+    al, un = save_pair(root, "llama", torch.float32)
+    return {
+        "aligned": str(al),
+        "unaligned": str(un),
+        "task_adapter": str(save_adapter(al, root / "task", seed=1, r=4, alpha=8)),
+        "safety_adapter": str(save_adapter(al, root / "safety", seed=2, r=4, alpha=16)),
+        "plot": False,
+    }
+
+
+def test_none_defence_result_fields(tmp_path: Path) -> None:
+    """Kills NoDefense.run 47, 48, 51 (the DefenseResult: method, out, report)."""
+    env = {k: v for k, v in _defend_env(tmp_path / "in").items() if k != "safety_adapter"}
+    out = tmp_path / "out"
+    res = defend(DefendConfig.model_validate({**env, "method": "none", "out": str(out)}))
+    assert (res.method, res.out, res.kind, res.modified, res.full_model) == ("none", out, "adapter", 0, None)
+    assert res.report.options["selection_policy"] == "none (task adapter passed through)"
+    assert res.report.outputs == {"adapter": str(out), "report": str(out / "safemerge_report.json")}
+    task = Path(str(env["task_adapter"]))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (out / name).read_bytes() == (task / name).read_bytes()
+
+
+@pytest.mark.parametrize("method", ["none", "safemerge"])
+def test_defence_report_is_indented_json_and_plots_only_when_asked(tmp_path: Path, method: str) -> None:
+    """Kills write_defense_report 15, 17, 18 (the JSON's indent of 2) and 28 (`or`: a plot without
+    `plot`), DefendConfig.merge_config 5, 11 (the inner merge run with default run options, which plot).
+    Oracle: the json module's own 2-space form of the parsed file; the files present."""
+    env = _defend_env(tmp_path / "in")
+    if method == "none":
+        env.pop("safety_adapter")
+    for plot in (False, True):
+        out = tmp_path / f"out-{plot}"
+        defend(DefendConfig.model_validate({**env, "method": method, "out": str(out), "plot": plot}))
+        assert (out / "similarity.png").is_file() == plot
+        text = (out / "safemerge_report.json").read_text()
+        assert text == json.dumps(json.loads(text), indent=2) + "\n"
+        assert text.startswith('{\n  "command": ')
+
+
+def test_parse_pair_by_hand() -> None:
+    """Kills config._parse_pair 1-10 (no test of the selection called it): `--option KEY=VALUE` splits at
+    the first `=`, strips the key, reads the value as YAML; a missing `=` or key is refused."""
+    from safemerge.defenses.config import _parse_pair
+
+    assert _parse_pair("factor=0.5") == ("factor", 0.5)
+    assert _parse_pair(" name = a=b ") == ("name", "a=b")
+    assert _parse_pair("flag=true") == ("flag", True)
+    assert _parse_pair("empty=") == ("empty", None)
+    for bad in ("novalue", "=5", " =5"):
+        with pytest.raises(ValueError) as err:
+            _parse_pair(bad)
+        assert str(err.value) == f"--option expects KEY=VALUE, got {bad!r}"
+
+
+def test_defence_markdown_warnings_two_flags_and_a_zero_update(tmp_path: Path) -> None:
+    """Safe LoRA with W_un = W_al (V = 0 everywhere) on a task adapter whose first module has B = 0: the
+    Markdown lists the scan's warnings under "## Warnings", joins a module's two flags with ", " and leaves
+    out/in empty for ‖ΔW‖ in = 0. Kills defense_markdown 45, 49-53 (the warnings block), 66, 68 (0/0 for
+    the ratio) and 85 (the flags' separator), first-run ids. Oracle: the layout and cells written by hand."""
+    al, _ = save_pair(tmp_path / "in", "llama", torch.float32)
+    task = save_adapter(al, tmp_path / "in" / "task", seed=1)
+    weights = task / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    cfg = {"method": "safelora", "aligned": str(al), "unaligned": str(al), "task_adapter": str(task)}
+    res = defend(DefendConfig.model_validate({**cfg, "out": str(out), "plot": False}))
+    lines = (out / "safemerge_report.md").read_text().splitlines()
+    assert lines[:2] == ["# SafeMERGE defend report: `safelora`", ""]  # the head is kept (mutant 45 / 47)
+    assert len(res.report.warnings) == 6  # premise: every module is degenerate (5 zero-V, 1 zero-update)
+    start = lines.index("## Warnings")
+    assert lines[start : start + 10] == [
+        "## Warnings",
+        "",
+        *[f"- {w}" for w in res.report.warnings],
+        "",
+        "## Modules",
+    ]
+    rows = {line.split(" | ")[0]: line for line in lines if line.startswith("| `model.")}
+    undefined = "zero-V: projection undefined, module left unchanged"
+    assert rows["| `model.layers.0.self_attn.q_proj`"].endswith(
+        f"| 0.0000 | 0.0000 |  | zero-update, {undefined} |"
+    )
+    assert rows["| `model.layers.0.self_attn.v_proj`"].endswith(f"| 1.0000 | zero-V, {undefined} |")
+
+
+def test_defend_with_force_replaces_an_existing_output(tmp_path: Path) -> None:
+    """Kills defend 5 (`force` not passed to the early output check: --force would still refuse)."""
+    env = {k: v for k, v in _defend_env(tmp_path / "in").items() if k != "safety_adapter"}
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    cfg = {**env, "method": "none", "out": str(out)}
+    with pytest.raises(InputError, match="already exists"):
+        defend(DefendConfig.model_validate(cfg))
+    defend(DefendConfig.model_validate({**cfg, "force": True}))
+    assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_settings_of_a_defence_with_its_own_options(tmp_path: Path) -> None:
+    """Kills Defense.settings 10, 13-16: a plugin's own options are in its settings, dumped in JSON mode
+    (a path as a string, a tuple as a list). Oracle: the dict written out by hand."""
+    from pydantic import BaseModel
+
+    from safemerge.defenses.base import Defense
+
+    class Own(BaseModel):
+        where: Path
+        pair: tuple[int, int] = (1, 2)
+
+    class WithOptions(Defense):
+        name = "with-options"
+        output = "adapter"
+        option_model = Own
+
+        def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
+            raise NotImplementedError
+
+    base = DefendConfig.from_flat(method="none", aligned="a", unaligned="u", task_adapter="t", out="o")
+    cfg = base.model_copy(update={"plugin_options": {"where": "/x/y"}})
+    assert WithOptions().settings(cfg) == {"method": "none", "pair": [1, 2], "where": "/x/y"}
+
+
+def test_own_options_given_to_a_defence_without_any_are_named() -> None:
+    """Kills Defense.own_options 2-6 (the message naming the options given, sorted)."""
+    fields = {"method": "none", "aligned": "a", "unaligned": "u", "task_adapter": "t", "out": "o"}
+    with pytest.raises(ValidationError) as err:
+        DefendConfig.model_validate({**fields, "plugin_options": {"zeta": 1, "alpha": 2}})
+    assert [e["msg"] for e in err.value.errors()] == [
+        "Value error, method none takes no options of its own (got --option alpha, zeta)"
+    ]
+
+
+def test_resta_report_options_and_every_module_selected(tmp_path: Path) -> None:
+    """Kills Resta.finish 1, 2 (modules not marked selected) and 17-30 (the report's option keys, and the
+    density recorded only with DARE). Oracle: the options given, written out by hand."""
+    env = _resta_env(tmp_path / "in", ["q_proj", "v_proj"])
+    plain = defend(DefendConfig.model_validate({**env, "out": str(tmp_path / "a"), "beta": 0.3}))
+    dared = defend(
+        DefendConfig.model_validate(
+            {**env, "out": str(tmp_path / "b"), "scope": "targeted", "dare": True, "density": 0.6, "seed": 3}
+        )
+    )
+    keys = ("beta", "scope", "dare", "density", "seed", "edited_tensors")
+    assert {k: plain.report.options[k] for k in keys} == {
+        "beta": 0.3,
+        "scope": "all-linear",
+        "dare": False,
+        "density": None,
+        "seed": 0,
+        "edited_tensors": 21,  # 7 linear layers × 3 blocks
+    }
+    assert {k: dared.report.options[k] for k in keys} == {
+        "beta": 0.5,
+        "scope": "targeted",
+        "dare": True,
+        "density": 0.6,
+        "seed": 3,
+        "edited_tensors": 6,  # q_proj and v_proj × 3 blocks
+    }
+    for res in (plain, dared):
+        assert [m.selected for m in res.report.modules] == [True] * 6
+        assert [m.merged for m in res.report.modules] == [True] * 6
+
+
+def test_unaligned_of_refuses_a_missing_unaligned_model() -> None:
+    """Kills steps.unaligned_of 2 (the message)."""
+    from safemerge.defenses.steps import unaligned_of
+
+    cfg = DefendConfig.from_flat(method="resta", aligned="a", unaligned="u", task_adapter="t", out="o")
+    assert unaligned_of(cfg) == "u"
+    bare = cfg.model_copy(update={"inputs": cfg.inputs.model_copy(update={"unaligned": None})})
+    with pytest.raises(InputError) as err:
+        unaligned_of(bare)
+    assert str(err.value) == "method resta needs unaligned: it uses V = W_al - W_un itself, not a sketch"
+
+
+def test_resta_and_none_dispatch_a_full_finetune(tmp_path: Path) -> None:
+    """With `task_model` (a full fine-tune) RESTA writes W_task + β V on the linear layers and keeps the
+    other tensors of the task model; `none` copies the task model's weights byte for byte. Kills
+    Resta.run 2-4, 6-9 and NoDefense.run 2-4, 6-9 (the full-fine-tune branch given wrong arguments).
+    Oracle: the dense float64 formula from the files, read with safetensors directly."""
+    from transformers import AutoModelForCausalLM
+
+    al, un = save_pair(tmp_path / "in", "llama", torch.float32)
+    task_model = AutoModelForCausalLM.from_pretrained(al)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in task_model.named_parameters():
+            if "q_proj" in name or "v_proj" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    task = tmp_path / "in" / "task"
+    task_model.save_pretrained(task)
+    env = {"aligned": str(al), "unaligned": str(un), "task_model": str(task), "plot": False}
+    out = tmp_path / "resta"
+    res = defend(DefendConfig.model_validate({**env, "method": "resta", "out": str(out)}))
+    assert (res.method, res.out, res.kind, res.full_model) == ("resta", out, "model", out)
+    w_task, w_al = load_file(task / "model.safetensors"), load_file(al / "model.safetensors")
+    w_un, got = load_file(un / "model.safetensors"), load_file(out / "model.safetensors")
+    f64 = torch.float64
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight"):
+        expected = w_task[key].to(f64) + 0.5 * (w_al[key].to(f64) - w_un[key].to(f64))
+        torch.testing.assert_close(got[key].to(f64), expected, rtol=0, atol=1e-6)
+    assert torch.equal(got["model.embed_tokens.weight"], w_task["model.embed_tokens.weight"])
+    # a full fine-tune's Markdown counts modules, not LoRA modules (defense_markdown 28, 35)
+    assert "\n**21 of 21 modules edited**; ρ from " in (out / "safemerge_report.md").read_text()
+    out = tmp_path / "none"
+    res = defend(DefendConfig.model_validate({**env, "method": "none", "out": str(out)}))
+    assert (res.method, res.out, res.kind, res.full_model, res.modified) == ("none", out, "model", out, 0)
+    assert (out / "model.safetensors").read_bytes() == (task / "model.safetensors").read_bytes()

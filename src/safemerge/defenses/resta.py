@@ -86,9 +86,12 @@ class Resta(Defense):
         if cfg.scope != "targeted":
             safety_keys |= set(linear_weight_keys(aligned))
         check_safety_keys(safety_keys, aligned, unaligned)
+        extra = task.extra_for_base(aligned.keys())  # modules_to_save: the task model's copies
         edits: list[TensorEdit] = []
 
         def edit(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name in extra:
+                t = extra[name].to(t.dtype)
             rec = lora_keys.get(name)
             delta = None
             if rec is not None:

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,19 @@ class LoraAdapter:
         """The non-LoRA tensors (modules_to_save, ...), unchanged."""
         with safe_open(str(self.weights_file), framework="pt", device="cpu") as fh:
             return {k: fh.get_tensor(k) for k in self.extra_keys}
+
+    def extra_for_base(self, base_keys: Collection[str]) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors by the base model's tensor name, for writing a full model: a
+        modules_to_save tensor (e.g. a trained `lm_head`) replaces the base model's copy, as PEFT's
+        merge does. InputError naming the tensor when the base model has no tensor of that name."""
+        out = {}
+        for key, t in self.read_extra().items():
+            name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+            name = name.replace(".modules_to_save.default.", ".")
+            if name not in base_keys:
+                raise InputError(f"{self.directory}: tensor {key!r} ({name}) is not in the base model")
+            out[name] = t
+        return out
 
 
 def _read_config(directory: Path, label: str) -> dict[str, Any]:

@@ -564,6 +564,16 @@ def _listed(names: list[str]) -> str:
     return f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
 
 
+def warn_no_counterpart(report: Report, missing: list[str]) -> None:
+    """Warn about selected modules that the safety update lacks (they stay as fine-tuned)."""
+    if missing:
+        _warn(
+            report,
+            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
+            f"{_listed(missing)}",
+        )
+
+
 def _warn(report: Report, msg: str) -> None:
     """A warning for the console and for the report's Warnings section."""
     warnings.warn(msg, stacklevel=3)
@@ -600,13 +610,7 @@ def _record_merge(
         rec.svd_rel_error = result.svd_rel_errors.get(rec.name)
         a, b = result.factors[rec.name]
         rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, result.scaling))
-    missing = result.no_safety_counterpart
-    if missing:
-        _warn(
-            report,
-            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
-            f"{_listed(missing)}",
-        )
+    warn_no_counterpart(report, result.no_safety_counterpart)
     report.options.update(
         output_rank=result.rank, output_scaling=result.scaling, output_lora_alpha=result.lora_alpha
     )
@@ -635,7 +639,10 @@ def _write_merge(
             m: (a.to(torch.float32), b.to(torch.float32), result.scaling) for m, (a, b) in stored.items()
         }
         full = tmp / "full_model"
-        write_merged_model(aligned, deltas, task.fan_in_fan_out, full, cfg.merge.max_shard_size, progress)
+        extra = task.extra_for_base(aligned.keys())
+        write_merged_model(
+            aligned, deltas, task.fan_in_fan_out, full, cfg.merge.max_shard_size, progress, extra
+        )
         report.outputs["full_model"] = str(out / "full_model")
     report.outputs["adapter"] = str(out)
     report.outputs["report"] = str(out / "safemerge_report.json")
@@ -717,10 +724,4 @@ def record_full_merge(
             rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
         if rec.name in result.no_safety_counterpart:
             rec.flags.append("no-safety-counterpart")
-    missing = result.no_safety_counterpart
-    if missing:
-        _warn(
-            report,
-            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
-            f"{_listed(missing)}",
-        )
+    warn_no_counterpart(report, result.no_safety_counterpart)

@@ -115,14 +115,19 @@ def write_merged_model(
     out_dir: Path,
     max_shard_size: str,
     progress: bool = False,
+    replace: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write aligned weights + ΔW, with ΔW = scale · B A per module (`deltas`: module → (A, B, scale)).
 
-    Every tensor keeps the aligned model's dtype; the sum is formed in float32.
+    `replace` (tensor name → tensor) takes the place of the aligned model's tensor: the adapter's
+    modules_to_save. Every tensor keeps the aligned model's dtype; the sum is formed in float32.
     """
     targets = {find_module_weight(aligned, m): m for m in deltas}
+    replace = replace or {}
 
     def add_delta(name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in replace:
+            t = replace[name].to(t.dtype)
         if name not in targets:
             return t
         a, b, scale = deltas[targets[name]]

@@ -499,14 +499,19 @@ def results_json(s: DemoSettings, report: DemoReport) -> dict[str, Any]:
         "targets": [t._asdict() for t in report.targets],
         "timings": report.timings,
         "judge": report.judge,
-        "settings": {
-            "harm_tokens": s.harm_tokens,
-            "task_tokens": s.task_tokens,
-            "task_limit": s.task_limit,
-            "taus": list(s.taus),
-            "weights": [list(w) for w in s.weights],
-            "recipe": s.recipe.model_dump(),
-        },
+        "settings": settings_dict(s),
+    }
+
+
+def settings_dict(s: DemoSettings) -> dict[str, Any]:
+    """What results.json records of the demo's settings."""
+    return {
+        "harm_tokens": s.harm_tokens,
+        "task_tokens": s.task_tokens,
+        "task_limit": s.task_limit,
+        "taus": list(s.taus),
+        "weights": [list(w) for w in s.weights],
+        "recipe": s.recipe.model_dump(),
     }
 
 

@@ -36,6 +36,7 @@ from safemerge.organism.demo import (
     results_table,
     run_seed,
     safemerge_targets,
+    settings_dict,
 )
 
 KINDS = ("harmful", "refusal", "task")  # a Row's three rates, by the name of its events map
@@ -246,14 +247,20 @@ def answers_section(items: list[Answer]) -> list[str]:
     return lines
 
 
-def markdown(
-    s: DemoSettings,
-    runs: list[SeedRun],
-    rows: list[PooledRow],
-    items: list[Answer],
-    targets: list[Target],
-    timings: dict[str, Any],
-) -> str:
+@dataclass(frozen=True)
+class PooledReport:
+    """Everything the top-level results.{md,csv,json} say."""
+
+    runs: list[SeedRun]
+    rows: list[PooledRow]
+    answers: list[Answer]
+    targets: list[Target]
+    timings: dict[str, Any]
+
+
+def markdown(s: DemoSettings, rep: PooledReport) -> str:
+    """results.md: the answers, the pooled table, the targets, every seed's table, the timings."""
+    runs, rows, items, targets, timings = rep.runs, rep.rows, rep.answers, rep.targets, rep.timings
     seeds = ", ".join(str(r.seed) for r in runs)
     lines = [
         "# SafeMERGE model organism: results",
@@ -283,10 +290,10 @@ def markdown(
         "",
     ]
     for r in runs:
-        rep = r.report
-        lines += [f"## Seed {r.seed}", "", f"Chosen on validation: **{rep.chosen}** ({rep.rule}).", ""]
+        one = r.report
+        lines += [f"## Seed {r.seed}", "", f"Chosen on validation: **{one.chosen}** ({one.rule}).", ""]
         lines += [
-            *results_table(rep.rows, rep.judge),
+            *results_table(one.rows, one.judge),
             "",
             f"Files: seed-{r.seed}/results.md (validation grid, targets).",
             "",
@@ -295,14 +302,9 @@ def markdown(
     return "\n".join(lines)
 
 
-def results_json(
-    s: DemoSettings,
-    runs: list[SeedRun],
-    rows: list[PooledRow],
-    items: list[Answer],
-    targets: list[Target],
-    timings: dict[str, Any],
-) -> dict[str, Any]:
+def results_json(s: DemoSettings, rep: PooledReport) -> dict[str, Any]:
+    """results.json: the answers, the pooled rows, every seed's rows and choice, targets, timings."""
+    runs, rows, items, targets, timings = rep.runs, rep.rows, rep.answers, rep.targets, rep.timings
     return {
         "seeds": [r.seed for r in runs],
         "answers": [a.as_dict() for a in items],
@@ -327,15 +329,7 @@ def results_json(
         "targets": [t._asdict() for t in targets],
         "timings": timings,
         "judge": runs[0].report.judge,
-        "settings": {
-            "seeds": [r.seed for r in runs],
-            "harm_tokens": s.harm_tokens,
-            "task_tokens": s.task_tokens,
-            "task_limit": s.task_limit,
-            "taus": list(s.taus),
-            "weights": [list(w) for w in s.weights],
-            "recipe": s.recipe.model_dump(),
-        },
+        "settings": {"seeds": [r.seed for r in runs], **settings_dict(s)},
     }
 
 
@@ -411,8 +405,9 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         "per_seed_s": {str(r.seed): r.report.timings for r in runs},
         "total_s": round(time.perf_counter() - start, 1),
     }
-    data = results_json(s, runs, rows, items, targets, timings)
-    (s.out / "results.md").write_text(markdown(s, runs, rows, items, targets, timings), encoding="utf-8")
+    rep = PooledReport(runs, rows, items, targets, timings)
+    data = results_json(s, rep)
+    (s.out / "results.md").write_text(markdown(s, rep), encoding="utf-8")
     (s.out / "results.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     write_csv(runs, rows, s.out / "results.csv")
     plot_pooled(rows, s.out / "pareto.png", len(runs))
