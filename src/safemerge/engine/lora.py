@@ -175,7 +175,8 @@ class LoraAdapter:
         out = {}
         for key, t in self.read_extra().items():
             name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-            name = name.replace(".modules_to_save.default.", ".")
+            # modules_to_save copies, and base layers PEFT saves beside a LoRA on them (embeddings)
+            name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
             if name not in base_keys:
                 raise InputError(f"{self.directory}: tensor {key!r} ({name}) is not in the base model")
             out[name] = t
