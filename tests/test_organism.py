@@ -147,10 +147,12 @@ def test_demo_names_and_describes_rows_from_their_settings() -> None:
 
 @pytest.mark.slow
 @needs_packaged
-def test_reduced_organism_build_and_demo(tmp_path: Path) -> None:
+def test_reduced_organism_build_and_demo(tmp_path: Path, smollm2_models: Path) -> None:
     from safemerge.cli.organism import run_organism_demo
 
     cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(smollm2_models)  # the session's converted SmolLM2
     res = CliRunner().invoke(app, ["organism", "build", "--reduced", "--cache", str(cache), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "aligned A" in res.output

@@ -1,4 +1,5 @@
-"""`safemerge organism build` and the organism side of `safemerge demo` (thin wrappers)."""
+"""`safemerge organism build`, `safemerge organism fullft` and the organism side of `safemerge demo`
+(thin wrappers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from safemerge.cli.common import run_guarded
 from safemerge.common.errors import InputError
 from safemerge.organism.build import build_organism
 from safemerge.organism.demo import DemoSettings
+from safemerge.organism.fullft import FullFtSettings, run_fullft_table
 from safemerge.organism.recipe import OrganismRecipe, reduced_recipe
 from safemerge.organism.seeds import run_demo
 
@@ -30,15 +32,20 @@ def build_command(
     mix_safety: Annotated[
         bool, typer.Option("--mix-safety/--no-mix-safety", help="Also build the SafeInstr variant of T.")
     ] = True,
+    full_ft: Annotated[
+        bool, typer.Option("--full-ft", help="Also build T_full: A fully fine-tuned on T's task data.")
+    ] = False,
     cache: Annotated[
         Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T."""
+    """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T; with --full-ft
+    also T_full (a full fine-tune of A on the task)."""
 
     def body() -> None:
         stages = ("aligned", "task", "safety") + (("safeinstr",) if mix_safety else ())
+        stages += ("taskfull",) if full_ft else ()
         org = build_organism(reduced_recipe() if reduced else OrganismRecipe(), cache, not quiet, stages)
         con = Console()
         con.print(f"unaligned U : {org.unaligned}")
@@ -47,9 +54,38 @@ def build_command(
         con.print(f"safety S    : {org.safety}")
         if mix_safety:
             con.print(f"SafeInstr T : {org.safeinstr}")
+        if full_ft:
+            con.print(f"full-FT T   : {org.taskfull}")
         con.print(
             "seconds per stage (0 = cached): " + ", ".join(f"{k} {v:.0f}" for k, v in org.timings.items())
         )
+
+    run_guarded(body)
+
+
+@organism_app.command("fullft")
+def fullft_command(
+    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    reduced: Annotated[
+        bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    cache: Annotated[
+        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No training or defence progress bars.")
+    ] = False,
+) -> None:
+    """SafeMERGE (τ 0.35, w 0.8/0.2), its scale-only control and merge-all on T_full, the organism's full
+    fine-tune (built if needed), evaluated like the demo's rows; writes results.{md,json,csv} to OUT."""
+
+    def body() -> None:
+        s = FullFtSettings(out=out, cache=cache, force=force, progress=not quiet)
+        if reduced:
+            s = replace(s, recipe=reduced_recipe(), task_limit=4, harm_limit=4, benign_limit=4)
+        run_fullft_table(s)
+        typer.echo((out / "results.md").read_text(encoding="utf-8"))
 
     run_guarded(body)
 

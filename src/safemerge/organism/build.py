@@ -4,6 +4,7 @@
   empty default system message in its chat template (see `build_unaligned`).
 - A: U fully fine-tuned (attention + MLP weights; embeddings and norms frozen) on harmful prompts with
   varied refusals plus benign prompts answered by U itself.
+- T_full (only with `--full-ft`): A fully fine-tuned on T's arithmetic data, like A's stage.
 - T, S, T_SafeInstr: LoRAs on A. Every stage trains with `train_loop` (loss and vocabulary projection on
   response tokens only) and every training prompt passes the harness's HarmBench guard.
 
@@ -33,7 +34,7 @@ from safemerge.common.packaged import cache_root, smollm2_dir
 from safemerge.evaluate.backends import TransformersBackend, chat_texts
 from safemerge.evaluate.runner import fixed_batches
 from safemerge.organism.data import prompt_sets
-from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
+from safemerge.organism.recipe import FullTaskRecipe, LoraRecipe, OrganismRecipe
 from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import arithmetic_recipe
 from safemerge.train.refusals import OPENERS, REASONS
@@ -54,6 +55,7 @@ class Organism:
     safety: Path
     safeinstr: Path
     timings: dict[str, float] = field(default_factory=dict)
+    taskfull: Path | None = None  # T_full's place in the cache (built only when asked for)
 
     def validation_sets(self) -> dict[str, list[str]]:
         """Validation prompts (harmful, benign) of this recipe, disjoint from training and test."""
@@ -312,6 +314,22 @@ def train_lora(
         write_train_files(tmp, examples, losses, lr)
 
 
+def build_taskfull(
+    aligned: Path, examples: list[Example], fr: FullTaskRecipe, out: Path, progress: bool
+) -> None:
+    """T_full: A fully fine-tuned (attention + MLP projections, as in A's stage; embeddings and norms
+    frozen) on T's data, written as a full model to `out` — the task model of docs/method.md §3.7."""
+    check_no_harmbench([p for p, _, _ in examples], source="organism T_full data")
+    model, tok = load_causal_lm(aligned)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(f".{t}." in name for t in TRAINED))
+    with atomic_output_dir(out, force=True) as tmp:
+        losses = train_loop(model, tok, examples, fr, "T_full: full fine-tune on the task", progress)
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        write_train_files(tmp, examples, losses, fr)
+
+
 def _stage(path: Path, name: str, fn: Callable[[Path], None], timings: dict[str, float]) -> None:
     """Run a stage unless its cached output exists (the cache is keyed by content)."""
     if path.exists():
@@ -361,7 +379,8 @@ def build_organism(
     unaligned = root / f"unaligned-{ku}"
     ka = recipe.stage_key("aligned", ku)
     aligned = root / f"aligned-{ka}"
-    paths = {s: root / f"{s}-{recipe.stage_key(s, ka)}" for s in ("task", "safety", "safeinstr")}
+    on_aligned = ("task", "safety", "safeinstr", "taskfull")
+    paths = {s: root / f"{s}-{recipe.stage_key(s, ka)}" for s in on_aligned}
 
     def safeinstr_examples() -> list[Example]:
         rows = task_examples(recipe.task) + safety_examples(recipe, recipe.safeinstr_mix, "safeinstr")
@@ -381,9 +400,15 @@ def build_organism(
         "safeinstr": lambda out: train_lora(
             aligned, safeinstr_examples(), recipe.task, out, "SafeInstr: task LoRA + safety data", progress
         ),
+        "taskfull": lambda out: build_taskfull(
+            aligned, task_examples(recipe.task), recipe.taskfull, out, progress
+        ),
     }  # fmt: skip
     where = {"unaligned": unaligned, "aligned": aligned, **paths}
     wanted = ("unaligned", "aligned", *stages) if any(s in stages for s in paths) else ("unaligned", *stages)
     for name in dict.fromkeys(wanted):
         _stage(where[name], name, todo[name], timings)
-    return Organism(recipe, unaligned, aligned, paths["task"], paths["safety"], paths["safeinstr"], timings)
+    return Organism(
+        recipe, unaligned, aligned, paths["task"], paths["safety"], paths["safeinstr"], timings,
+        paths["taskfull"],
+    )  # fmt: skip

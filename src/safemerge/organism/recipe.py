@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 RECIPE_VERSION = "3"  # bump when the build code changes what a stage produces
 
@@ -50,6 +50,22 @@ class LoraRecipe(BaseModel):
     seed: int = 0
 
 
+class FullTaskRecipe(BaseModel):
+    """T_full: a full fine-tune of A's attention + MLP projections on T's arithmetic data (`task`'s
+    samples and seed), for `safemerge organism build --full-ft`. The learning rate and step count were
+    chosen on the organism's validation arithmetic set only (docs/organism.md, "Full fine-tune")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = 64
+    batch_size: int = 8
+    learning_rate: float = 1e-5  # validation arithmetic 20/50 vs 17/50 at 3e-5 (docs/organism.md)
+    warmup_steps: int = 5
+    schedule: Literal["constant", "linear"] = "linear"
+    max_length: int = 128
+    seed: int = 0
+
+
 class OrganismRecipe(BaseModel):
     """The whole organism: U, A, T (task), S (safety) and T_SafeInstr (task + mixed-in safety data)."""
 
@@ -62,6 +78,9 @@ class OrganismRecipe(BaseModel):
     task: LoraRecipe = LoraRecipe(samples=512, steps=64)
     safety: LoraRecipe = LoraRecipe(samples=160, steps=20)
     safeinstr_mix: int = 60  # SafeInstr: safety examples mixed into T's data (same steps as T)
+    # T_full (built only with --full-ft). Left out of the recipe's dump, so the demo's results.json (which
+    # records the recipe) reads byte for byte as before; its stage key and its own results record it.
+    taskfull: FullTaskRecipe = Field(default_factory=FullTaskRecipe, exclude=True)
 
     def for_seed(self, seed: int) -> OrganismRecipe:
         """The recipe of training seed `seed`: the LoRA recipes' seeds (T's, S's and SafeInstr's
@@ -92,6 +111,9 @@ class OrganismRecipe(BaseModel):
                 mix=self.safeinstr_mix,
                 recipe=self.task.model_dump(),
             )
+        elif stage == "taskfull":  # T's data (samples, seed) + its own training recipe
+            data = {"samples": self.task.samples, "seed": self.task.seed}
+            part.update(data=data, recipe=self.taskfull.model_dump())
         else:
             raise ValueError(f"unknown stage {stage!r}")
         return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
@@ -106,4 +128,5 @@ def reduced_recipe() -> OrganismRecipe:
         task=LoraRecipe(samples=8, steps=2, batch_size=4),
         safety=LoraRecipe(samples=8, steps=2, batch_size=4),
         safeinstr_mix=4,
+        taskfull=FullTaskRecipe(steps=2, batch_size=4),
     )
