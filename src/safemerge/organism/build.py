@@ -265,15 +265,22 @@ def build_aligned(recipe: OrganismRecipe, unaligned: Path, out: Path, progress: 
     harmful = [(p, short_refusal(rng), True) for p in ps.harmful_train]
     answers = benign_answers(unaligned, ps.benign_train, ar.benign_max_new_tokens)
     benign = [(p, a, False) for p, a in zip(ps.benign_train, answers, strict=True) if a.strip()]
-    examples = harmful + benign
-    model, tok = load_causal_lm(unaligned)
+    full_finetune(unaligned, harmful + benign, ar, out, "A: full fine-tune", progress)
+
+
+def full_finetune(
+    base: Path, examples: list[Example], recipe: Any, out: Path, desc: str, progress: bool
+) -> None:
+    """Fine-tune the attention and MLP projections of `base` (embeddings and norms frozen) with
+    `train_loop`, and write the full model, its tokenizer and its training files to `out`."""
+    model, tok = load_causal_lm(base)
     for name, p in model.named_parameters():
         p.requires_grad_(any(f".{t}." in name for t in TRAINED))
     with atomic_output_dir(out, force=True) as tmp:
-        losses = train_loop(model, tok, examples, ar, "A: full fine-tune", progress)
+        losses = train_loop(model, tok, examples, recipe, desc, progress)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        write_train_files(tmp, examples, losses, ar)
+        write_train_files(tmp, examples, losses, recipe)
 
 
 # --- LoRAs -------------------------------------------------------------------------------------------
@@ -320,14 +327,7 @@ def build_taskfull(
     """T_full: A fully fine-tuned (attention + MLP projections, as in A's stage; embeddings and norms
     frozen) on T's data, written as a full model to `out` — the task model of docs/method.md §3.7."""
     check_no_harmbench([p for p, _, _ in examples], source="organism T_full data")
-    model, tok = load_causal_lm(aligned)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(f".{t}." in name for t in TRAINED))
-    with atomic_output_dir(out, force=True) as tmp:
-        losses = train_loop(model, tok, examples, fr, "T_full: full fine-tune on the task", progress)
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        write_train_files(tmp, examples, losses, fr)
+    full_finetune(aligned, examples, fr, out, "T_full: full fine-tune on the task", progress)
 
 
 def _stage(path: Path, name: str, fn: Callable[[Path], None], timings: dict[str, float]) -> None:
