@@ -228,3 +228,29 @@ def test_cuda_request_without_gpu_is_a_clear_error(env: dict[str, Path], tmp_pat
         pytest.skip("a GPU is present: the cuda path is exercised by the device check instead")
     out = tmp_path / "out"
     assert_bad(env, [*merge_args(env, out), "--device", "cuda"], out, "CUDA")
+
+
+def test_error_messages_keep_square_brackets(tmp_path: Path) -> None:
+    """An error naming `safemerge[ray]` or a tensor like `w[0]` prints it as written (not as rich markup)."""
+    from safemerge.cli.common import run_guarded
+    from safemerge.common.errors import InputError
+
+    def body() -> None:
+        raise InputError("install it with pip install 'safemerge[ray]' (tensor [bold]w[0])")
+
+    import contextlib
+    import io
+
+    import typer
+
+    from safemerge.cli import common
+
+    out = io.StringIO()
+    old = common.console
+    common.console = common.Console(file=out, width=200)
+    try:
+        with contextlib.suppress(typer.Exit):
+            run_guarded(body)
+    finally:
+        common.console = old
+    assert "pip install 'safemerge[ray]' (tensor [bold]w[0])" in out.getvalue()

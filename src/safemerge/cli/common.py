@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from safemerge.common.errors import InputError
 
@@ -22,13 +23,15 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except InputError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # `[ray]` as written
         raise typer.Exit(2) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
     except Exception as exc:  # internal error: keep the traceback visible for bug reports
         console.print_exception(show_locals=False)
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
+        )
         raise typer.Exit(1) from None
 
 

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from safemerge.cli.common import run_guarded
-from safemerge.common.errors import InputError
 from safemerge.experiment.config import ExecutionSpec, parse_experiment
 from safemerge.experiment.executor_ray import RayExecutor
 from safemerge.experiment.results import print_rows
@@ -76,15 +75,9 @@ def experiment_command(
             highlight=False,
         )
         for label, error in result.failed.items():
-            Console(stderr=True).print(f"[bold red]failed:[/] {label}: {error}", highlight=False)
+            Console(stderr=True).print(f"[bold red]failed:[/] {label}: {escape(error)}", highlight=False)
         return 1 if result.failed else 0
 
-    def escaped() -> int:
-        try:
-            return body()
-        except InputError as exc:  # run_guarded prints with rich markup: keep `safemerge[ray]` as written
-            raise InputError(escape(str(exc))) from None
-
-    code = run_guarded(escaped)
+    code = run_guarded(body)
     if code:
         raise typer.Exit(code)
