@@ -31,6 +31,23 @@ from safemerge.engine.writer import write_model
 NON_LINEAR_MARKERS = ("embed", "lm_head", "wte", "wpe", "norm", "ln_")
 
 
+def record_edit(
+    name: str,
+    rec: ModuleRecord | None,
+    base: torch.Tensor,
+    w_un: torch.Tensor | None,
+    delta: torch.Tensor | None,
+    new: torch.Tensor,
+    beta: float,
+) -> TensorEdit:
+    """The edit of one tensor for the report; a LoRA module's record is marked merged (w_task 1, w_s β)."""
+    edit = tensor_edit(name, rec, base, w_un, delta, new, beta)
+    if rec is not None:
+        rec.merged, rec.w_task, rec.w_safety = True, 1.0, beta
+        rec.delta_norm_out = edit.change_norm
+    return edit
+
+
 def linear_weight_keys(ckpt: Checkpoint) -> list[str]:
     """2-D `*.weight` tensors that are linear layers (embeddings, LM head and norms excluded by name)."""
     keys = []
@@ -104,10 +121,7 @@ class Resta(Defense):
             if delta is None and w_un is None:
                 return t
             new = resta_weight(t, w_un, delta, cfg.beta)
-            edits.append(tensor_edit(name, rec, t, w_un, delta, new, cfg.beta))
-            if rec is not None:
-                rec.merged, rec.w_task, rec.w_safety = True, 1.0, cfg.beta
-                rec.delta_norm_out = edits[-1].change_norm
+            edits.append(record_edit(name, rec, t, w_un, delta, new, cfg.beta))
             return new
 
         inner = tmp / "_model"
@@ -142,10 +156,7 @@ class Resta(Defense):
                 new = resta_weight(w_al, w_un, delta, cfg.beta).to(t.dtype)
             else:
                 new = resta_task_weight(t, w_al, w_un, cfg.beta)
-            edits.append(tensor_edit(name, rec, w_al, w_un, delta, new, cfg.beta))
-            if rec is not None:
-                rec.merged, rec.w_task, rec.w_safety = True, 1.0, cfg.beta
-                rec.delta_norm_out = edits[-1].change_norm
+            edits.append(record_edit(name, rec, w_al, w_un, delta, new, cfg.beta))
             return new
 
         inner = tmp / "_model"
