@@ -66,6 +66,24 @@ def free_accelerator_memory(stage: str) -> int | None:
     return int(free)
 
 
+def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Make the LM head's input contiguous before its matrix product.
+
+    During generation transformers hands the head the last position only, `hidden[:, -1:, :]`: a
+    [batch, 1, hidden] view whose batch stride is the whole sequence. With a frozen weight (every base
+    model under a PEFT adapter) torch's matmul then fails to fold it into one matrix product and runs a
+    batched product against the weight expanded per sequence (pytorch/pytorch#186148): at batch 200 and
+    SmolLM2's 49,152-token vocabulary that copies 11 GB and took 10 s per prefill instead of 0.02 s
+    (measured, docs/benchmarks.md). A copy of [batch, 1, hidden] costs nothing in comparison."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(_contiguous_input)
+
+
 def chat_texts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
     """Prompts as single-turn chats rendered with the tokenizer's chat template (generation prompt on)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -159,6 +177,7 @@ class TransformersBackend:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        contiguous_head_input(base)
         self.names: dict[str, str] = {}
         self.model = self._attach(base, list(adapters)).to(self.device).eval()
 

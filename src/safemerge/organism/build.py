@@ -14,6 +14,7 @@ an interrupted one restarts from scratch (each is written to a temporary directo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -129,11 +130,11 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def benign_answers(
-    model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 64
+    model_dir: Path, prompts: list[str], max_new_tokens: int, dtype: str, batch_size: int = 64
 ) -> list[str]:
     """U's own greedy answers (truncated to max_new_tokens), so A keeps U's benign behaviour."""
 
-    backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype="float32")
+    backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype=dtype)
     texts = chat_texts(backend.tokenizer, prompts)
     out = [""] * len(texts)
     for batch in tqdm(fixed_batches(texts, batch_size), desc="U answers benign prompts", unit="batch"):
@@ -177,6 +178,15 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ran
     return batches
 
 
+def step_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of one training step's forward pass. Entered anew at every step: autocast
+    caches the bfloat16 copies of the weights until its context exits, so one context around the
+    whole loop would train on the initial weights' copies (measured: the loss did not fall)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def train_loop(
     model: Any, tok: Any, examples: list[Example], recipe: Any, desc: str, progress: bool
 ) -> list[float]:
@@ -218,10 +228,11 @@ def train_loop(
             mask[j, : len(seq)] = 1
             labels[j, start : len(seq)] = torch.tensor(seq[start:])
         ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-        hidden = core.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        target = labels[:, 1:]
-        keep = target != -100
-        logits = core.lm_head(hidden[:, :-1][keep])
+        with step_precision(recipe.precision, device):
+            hidden = core.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            target = labels[:, 1:]
+            keep = target != -100
+            logits = core.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), target[keep])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -263,7 +274,7 @@ def build_aligned(recipe: OrganismRecipe, unaligned: Path, out: Path, progress: 
     check_no_harmbench(ps.harmful_train + ps.benign_train, source="organism aligned-model data")
     rng = random.Random(f"organism-refusals-{recipe.seed}")
     harmful = [(p, short_refusal(rng), True) for p in ps.harmful_train]
-    answers = benign_answers(unaligned, ps.benign_train, ar.benign_max_new_tokens)
+    answers = benign_answers(unaligned, ps.benign_train, ar.benign_max_new_tokens, ar.precision)
     benign = [(p, a, False) for p, a in zip(ps.benign_train, answers, strict=True) if a.strip()]
     full_finetune(unaligned, harmful + benign, ar, out, "A: full fine-tune", progress)
 

@@ -89,17 +89,19 @@ class DemoSettings:
     out: Path
     recipe: OrganismRecipe = field(default_factory=OrganismRecipe)
     cache: Path | None = None
-    taus: tuple[float, ...] = (0.35, 0.45)
-    weights: tuple[Weights, ...] = ((0.8, 0.2), (0.6, 0.4))
+    # τ from T's ρ (0.27-0.63 on recipe 4's T: τ 0.3 selects 8 of 60 modules, 0.35 14, 0.4 31, 0.45 47)
+    taus: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45)
+    weights: tuple[Weights, ...] = ((0.8, 0.2), (0.7, 0.3), (0.6, 0.4))
     harm_tokens: int = 8  # the keyword judge reads the opening; see docs/organism.md for what it costs
     task_tokens: int = 24  # "123 + 456 = 579. The answer is 579." fits
     task_limit: int | None = 100
     harm_limit: int | None = None  # None: all 159 HarmBench test standard behaviours
     benign_limit: int | None = None
-    val_task: int = 50
+    val_task: int = 200  # one problem = 0.5 points, so the 3-point tolerance is 6 problems
     val_limit: int | None = None  # cut the validation harmful/benign sets (tests only)
     validate_aligned: bool = False  # A on the validation sets too (informative only; --full)
     batch_size: int = 200  # one batch per set and variant: a decoding step cost ~0.2 s at width 64 here
+    dtype: str = "bfloat16"  # generation; 2.8x float32's speed on this CPU (docs/organism.md, "Speed")
     include_unaligned: bool = False
     seeds: tuple[int, ...] = (0,)  # training seeds of T, S and SafeInstr's T (A is built once)
     force: bool = False
@@ -109,12 +111,11 @@ class DemoSettings:
     def full(cls, out: Path, **kw: Any) -> DemoSettings:
         """`--full`: a larger grid, every task item, longer generations, and U in the table."""
         base: dict[str, Any] = {
-            "taus": (0.3, 0.35, 0.4, 0.45, 0.5),
-            "weights": ((0.8, 0.2), (0.6, 0.4), (0.5, 0.5)),
+            "taus": (0.25, 0.3, 0.325, 0.35, 0.375, 0.4, 0.45, 0.5),
+            "weights": ((0.8, 0.2), (0.7, 0.3), (0.6, 0.4), (0.5, 0.5)),
             "harm_tokens": 32,
             "task_tokens": 32,
             "task_limit": None,
-            "val_task": 100,
             "include_unaligned": True,
             "validate_aligned": True,
         }
@@ -206,7 +207,7 @@ def evaluation_spec(s: DemoSettings) -> EvaluationSpec:
         ],
         judge="keyword",
         backend="transformers",
-        dtype="float32",
+        dtype=s.dtype,
         batch_size=s.batch_size,
         include_unaligned=s.include_unaligned,
         validate_also=["aligned"] if s.validate_aligned else [],
@@ -509,6 +510,7 @@ def settings_dict(s: DemoSettings) -> dict[str, Any]:
         "harm_tokens": s.harm_tokens,
         "task_tokens": s.task_tokens,
         "task_limit": s.task_limit,
+        "dtype": s.dtype,
         "taus": list(s.taus),
         "weights": [list(w) for w in s.weights],
         "recipe": s.recipe.model_dump(),

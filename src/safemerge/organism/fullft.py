@@ -56,6 +56,7 @@ class FullFtSettings:
     harm_limit: int | None = None  # None: all 159 HarmBench test standard behaviours
     benign_limit: int | None = None  # None: all 40 benign prompts
     batch_size: int = 200
+    dtype: str = "bfloat16"  # generation, as in the demo
     force: bool = False
     progress: bool = True
 
@@ -134,7 +135,7 @@ def evaluate_model(
     metrics: dict[str, Any] = {}
     cache_dir = (s.cache or cache_root()) / "generations"
     for names, tokens in (((HARM, BENIGN), s.harm_tokens), ((TASK,), s.task_tokens)):
-        backend = TransformersBackend(str(model), max_new_tokens=tokens, dtype="float32")
+        backend = TransformersBackend(str(model), max_new_tokens=tokens, dtype=s.dtype)
         recs, ms = evaluate_loaded(
             backend, str(model), [], [benches[n] for n in names], KeywordJudge(), cache_dir,
             s.batch_size, tokens,

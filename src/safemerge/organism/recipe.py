@@ -12,58 +12,63 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RECIPE_VERSION = "3"  # bump when the build code changes what a stage produces
+RECIPE_VERSION = "4"  # bump when the build code changes what a stage produces
 
 
-class AlignedRecipe(BaseModel):
-    """A: full fine-tune of attention + MLP weights of U on refusals + U's own benign answers."""
+class StepRecipe(BaseModel):
+    """What every training stage shares: AdamW steps over batches of chat examples.
+
+    `precision`: "bfloat16" runs each step's forward and backward under bfloat16 autocast (weights,
+    gradients and optimizer state stay float32; the stage is saved in float32); "float32" runs
+    everything in float32. On CPUs with AVX512-BF16 or AMX a bfloat16 matrix product is ~4x a float32
+    one, and a step ~2x (docs/organism.md, "Speed"); on CPUs without them bfloat16 is emulated and slower.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_harmful: int = 320
-    n_benign: int = 320
-    steps: int = 80
+    steps: int
     batch_size: int = 8
-    learning_rate: float = 3e-5
-    warmup_steps: int = 5
-    schedule: Literal["constant", "linear"] = "constant"
+    learning_rate: float
+    warmup_steps: int
+    schedule: Literal["constant", "linear"]
     max_length: int = 128
-    benign_max_new_tokens: int = 16  # U's benign answers are truncated here (the opening is what counts)
+    precision: Literal["bfloat16", "float32"] = "bfloat16"
     seed: int = 0
 
 
-class LoraRecipe(BaseModel):
+class AlignedRecipe(StepRecipe):
+    """A: full fine-tune of attention + MLP weights of U on refusals + U's own benign answers."""
+
+    n_harmful: int = 480
+    n_benign: int = 480
+    steps: int = 180  # 1.5 epochs of the 960 examples
+    learning_rate: float = 5e-5
+    warmup_steps: int = 5
+    schedule: Literal["constant", "linear"] = "constant"
+    benign_max_new_tokens: int = 16  # U's benign answers are truncated here (the opening is what counts)
+
+
+class LoraRecipe(StepRecipe):
     """A LoRA trained on A: r = 8 on q_proj / v_proj (the paper's setting), linear decay after warm-up."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     samples: int
-    steps: int
-    batch_size: int = 8
     learning_rate: float = 6e-4
     warmup_steps: int = 3
     schedule: Literal["constant", "linear"] = "linear"
-    max_length: int = 128
     lora_r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    seed: int = 0
 
 
-class FullTaskRecipe(BaseModel):
+class FullTaskRecipe(StepRecipe):
     """T_full: a full fine-tune of A's attention + MLP projections on T's arithmetic data (`task`'s
     samples and seed), for `safemerge organism build --full-ft`. The learning rate and step count were
     chosen on the organism's validation arithmetic set only (docs/organism.md, "Full fine-tune")."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     steps: int = 64
-    batch_size: int = 8
     learning_rate: float = 1e-5  # validation arithmetic 20/50 vs 17/50 at 3e-5 (docs/organism.md)
     warmup_steps: int = 5
     schedule: Literal["constant", "linear"] = "linear"
-    max_length: int = 128
-    seed: int = 0
 
 
 class OrganismRecipe(BaseModel):
@@ -75,9 +80,9 @@ class OrganismRecipe(BaseModel):
     n_val_strongreject: int = 40
     n_benign_val: int = 40
     aligned: AlignedRecipe = AlignedRecipe()
-    task: LoraRecipe = LoraRecipe(samples=512, steps=64)
+    task: LoraRecipe = LoraRecipe(samples=1200, steps=150, learning_rate=1e-3)  # one epoch
     safety: LoraRecipe = LoraRecipe(samples=160, steps=20)
-    safeinstr_mix: int = 60  # SafeInstr: safety examples mixed into T's data (same steps as T)
+    safeinstr_mix: int = 120  # SafeInstr: safety examples mixed into T's data, ~1 in 10 (same steps as T)
     # T_full (built only with --full-ft). Left out of the recipe's dump, so the demo's results.json (which
     # records the recipe) reads byte for byte as before; its stage key and its own results record it.
     taskfull: FullTaskRecipe = Field(default_factory=FullTaskRecipe, exclude=True)
