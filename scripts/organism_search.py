@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from safemerge.common.errors import InputError
+from safemerge.common.packaged import cache_root
 from safemerge.common.stats import wilson
 from safemerge.evaluate.backends import TransformersBackend
 from safemerge.evaluate.judges import KeywordJudge
@@ -30,15 +33,26 @@ from safemerge.organism.demo import DemoSettings, validation_benchmarks
 from safemerge.organism.recipe import OrganismRecipe
 
 
-def recipe_with(overrides: dict[str, Any]) -> OrganismRecipe:
-    """OrganismRecipe() with nested overrides applied (validated by pydantic)."""
+def recipe_with(text: str) -> OrganismRecipe:
+    """OrganismRecipe() with a candidate's nested JSON overrides applied (validated by pydantic)."""
+    from pydantic import ValidationError
+
+    try:
+        overrides = json.loads(text)
+        if not isinstance(overrides, dict):
+            raise ValueError("expected a JSON object")
+    except ValueError as exc:
+        raise InputError(f"candidate {text!r}: not a JSON object of recipe overrides ({exc})") from None
     data = OrganismRecipe().model_dump()
     for key, value in overrides.items():
         if isinstance(value, dict):
-            data[key] = {**data[key], **value}
+            data[key] = {**data.get(key, {}), **value}
         else:
             data[key] = value
-    return OrganismRecipe.model_validate(data)
+    try:
+        return OrganismRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(f"candidate {text!r}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
 
 def evaluate(model: Path, adapter: Path | None, s: DemoSettings, benches: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +67,7 @@ def evaluate(model: Path, adapter: Path | None, s: DemoSettings, benches: dict[s
         backend = TransformersBackend(str(model), adapters, max_new_tokens=tokens, dtype=s.dtype)
         _, metrics = evaluate_loaded(
             backend, str(model), adapters, [benches[n] for n in group], KeywordJudge(),
-            (s.cache or Path.home() / ".cache/safemerge") / "generations", s.batch_size, tokens,
+            (s.cache or cache_root()) / "generations", s.batch_size, tokens,
             include_base=adapter is None,
         )  # fmt: skip
         backend.close()
@@ -72,9 +86,13 @@ def main() -> None:
     ap.add_argument("--val-task", type=int, default=200, help="validation arithmetic problems")
     ap.add_argument("--log", type=Path, default=Path("organism_search.jsonl"))
     args = ap.parse_args()
-    for text in args.candidates:
+    try:
+        recipes = [recipe_with(text) for text in args.candidates]  # all checked before any build
+    except InputError as exc:
+        print(f"organism_search: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for text, recipe in zip(args.candidates, recipes, strict=True):
         overrides = json.loads(text)
-        recipe = recipe_with(overrides)
         s = DemoSettings(out=Path("."), recipe=recipe, cache=args.cache, val_task=args.val_task)
         t0 = time.perf_counter()
         stages = ("aligned", "task") if args.task else ("aligned",)
