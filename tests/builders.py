@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -108,3 +109,12 @@ def tiny_chat_setup(root: Path) -> dict[str, Path]:
         "task": save_adapter(al, root / "task", seed=1, r=4, alpha=8),
         "safety": save_adapter(al, root / "safety", seed=2, r=4, alpha=8),
     }
+
+
+def pickle_copy(src: Path, dst: Path) -> Path:
+    """A copy of a single-file safetensors checkpoint (config.json + model.safetensors) saved as the
+    pickle `pytorch_model.bin`, for the `--allow-pickle` paths."""
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst

@@ -25,6 +25,19 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+# safetensors' names of torch dtypes, so a pickle checkpoint reports its dtypes as a safetensors one does.
+SAFETENSORS_DTYPE = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 # Files worth fetching from the hub for a base model: weights, configs, tokenizer.
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -87,7 +100,7 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
 class Checkpoint:
     """Read tensors by name from a checkpoint directory, lazily, one tensor at a time."""
 
-    def __init__(self, directory: str | Path, *, allow_pickle: bool = False, label: str = "checkpoint"):
+    def __init__(self, directory: str | Path, *, allow_pickle: bool = False, label: str = "model"):
         self.directory = Path(directory)
         self.label = label
         self._files: dict[str, Path] = {}  # tensor name -> file
@@ -164,7 +177,7 @@ class Checkpoint:
         for name, t in state.items():
             self._files[name] = files[0]
             self._shapes[name] = tuple(t.shape)
-            self._dtypes[name] = str(t.dtype).replace("torch.", "")
+            self._dtypes[name] = SAFETENSORS_DTYPE.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
     # --- queries ------------------------------------------------------------------------------
     def keys(self) -> list[str]:

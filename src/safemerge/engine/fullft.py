@@ -156,11 +156,6 @@ class FullModel:
         rows, cols = self.checkpoint.shape(module + WEIGHT)
         return (cols, rows) if self.transposed else (rows, cols)
 
-    def delta(self, module: str, aligned: Checkpoint) -> torch.Tensor:
-        """ΔW_f = W_task − W_al of a module in float32, stored layout."""
-        key = module + WEIGHT
-        return self.checkpoint.get(key).to(torch.float32) - aligned.get(key).to(torch.float32)
-
 
 def full_record(module: str, shape: tuple[int, int], sim: Similarity, norm: float) -> ModuleRecord:
     """The report row of a scanned full-fine-tune module: ‖ΔW_f‖_F as `delta_norm_in`, no rank."""
@@ -188,13 +183,13 @@ def full_similarities(
         job = bar.add_task("scanning modules", total=len(task.modules))
         for module in task.modules:
             key = module + WEIGHT
-            sources = ((aligned, "aligned"), (unaligned, "unaligned"), (task.checkpoint, "task"))
-            w_al, w_un, w_ft = (src.get(key).to(device) for src, _ in sources)
+            sources = (aligned, unaligned, task.checkpoint)
+            w_al, w_un, w_ft = (src.get(key).to(device) for src in sources)
             block_rows = w_al.shape[0] if w_al.is_cuda else 1024  # CPU: blocks of rows, V never whole
             try:
                 sim, norm = update_similarity(w_al, w_un, w_ft, task.transposed, block_rows)
             except ValueError:  # non-finite input: name the tensor
-                for src, _ in sources:
+                for src in sources:
                     src.get_float(key)
                 raise
             del w_al, w_un, w_ft

@@ -630,11 +630,10 @@ def _write_merge(
     stored = result.factors
     base = cfg.inputs.aligned or str(task.config.get("base_model_name_or_path") or "")
     write_adapter(tmp, task.config, stored, result.rank, result.lora_alpha, base, task.read_extra())
-    (tmp / "README.md").write_text(model_card(report))
+    (tmp / "README.md").write_text(model_card(report, base))
     (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg))
     if cfg.merge.merge_into_base:
-        if aligned is None:
-            raise InputError("merge_into_base needs aligned (the base weights the merged update is added to)")
+        assert aligned is not None  # `merge` refuses merge_into_base without the aligned model first
         deltas = {
             m: (a.to(torch.float32), b.to(torch.float32), result.scaling) for m, (a, b) in stored.items()
         }

@@ -224,9 +224,10 @@ def plot_similarity(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(report: Report) -> str:
-    """README.md of a merged adapter: YAML front matter for the hub, then what was done."""
-    base = report.inputs["aligned"]["path"]
+def model_card(report: Report, base: str) -> str:
+    """README.md of a merged adapter: YAML front matter for the hub, then what was done. `base` is the
+    base model the adapter loads on: the aligned model, or (merging with a sketch and no aligned model)
+    the task adapter's `base_model_name_or_path`."""
     s = report.summary
     o = report.options
     front = "\n".join(
