@@ -225,6 +225,19 @@ def test_same_tensors_check_names_the_first_in_natural_order(tmp_path: Path) -> 
 
 
 # --- records and merges of a full fine-tune --------------------------------------------------------------
+FROZEN = "model.layers.1.self_attn.o_proj.weight"
+
+
+def _frozen_task(env: dict[str, Path], out: Path) -> Path:
+    """A copy of the task model in which the fine-tune left one module (`FROZEN`) unchanged: ΔW_f = 0,
+    so its ρ is 0 ("zero-update") and ρ < τ selects it."""
+    shutil.copytree(env["task"], out)
+    state, aligned = load_file(out / "model.safetensors"), load_file(env["aligned"] / "model.safetensors")
+    state[FROZEN] = aligned[FROZEN].clone()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def test_full_records_carry_layer_type_rounding_selection_and_flags(
     bf16_sketched: dict, tmp_path: Path
 ) -> None:
@@ -232,12 +245,7 @@ def test_full_records_carry_layer_type_rounding_selection_and_flags(
     against values derived here (layer and type from the name, ρ rounded to 5 places, selected iff
     round(ρ, 5) < τ), and a module the fine-tune left unchanged flagged "zero-update"."""
     env = bf16_sketched["llama"]
-    frozen = tmp_path / "task_frozen"
-    shutil.copytree(env["task"], frozen)
-    state, aligned = load_file(frozen / "model.safetensors"), load_file(env["aligned"] / "model.safetensors")
-    key = "model.layers.1.self_attn.o_proj.weight"
-    state[key] = aligned[key].clone()  # ΔW_f = 0 for this module
-    save_file(state, frozen / "model.safetensors", metadata={"format": "pt"})
+    frozen, key = _frozen_task(env, tmp_path / "task_frozen"), FROZEN
     first = scan(ScanConfig.from_flat(aligned=str(env["aligned"]), unaligned=str(env["unaligned"]),
                                       task_model=str(frozen), plot=False))  # fmt: skip
     tau = sorted(m.rho for m in first.modules)[len(first.modules) // 2]
@@ -435,6 +443,7 @@ def test_none_passes_a_full_finetune_through_with_its_report(bf16_sketched: dict
     carries the report."""
     env = bf16_sketched["llama"]
     out = tmp_path / "out"
+    env = {**env, "task": _frozen_task(env, tmp_path / "task")}  # the default τ 0.35 would select FROZEN
     res = _defend(env, out, "none")
     assert res.report is not None and res.report.command == "defend"
     assert res.report.modules and not any(m.selected for m in res.report.modules)
@@ -510,3 +519,35 @@ def test_full_merge_report_and_force(bf16_sketched: dict, tmp_path: Path) -> Non
     (out / "marker").write_text("old")
     merge(MergeConfig.from_flat(**kw, force=True))
     assert not (out / "marker").exists()
+
+
+def test_full_merge_outputs_inputs_and_labels(bf16_sketched: dict, tmp_path: Path) -> None:
+    """`pipeline.merge_full` 67-80, 92 and `pipeline.open_safety` 19, 25, 30, 43, 46: a full merge's
+    outputs, model card and plot option; the report's key and path for either kind of safety input; and
+    the labels that the safety inputs' errors name."""
+    env = bf16_sketched["llama"]
+    base = {
+        "aligned": str(env["aligned"]),
+        "unaligned": str(env["unaligned"]),
+        "task_model": str(env["task"]),
+    }
+    out = tmp_path / "lora"
+    report = merge(MergeConfig.from_flat(**base, safety_adapter=str(env["safety"]), out=str(out), plot=False))
+    assert report.outputs == {"full_model": str(out), "report": str(out / "safemerge_report.json")}
+    assert (out / "README.md").exists() and not (out / "similarity.png").exists()
+    assert (
+        report.inputs["safety_adapter"]["path"] == str(env["safety"]) and "safety_model" not in report.inputs
+    )
+    safety_model = save_finetune(env["aligned"], tmp_path / "safety_model", seed=12, dtype=torch.bfloat16)
+    out = tmp_path / "model"
+    report = merge(MergeConfig.from_flat(**base, safety_model=str(safety_model), out=str(out), plot=True))
+    assert report.inputs["safety_model"]["path"] == str(safety_model) and (out / "similarity.png").exists()
+    (safety_model / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"\(safety model\)$"):
+        merge(MergeConfig.from_flat(**base, safety_model=str(safety_model), out=str(tmp_path / "x")))
+    broken = tmp_path / "broken"
+    shutil.copytree(env["safety"], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(InputError) as info:
+        merge(MergeConfig.from_flat(**base, safety_adapter=str(broken), out=str(tmp_path / "y")))
+    assert str(info.value) == f"{broken}: adapter_model.safetensors is missing — safety adapter"
