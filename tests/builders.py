@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -117,4 +119,19 @@ def pickle_copy(src: Path, dst: Path) -> Path:
     dst.mkdir()
     (dst / "config.json").write_bytes((src / "config.json").read_bytes())
     torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
+
+
+def edited_copy(
+    src: Path,
+    dst: Path,
+    fn: Callable[[dict[str, torch.Tensor]], object],
+    weights: str = "model.safetensors",
+) -> Path:
+    """A copy of a checkpoint or adapter directory whose single weights file has its tensors edited in
+    place by `fn` (never the original: inputs are not written)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / weights)
+    fn(tensors)
+    save_file(tensors, dst / weights, metadata={"format": "pt"})
     return dst

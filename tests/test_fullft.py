@@ -9,15 +9,14 @@ byte for byte with the task model's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from builders import save_adapter, save_pair
+from builders import edited_copy, save_adapter, save_pair
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
@@ -370,17 +369,6 @@ def assert_exit_2(args: list[str], out: Path, *needles: str) -> None:
         assert needle in flat, (needle, text)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
-
-
-def edited_copy(src: Path, dst: Path, fn: Callable[[dict[str, torch.Tensor]], object]) -> Path:
-    """A copy of a single-file checkpoint with its tensors edited by `fn`."""
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    t = load_file(dst / "model.safetensors")
-    fn(t)
-    save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def test_bad_inputs_exit_2_without_output(setups: dict, tmp_path: Path) -> None:

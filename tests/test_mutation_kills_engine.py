@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import pickle_copy, save_adapter, save_pair
+from builders import edited_copy, pickle_copy, save_adapter, save_pair
 from safetensors.torch import load_file, save_file
 from test_fullft import save_finetune
 
@@ -454,6 +454,9 @@ def test_resolve_local_dir_aliases_and_hub_patterns(tmp_path: Path, monkeypatch:
 
 
 # --- engine/pipeline.py ----------------------------------------------------------------------------------
+ADAPTER = "adapter_model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def lora_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama pair, a task LoRA, a full-rank sketch of V (rank 64 ≥ every side: exact) and a
@@ -496,11 +499,8 @@ def test_a_non_finite_unaligned_weight_is_named(lora_env: dict[str, Path], tmp_p
     """`pipeline._check_finite_inputs` 1, 2, 5: a NaN in the unaligned model (the second tensor checked)
     is named with its checkpoint's directory."""
     bad = tmp_path / "unaligned"
-    shutil.copytree(lora_env["unaligned"], bad)
-    state = load_file(bad / "model.safetensors")
     key = "model.layers.1.self_attn.v_proj.weight"
-    state[key][0, 0] = float("inf")
-    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    edited_copy(lora_env["unaligned"], bad, lambda t: t[key].__setitem__((0, 0), float("inf")))
     with pytest.raises(InputError) as info:
         scan(ScanConfig.from_flat(aligned=str(lora_env["aligned"]), unaligned=str(bad),
                                   task_adapter=str(lora_env["task"]), plot=False))  # fmt: skip
@@ -706,12 +706,10 @@ def test_scan_refusals_name_the_task_adapter(lora_env: dict[str, Path], tmp_path
     """`pipeline._base_keys` 24, 25 and `pipeline.run_scan` 2, 6, 8-10: an adapter whose factor does not
     fit the model's weight, a task adapter without weights, and a full fine-tune given to a LoRA step."""
     task = tmp_path / "task"
-    shutil.copytree(lora_env["task"], task)
-    lora = load_file(task / "adapter_model.safetensors")
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    lora = load_file(lora_env["task"] / "adapter_model.safetensors")
     r, d_in = lora[key].shape
-    lora[key] = torch.ones(r, d_in + 1)
-    save_file(lora, task / "adapter_model.safetensors")
+    edited_copy(lora_env["task"], task, lambda t: t.update({key: torch.ones(r, d_in + 1)}), ADAPTER)
     kw = {"aligned": str(lora_env["aligned"]), "unaligned": str(lora_env["unaligned"]), "plot": False}
     d_out = lora[key.replace("lora_A", "lora_B")].shape[0]
     with pytest.raises(InputError) as info:
@@ -766,11 +764,8 @@ def test_a_zero_update_is_warned_about(lora_env: dict[str, Path], tmp_path: Path
     """`pipeline._selected_report` 38: a module whose LoRA update is zero (B = 0) gets ρ = 0, the flag
     "zero-update" and a warning naming it, word for word."""
     task = tmp_path / "task"
-    shutil.copytree(lora_env["task"], task)
-    lora = load_file(task / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
-    lora[key] = torch.zeros_like(lora[key])
-    save_file(lora, task / "adapter_model.safetensors")
+    edited_copy(lora_env["task"], task, lambda t: t[key].zero_(), ADAPTER)
     report = scan(ScanConfig.from_flat(aligned=str(lora_env["aligned"]), unaligned=str(lora_env["unaligned"]),
                                        task_adapter=str(task), plot=False))  # fmt: skip
     assert report.warnings == [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import pickle_copy, save_adapter, save_pair
+from builders import edited_copy, pickle_copy, save_adapter, save_pair
 from peft.utils.merge_utils import dare_linear, random_pruning
 from safetensors.torch import load_file, save_file
 from test_fullft import F64, dense_rho, oriented, peft_safety_deltas, save_finetune, tensors
@@ -83,11 +83,8 @@ def test_sketch_scan_names_a_non_finite_task_tensor(bf16_sketched: dict, tmp_pat
     fails naming the tensor, with a sketch and with the unaligned model."""
     env = bf16_sketched["llama"]
     bad = tmp_path / "task_nan"
-    shutil.copytree(env["task"], bad)
-    state = load_file(bad / "model.safetensors")
     key = "model.layers.1.mlp.up_proj.weight"
-    state[key][0, 0] = float("nan")
-    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    edited_copy(env["task"], bad, lambda t: t[key].__setitem__((0, 0), float("nan")))
     named = r"tensor 'model\.layers\.1\.mlp\.up_proj\.weight' of the task model .* has NaN"
     for source in ({"subspace": str(env["sketch"])}, {"unaligned": str(env["unaligned"])}):
         with pytest.raises(InputError, match=named):
@@ -231,11 +228,8 @@ FROZEN = "model.layers.1.self_attn.o_proj.weight"
 def _frozen_task(env: dict[str, Path], out: Path) -> Path:
     """A copy of the task model in which the fine-tune left one module (`FROZEN`) unchanged: ΔW_f = 0,
     so its ρ is 0 ("zero-update") and ρ < τ selects it."""
-    shutil.copytree(env["task"], out)
-    state, aligned = load_file(out / "model.safetensors"), load_file(env["aligned"] / "model.safetensors")
-    state[FROZEN] = aligned[FROZEN].clone()
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+    aligned = load_file(env["aligned"] / "model.safetensors")
+    return edited_copy(env["task"], out, lambda t: t.update({FROZEN: aligned[FROZEN]}))
 
 
 def test_full_records_carry_layer_type_rounding_selection_and_flags(
@@ -344,10 +338,7 @@ def test_modules_the_unaligned_model_lacks_are_listed_not_scanned(
     and named in a warning (not read, which would fail)."""
     env = bf16_sketched["llama"]
     unaligned = tmp_path / "unaligned"
-    shutil.copytree(env["unaligned"], unaligned)
-    state = load_file(unaligned / "model.safetensors")
-    del state["model.layers.0.mlp.down_proj.weight"]
-    save_file(state, unaligned / "model.safetensors", metadata={"format": "pt"})
+    edited_copy(env["unaligned"], unaligned, lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
     report = scan(ScanConfig.from_flat(aligned=str(env["aligned"]), unaligned=str(unaligned),
                                        task_model=str(env["task"]), plot=False))  # fmt: skip
     names = [m.name for m in report.modules]
