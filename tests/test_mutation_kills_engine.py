@@ -79,6 +79,24 @@ def test_pickle_of_any_name_is_found(tmp_path: Path, name: str) -> None:
     assert Checkpoint(tmp_path, allow_pickle=True).dtype_name("c") == "complex64"
 
 
+def test_pickle_saved_from_gpu_tensors_loads_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Checkpoint._init_pickle` 46, 48: a checkpoint saved on a GPU records each storage's device
+    ("cuda:0"); without `map_location="cpu"` torch.load would put it back on the GPU (or fail where there
+    is none). The file is written here as a GPU machine writes it: torch.save with the storages' location
+    tag reading "cuda:0" (CPU tensors underneath, so no GPU is needed to write it)."""
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(_weights(7), tmp_path / "pytorch_model.bin")
+    monkeypatch.undo()
+    assert b"cuda:0" in (tmp_path / "pytorch_model.bin").read_bytes()
+    if not torch.cuda.is_available():  # the file really asks for the GPU: plain torch.load refuses it here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    got = Checkpoint(tmp_path, allow_pickle=True).get("layer7.weight")
+    assert got.device.type == "cpu" and torch.equal(got, _weights(7)["layer7.weight"])
+
+
 def test_sharded_pickle_reads_every_shard_of_its_index(tmp_path: Path) -> None:
     """`Checkpoint._init_pickle` 29-36: `pytorch_model.bin.index.json` names the shards; every tensor of
     every shard is read (the unindexed rule would read only the first file)."""
@@ -771,3 +789,44 @@ def test_a_zero_update_is_warned_about(lora_env: dict[str, Path], tmp_path: Path
     assert report.warnings == [
         "model.layers.1.self_attn.v_proj: degenerate similarity (zero-update), rho set to 0"
     ]
+
+
+def test_ties_on_a_module_wider_than_1024_uses_the_seeded_randomised_svd() -> None:
+    """`pipeline._merge_module` 49: a module whose both sides exceed 1,024 is re-factorised by the seeded
+    randomised SVD; a `None` seed crashed it, and no smaller module reaches that branch. Oracle: TIES
+    written in tests/test_oracles_merge.py and the optimal rank-k error from an exact float64 SVD here."""
+    from test_oracles_merge import delta64, random_factors, ties_oracle
+
+    name, k = "model.layers.0.self_attn.q_proj", 6
+    tf, sf = random_factors(1030, 1027, 3, 2.0, 30), random_factors(1030, 1027, 2, 0.5, 31)
+    runs = [
+        merge_modules({name: tf}, {name: sf}, {name}, weights=(0.7, 0.3), method="ties", density=0.5, rank=k)
+        for _ in range(2)
+    ]
+    (a, b), (a2, b2) = runs[0].factors[name], runs[1].factors[name]
+    assert torch.equal(a, a2) and torch.equal(b, b2)  # seeded: the same factors twice
+    want = ties_oracle([delta64(tf), delta64(sf)], [0.7, 0.3], 0.5)
+    s = torch.linalg.svdvals(want)
+    best = float(s[k:].norm() / s.norm())  # Eckart–Young: the smallest rank-k relative error
+    got = runs[0].scaling * (b.to(torch.float64) @ a.to(torch.float64))
+    err = float((want - got).norm() / want.norm())
+    assert best <= err + 1e-9 and err < best * 1.001  # measured 1.00009
+    assert runs[0].svd_rel_errors[name] == pytest.approx(err, rel=1e-4)
+
+
+def test_a_merge_with_no_base_model_named_anywhere(lora_env: dict[str, Path], tmp_path: Path) -> None:
+    """`pipeline._write_merge` 11: a sketch merge without the aligned model, of a task adapter whose config
+    names no base model, writes null (PEFT's default), not an empty or invented name, and the model card
+    has no `base_model` line for the hub to misread."""
+    task = shutil.copytree(lora_env["task"], tmp_path / "task")
+    config = json.loads((task / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (task / "adapter_config.json").write_text(json.dumps(config))
+    safety = save_adapter(lora_env["aligned"], tmp_path / "safety", seed=2, r=4, alpha=8)
+    out = tmp_path / "out"
+    merge(MergeConfig.from_flat(subspace=str(lora_env["sketch"]), task_adapter=str(task),
+                                safety_adapter=str(safety), plot=False, out=str(out)))  # fmt: skip
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] is None
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model:" not in card and "A LoRA adapter for `BASE_MODEL`" in card

@@ -268,10 +268,11 @@ def write_adapter(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     rank: int,
     lora_alpha: float,
-    base_model: str,
+    base_model: str | None,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a PEFT adapter (config + safetensors) whose modules all share `rank` and `lora_alpha`."""
+    """Write a PEFT adapter (config + safetensors) whose modules all share `rank` and `lora_alpha`.
+    `base_model` None (no base known) is written as null, PEFT's own default."""
     config = dict(base_config)
     config.update(
         r=rank,

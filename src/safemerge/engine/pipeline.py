@@ -628,7 +628,8 @@ def _write_merge(
     """The adapter, its model card, the resolved config, the optional full model and the report."""
     out = Path(cfg.out)
     stored = result.factors
-    base = cfg.inputs.aligned or str(task.config.get("base_model_name_or_path") or "")
+    given = task.config.get("base_model_name_or_path")
+    base = cfg.inputs.aligned or (str(given) if given else None)
     write_adapter(tmp, task.config, stored, result.rank, result.lora_alpha, base, task.read_extra())
     (tmp / "README.md").write_text(model_card(report, base))
     (tmp / "safemerge.yaml").write_text(merge_config_yaml(cfg))

@@ -224,16 +224,18 @@ def plot_similarity(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(report: Report, base: str) -> str:
+def model_card(report: Report, base: str | None) -> str:
     """README.md of a merged adapter: YAML front matter for the hub, then what was done. `base` is the
     base model the adapter loads on: the aligned model, or (merging with a sketch and no aligned model)
-    the task adapter's `base_model_name_or_path`."""
+    the task adapter's `base_model_name_or_path`; None when neither names one (the card then leaves the
+    hub's `base_model` out rather than write an empty name)."""
     s = report.summary
     o = report.options
+    name = base or "BASE_MODEL"
     front = "\n".join(
         [
             "---",
-            f"base_model: {base}",
+            *([f"base_model: {base}"] if base else []),
             "library_name: peft",
             "tags:",
             "- safemerge",
@@ -245,7 +247,7 @@ def model_card(report: Report, base: str) -> str:
     body = f"""
 # SafeMERGE adapter
 
-A LoRA adapter for `{base}` produced by [safemerge](https://arxiv.org/abs/2503.17239): the task adapter
+A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239): the task adapter
 `{report.inputs["task_adapter"]["path"]}` with the {s["merged"]} of {s["modules"]} modules whose update left
 the
 safety subspace (selection: {o.get("selection_policy")}) merged with the safety adapter
@@ -258,7 +260,7 @@ Load it with:
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
 
-model = AutoModelForCausalLM.from_pretrained("{base}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
 model = PeftModel.from_pretrained(model, "PATH_TO_THIS_DIRECTORY")
 ```
 
