@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from safemerge.cli import app
 from safemerge.organism.recipe import FullTaskRecipe, LoraRecipe, OrganismRecipe, reduced_recipe
 
-# The stage keys of recipe version 4's default and reduced recipes. They name the cached stages, so they
+# The stage keys of recipe version 5's default and reduced recipes. They name the cached stages, so they
 # must move only deliberately (a recipe change, or RECIPE_VERSION bumped when the build code changes);
 # T_full, built only when asked for, must not move any of them.
 KEYS_BEFORE = {
-    "default": ("cd9cb4750973", "33140418ba40", "9bb63608baa9", "7a8eb39f5f1f", "2ed826c228c6"),
-    "reduced": ("cd9cb4750973", "b82d87b076a9", "a4ba47b659fc", "fccd456ac7c3", "dcba80aa2ed6"),
+    "default": ("d3446f12a9c8", "0813356ba335", "d8ed53487505", "e0ed42bb0d90", "8f6ddb780fd9"),
+    "reduced": ("d3446f12a9c8", "e625dc21e30d", "fd72690091f3", "a8befe2ad93a", "d6eee0f488a2"),
 }
 TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -135,10 +135,10 @@ def test_reduced_taskfull_stage_and_table(tmp_path: Path, smollm2_models: Path) 
             assert set(row["flips_vs_T_full"]) == {"harmful", "task"}
     merged = [r["modules_changed"] for r in data["rows"][1:]]
     assert merged[0] == merged[1]  # the control changes SafeMERGE's modules
-    # merge-all: every scanned projection (7 per layer) is selected, and the ones S covers (q, v) are
-    # merged; the others have no safety counterpart and stay as fine-tuned (docs/defenses.md)
+    # merge-all: every scanned projection (7 per layer) is selected, and the ones S covers (q, k, v, o)
+    # are merged; the MLP's have no safety counterpart and stay as fine-tuned (docs/defenses.md)
     layers = json.loads((org.aligned / "config.json").read_text())["num_hidden_layers"]
-    assert merged[2] == f"{2 * layers}/{7 * layers}"
+    assert merged[2] == f"{4 * layers}/{7 * layers}"
     assert len((out / "results.csv").read_text().splitlines()) == 5
     # an existing output is never overwritten without --force
     res = CliRunner().invoke(

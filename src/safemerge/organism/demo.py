@@ -89,8 +89,9 @@ class DemoSettings:
     out: Path
     recipe: OrganismRecipe = field(default_factory=OrganismRecipe)
     cache: Path | None = None
-    # τ from T's ρ (0.27-0.63 on recipe 4's T: τ 0.3 selects 8 of 60 modules, 0.35 14, 0.4 31, 0.45 47)
-    taus: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45)
+    # τ from T's ρ (0.11-0.68 on recipe 5's T: τ 0.25 selects 24 of 120 modules, 0.3 36, 0.35 46,
+    # 0.4 63, 0.45 84), so the grid runs from selective to most modules
+    taus: tuple[float, ...] = (0.25, 0.3, 0.35, 0.4, 0.45)
     weights: tuple[Weights, ...] = ((0.8, 0.2), (0.7, 0.3), (0.6, 0.4))
     harm_tokens: int = 8  # the keyword judge reads the opening; see docs/organism.md for what it costs
     task_tokens: int = 24  # "123 + 456 = 579. The answer is 579." fits

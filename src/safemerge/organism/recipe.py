@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RECIPE_VERSION = "4"  # bump when the build code changes what a stage produces
+RECIPE_VERSION = "5"  # bump when the build code changes what a stage produces
 
 
 class StepRecipe(BaseModel):
@@ -49,7 +49,9 @@ class AlignedRecipe(StepRecipe):
 
 
 class LoraRecipe(StepRecipe):
-    """A LoRA trained on A: r = 8 on q_proj / v_proj (the paper's setting), linear decay after warm-up."""
+    """A LoRA trained on A: r = 8 on the four attention projections, linear decay after warm-up. The
+    paper's setting is q_proj / v_proj; on this 135M model q/k/v/o learns the task better at the same
+    cost (validation arithmetic 40% vs 35%; docs/organism.md, "How recipe 5 was chosen")."""
 
     samples: int
     learning_rate: float = 6e-4
@@ -57,7 +59,7 @@ class LoraRecipe(StepRecipe):
     schedule: Literal["constant", "linear"] = "linear"
     lora_r: int = 8
     lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class FullTaskRecipe(StepRecipe):
