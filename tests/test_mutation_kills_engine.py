@@ -830,3 +830,67 @@ def test_a_merge_with_no_base_model_named_anywhere(lora_env: dict[str, Path], tm
     assert written["base_model_name_or_path"] is None
     card = (tmp_path / "out" / "README.md").read_text()
     assert "base_model:" not in card and "A LoRA adapter for `BASE_MODEL`" in card
+
+
+def test_report_numbers_below_a_thousandth_keep_their_digits() -> None:
+    """`report._fmt` 6: a ρ or norm below 1e-3 is written with 4 significant digits, not rounded to
+    "0.0003" or "0.0000" by the fixed-point format used above it (values by hand)."""
+    from safemerge.engine.report import _fmt
+
+    assert _fmt(2.5e-4) == "0.00025" and _fmt(-7.5e-5) == "-7.5e-05"
+    assert _fmt(0.0) == "0.0000" and _fmt(0.123456) == "0.1235" and _fmt(None) == ""
+    assert _fmt(1e-3) == "0.0010"  # exactly a thousandth is not below it
+
+
+def test_report_records_the_library_versions_by_name() -> None:
+    """`report.library_versions` 1-11: the versions a report records, under the names users look up
+    (the installed distributions' own versions, read here with importlib.metadata)."""
+    import platform
+    from importlib.metadata import version
+
+    from safemerge import __version__
+    from safemerge.engine.report import library_versions
+
+    want = {"safemerge": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    want |= {name: version(name) for name in ("transformers", "peft", "safetensors")}
+    assert library_versions() == want
+
+
+def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -> None:
+    """`report.print_summary`: the console table a user reads after `merge` — its title, the shared name
+    prefix cut from the module column, with many modules only the lowest-ρ ones (in ρ order, with a
+    caption saying so), each row's ρ to 5 decimals, the selected / merged marks, ‖ΔW‖ in → out and flags;
+    then every warning and every output path. Expected text built here from the report's fields."""
+    from rich.console import Console
+
+    from safemerge.engine.report import print_summary
+
+    al = lora_env["aligned"]
+    safety = save_adapter(al, tmp_path / "safety", seed=2, r=4, alpha=8, targets=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # v_proj has no safety counterpart: warned
+        cfg = MergeConfig.from_flat(aligned=str(al), unaligned=str(lora_env["unaligned"]),
+                                    task_adapter=str(lora_env["task"]), safety_adapter=str(safety),
+                                    out=str(tmp_path / "out"), plot=False, fraction=1.0)  # fmt: skip
+        report = merge(cfg)
+    assert report.warnings and any(m.flags for m in report.modules)  # the case has both to show
+    s = report.summary
+    for max_rows, shown in ((40, report.modules), (3, sorted(report.modules, key=lambda m: m.rho)[:3])):
+        console = Console(record=True, width=300, color_system=None)
+        print_summary(report, console, max_rows=max_rows)
+        lines = console.export_text().splitlines()
+        assert lines[0].strip() == f"safemerge merge: {s['selected']} of {s['modules']} modules selected"
+        headers = ("module (model.layers.…)", "ρ", "selected", "merged", "‖ΔW‖ in → out")
+        assert all(h in lines[2] for h in headers)
+        rows = [line for line in lines if "│" in line and "0." in line]
+        assert len(rows) == len(shown)
+        for m, line in zip(shown, rows, strict=True):
+            in_out = f"{m.delta_norm_in:.4f} → {m.delta_norm_out:.4f}"
+            want = [m.name.removeprefix("model.layers."), f"{m.rho:.5f}", "✔" if m.selected else "",
+                    "✔" if m.merged else "", in_out, ", ".join(m.flags)]  # fmt: skip
+            assert [c.strip() for c in line.split("│")[1:-1]] == want
+        truncated = any("the 3 lowest-ρ of 6 modules; all in the report" in line for line in lines)
+        assert truncated == (max_rows == 3)
+    tail = lines[-(len(report.warnings) + len(report.outputs)) :]
+    outputs = [f"{k}: {v}" for k, v in report.outputs.items()]
+    assert tail == [f"warning: {w}" for w in report.warnings] + outputs

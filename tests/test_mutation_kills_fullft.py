@@ -278,6 +278,23 @@ def test_safety_lora_rank_and_unused_modules_of_a_full_merge(bf16_sketched: dict
     unused = [w for w in report.warnings if "of the safety adapter are not scanned" in w]
     assert len(unused) == 1 and unused[0].startswith("3 module(s)") and "v_proj" in unused[0], report.warnings
     assert "q_proj" not in unused[0]
+    # `report.markdown` 20, 27, 28, 62, 66-70 and `report.write_report` 6, 8, 10: the Markdown report of a
+    # full merge says so, lists the warnings under their heading *after* everything above them (a real
+    # bug class: `lines = [...]` for `lines += [...]` dropped the summary and table), and the JSON report
+    # is written with a 2-space indent, byte for byte.
+    text = (tmp_path / "out" / "safemerge_report.md").read_text()
+    assert text.startswith("# ") and "output: a full model" in text
+    block = "## Warnings\n\n" + "".join(f"- {w}\n" for w in report.warnings) + "\n"
+    assert block in text and text.index("- merge: mode") < text.index(block)
+    assert text.index(block) < text.index("| module")
+    raw = (tmp_path / "out" / "safemerge_report.json").read_text()
+    assert raw == json.dumps(json.loads(raw), indent=2) + "\n"
+    # `report.full_model_card` 1-26: the merged full model's card has the hub's front matter as written
+    # here and names the aligned model, the task model and the safety adapter it was made from
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = f"---\nbase_model: {env['aligned']}\ntags:\n- safemerge\n- safety\n---\n"
+    assert card.startswith(front)
+    assert f"the task model\n`{env['task']}`" in card and f"safety update of `{env['safety']}`" in card
 
 
 def test_safety_lora_layout_refusal_is_worded(bf16_sketched: dict, tmp_path: Path) -> None:
