@@ -880,8 +880,8 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
         print_summary(report, console, max_rows=max_rows)
         lines = console.export_text().splitlines()
         assert lines[0].strip() == f"safemerge merge: {s['selected']} of {s['modules']} modules selected"
-        headers = ("module (model.layers.…)", "ρ", "selected", "merged", "‖ΔW‖ in → out")
-        assert all(h in lines[2] for h in headers)
+        headers = ["module (model.layers.…)", "ρ", "selected", "merged", "‖ΔW‖ in → out", "flags"]
+        assert [c.strip() for c in lines[2].split("┃")[1:-1]] == headers
         rows = [line for line in lines if "│" in line and "0." in line]
         assert len(rows) == len(shown)
         for m, line in zip(shown, rows, strict=True):

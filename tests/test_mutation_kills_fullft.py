@@ -283,7 +283,7 @@ def test_safety_lora_rank_and_unused_modules_of_a_full_merge(bf16_sketched: dict
     # bug class: `lines = [...]` for `lines += [...]` dropped the summary and table), and the JSON report
     # is written with a 2-space indent, byte for byte.
     text = (tmp_path / "out" / "safemerge_report.md").read_text()
-    assert text.startswith("# ") and "output: a full model" in text
+    assert text.startswith("# ") and ", output: a full model\n" in text
     block = "## Warnings\n\n" + "".join(f"- {w}\n" for w in report.warnings) + "\n"
     assert block in text and text.index("- merge: mode") < text.index(block)
     assert text.index(block) < text.index("| module")
@@ -490,6 +490,8 @@ def test_a_full_merge_of_pickle_checkpoints_equals_the_safetensors_one(
     assert sorted(a.glob("*.safetensors"))
     for f in a.glob("*.safetensors"):
         assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    # `report.full_model_card` 8, 13-15: with a full safety model the card names it as the safety update
+    assert f"safety update of `{safety}`" in (a / "README.md").read_text()
 
 
 def test_a_safety_lora_module_the_aligned_model_lacks_names_it(bf16_sketched: dict, tmp_path: Path) -> None:
