@@ -295,6 +295,7 @@ def test_safety_lora_rank_and_unused_modules_of_a_full_merge(bf16_sketched: dict
     front = f"---\nbase_model: {env['aligned']}\ntags:\n- safemerge\n- safety\n---\n"
     assert card.startswith(front)
     assert f"the task model\n`{env['task']}`" in card and f"safety update of `{env['safety']}`" in card
+    assert f"(selection: {report.options['selection_policy']}) set to" in card
 
 
 def test_safety_lora_layout_refusal_is_worded(bf16_sketched: dict, tmp_path: Path) -> None:
