@@ -871,11 +871,13 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
         warnings.simplefilter("ignore")  # v_proj has no safety counterpart: warned
         cfg = MergeConfig.from_flat(aligned=str(al), unaligned=str(lora_env["unaligned"]),
                                     task_adapter=str(lora_env["task"]), safety_adapter=str(safety),
-                                    out=str(tmp_path / "out"), plot=False, fraction=1.0)  # fmt: skip
+                                    out=str(tmp_path / "out"), plot=False, fraction=0.7)  # fmt: skip
         report = merge(cfg)
-    assert report.warnings and any(m.flags for m in report.modules)  # the case has both to show
+    # the case shows every mark: selected and unselected rows, a flagged one, warnings
+    assert report.warnings and any(m.flags for m in report.modules)
+    assert {m.selected for m in report.modules} == {True, False}
     s = report.summary
-    for max_rows, shown in ((40, report.modules), (3, sorted(report.modules, key=lambda m: m.rho)[:3])):
+    for max_rows, shown in ((6, report.modules), (3, sorted(report.modules, key=lambda m: m.rho)[:3])):
         console = Console(record=True, width=300, color_system=None)
         print_summary(report, console, max_rows=max_rows)
         lines = console.export_text().splitlines()
