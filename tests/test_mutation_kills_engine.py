@@ -826,9 +826,9 @@ def test_a_merge_with_no_base_model_named_anywhere(lora_env: dict[str, Path], tm
     out = tmp_path / "out"
     merge(MergeConfig.from_flat(subspace=str(lora_env["sketch"]), task_adapter=str(task),
                                 safety_adapter=str(safety), plot=False, out=str(out)))  # fmt: skip
-    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    written = json.loads((out / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] is None
-    card = (tmp_path / "out" / "README.md").read_text()
+    card = (out / "README.md").read_text()
     assert "base_model:" not in card and "A LoRA adapter for `BASE_MODEL`" in card
 
 
@@ -877,6 +877,7 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
     assert report.warnings and any(m.flags for m in report.modules)
     assert {m.selected for m in report.modules} == {True, False}
     s = report.summary
+    after = [f"warning: {w}" for w in report.warnings] + [f"{k}: {v}" for k, v in report.outputs.items()]
     for max_rows, shown in ((6, report.modules), (3, sorted(report.modules, key=lambda m: m.rho)[:3])):
         console = Console(record=True, width=300, color_system=None)
         print_summary(report, console, max_rows=max_rows)
@@ -893,6 +894,4 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
             assert [c.strip() for c in line.split("│")[1:-1]] == want
         truncated = any("the 3 lowest-ρ of 6 modules; all in the report" in line for line in lines)
         assert truncated == (max_rows == 3)
-    tail = lines[-(len(report.warnings) + len(report.outputs)) :]
-    outputs = [f"{k}: {v}" for k, v in report.outputs.items()]
-    assert tail == [f"warning: {w}" for w in report.warnings] + outputs
+        assert lines[-len(after) :] == after
