@@ -41,6 +41,7 @@ from safemerge.engine.pipeline import (
     run_scan,
     scan,
 )
+from safemerge.engine.report import ModuleRecord, Report
 from safemerge.engine.subspace import SubspaceConfig, subspace
 from safemerge.engine.writer import parse_size, write_model
 
@@ -895,3 +896,83 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
         truncated = any("the 3 lowest-ρ of 6 modules; all in the report" in line for line in lines)
         assert truncated == (max_rows == 3)
         assert lines[-len(after) :] == after
+
+
+def _scan_report(layers: list[int | None], types: list[str], flags: list[list[str]] | None = None) -> Report:
+    """A scan report written by hand: module i is `types[i]` on layer `layers[i]` (None: not in a layer)."""
+    mods = []
+    for i, (layer, mtype) in enumerate(zip(layers, types, strict=True)):
+        name = f"model.layers.{layer}.self_attn.{mtype}" if layer is not None else mtype
+        rho = 0.1 * (i + 1)
+        mods.append(ModuleRecord(name=name, layer=layer, module_type=mtype, shape=(4, 4), rank_task=2,
+                                 rho=rho, rho_rounded=rho, selected=rho < 0.25, delta_norm_in=1.0,
+                                 flags=(flags or [[]] * len(layers))[i]))  # fmt: skip
+    return Report(command="scan", inputs={}, options={"threshold": 0.25}, modules=mods, versions={})
+
+
+def test_plot_draws_each_module_at_its_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`report.plot_similarity` 22-24, 33: ρ is drawn against the module's layer number, not its position
+    in the list, so a scan of layers 10, 12 and 15 only is drawn at x = 10, 12, 15; a module outside the
+    layers (`lm_head`) is drawn at its position within its type, 0. Read back from the figure's data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safemerge.engine.report import plot_similarity
+
+    monkeypatch.setattr(plt, "close", lambda *_: None)  # keep the figure to read it back
+    plt.close("all")
+    report = _scan_report([10, 12, 15, None], ["q_proj", "q_proj", "q_proj", "lm_head"])
+    plot_similarity(report, tmp_path / "rho.png")
+    ax = plt.gcf().axes[0]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert list(lines["q_proj"].get_xdata()) == [10, 12, 15]
+    assert list(lines["q_proj"].get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    assert list(lines["lm_head"].get_xdata()) == [0]
+    # the points too (the selected ones, ρ < τ, drawn as crosses; the others as dots)
+    points = sorted((float(x), round(float(y), 9)) for c in ax.collections for x, y in c.get_offsets())
+    assert points == [(0, 0.4), (10, 0.1), (12, 0.2), (15, 0.3)]
+    matplotlib.pyplot.close("all")
+
+
+@pytest.mark.parametrize(
+    ("layers", "header", "first"),
+    [
+        ([3], "module", "model.layers.3.self_attn.q_proj"),  # one module: nothing shared to cut
+        ([3, 4], "module (model.layers.…)", "3.self_attn.q_proj"),  # two modules share the prefix
+        ([10, 11, 12], "module (model.layers.…)", "10.self_attn.q_proj"),  # cut at the dot, not in "1"
+    ],
+)
+def test_console_table_cuts_the_shared_name_prefix_at_a_dot(
+    layers: list[int], header: str, first: str
+) -> None:
+    """`report.print_summary` 60, 62-64: the module column drops the prefix every name shares, cut at its
+    last dot (layers 10-12 share "model.layers.1", of which only "model.layers." is cut), and a one-module
+    table shows the whole name. Expected cells written by hand."""
+    from rich.console import Console
+
+    from safemerge.engine.report import print_summary
+
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(_scan_report(layers, ["q_proj"] * len(layers)), console)
+    lines = console.export_text().splitlines()
+    assert lines[2].split("┃")[1].strip() == header
+    assert lines[4].split("│")[1].strip() == first
+
+
+def test_two_flags_are_separated_by_a_comma(tmp_path: Path) -> None:
+    """`report.markdown` 118, `report.print_summary` 97: a module's flags are listed "a, b" in both the
+    Markdown table and the console table."""
+    from rich.console import Console
+
+    from safemerge.engine.report import markdown, print_summary
+
+    report = _scan_report([0, 1], ["q_proj", "q_proj"], flags=[["zero_update", "near_threshold"], []])
+    assert (
+        "| `model.layers.0.self_attn.q_proj` | 0.10000 | yes | zero_update, near_threshold |"
+        in markdown(report).splitlines()
+    )
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(report, console)
+    assert console.export_text().splitlines()[4].split("│")[4].strip() == "zero_update, near_threshold"
