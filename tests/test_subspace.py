@@ -12,6 +12,7 @@ import importlib.util
 import itertools
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,12 +22,14 @@ import pytest
 import torch
 from builders import save_adapter, save_pair
 from safetensors import safe_open
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from safemerge.cli import app
 from safemerge.common.errors import InputError
 from safemerge.engine import subspace as sub
 from safemerge.engine.checkpoint import Checkpoint
+from safemerge.engine.criterion import Similarity
 from safemerge.engine.lora import LoraAdapter
 from safemerge.engine.subspace import (
     Sketch,
@@ -471,3 +474,303 @@ def test_benchmark_scripts_run_on_small_shapes(capsys: pytest.CaptureFixture[str
     bench.bench_rho([(128, 96)], 16, 1, 0)
     out = capsys.readouterr().out
     assert "| full |" in out and "| 128 × 96 |" in out
+
+
+# --- edge cases found by mutation testing (docs/testing.md) ----------------------------------------------
+def test_degenerate_similarities_have_rho_zero_on_both_routes() -> None:
+    """docs/method.md §3.3 through a sketch: the value *and* the reason, for the low-rank and the dense
+    route alike — a zero update (ρ 0, "zero-update") before a zero V (ρ 0, "zero-V"), a sketch holding no
+    direction at all (K = 0) counting as V = 0, and an update of norm below 1 not taken for a zero one."""
+    u = torch.eye(4)[:, :2]
+    s = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    s0 = torch.zeros(2, dtype=torch.float64)
+    a, b0, small = torch.ones(1, 3), torch.zeros(4, 1), torch.full((4, 1), 0.1)  # ‖B A‖² = 0.12
+    cases = [
+        (u, s, b0, Similarity(0.0, "zero-update")),
+        (u, s0, b0, Similarity(0.0, "zero-update")),  # both zero: the update's reason first
+        (u, s0, small, Similarity(0.0, "zero-V")),
+        (torch.zeros(4, 0), torch.zeros(0, dtype=torch.float64), small, Similarity(0.0, "zero-V")),
+    ]
+    for basis, values, b_, want in cases:
+        assert sketch_similarity_lowrank(basis, values, a, b_) == want
+        assert sketch_similarity_dense(basis, values, b_ @ a) == want
+
+
+def test_finish_clamps_and_names_non_finite_values() -> None:
+    """ρ from its three terms: a rounding excess above 1 is clamped to 1 (ρ is a cosine), a zero update is
+    (0, "zero-update"), and NaN/Inf is refused with a message saying where it comes from."""
+    assert sub._finish(1.0 + 1e-9, 1.0, 1.0) == Similarity(1.0)
+    assert sub._finish(0.5, 1.0, 0.0) == Similarity(0.0, "zero-update")
+    for bad in ((math.nan, 1.0, 1.0), (1.0, math.inf, 1.0), (1.0, 1.0, math.nan)):
+        with pytest.raises(ValueError, match=r"^non-finite values in the sketch or in the update$"):
+            sub._finish(*bad)
+
+
+def test_basis_and_factor_shapes_are_checked_with_a_message() -> None:
+    """A U, S or LoRA factor of the wrong shape or number of dimensions is refused, with the shapes named."""
+    msg = r"^basis U \(4, 2\), S \(2, 1\) does not fit d_out = 4$"
+    with pytest.raises(ValueError, match=msg):
+        sub._check_basis(torch.zeros(4, 2), torch.zeros(2, 1), 4)  # S 2-D whose rows match U's columns
+    with pytest.raises(ValueError, match=r"^basis U \(4, 2, 1\), S \(2,\) does not fit d_out = 4$"):
+        sub._check_basis(torch.zeros(4, 2, 1), torch.zeros(2), 4)  # U 3-D, the rest fitting
+    u, s = torch.eye(5)[:, :2], torch.ones(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^A \(3, 6\) does not fit B \(5, 2\)$"):
+        sketch_similarity_lowrank(u, s, torch.ones(3, 6), torch.ones(5, 2))
+
+
+def test_float32_and_bfloat16_inputs_are_computed_in_float64() -> None:
+    """The low-rank route works in float64 whatever the factors' and S's dtypes (float32 here): within
+    1e-12 of a float64 oracle written here (measured: equal to the last bit; S or A taken in float32
+    fails). The dense route takes a bfloat16 update and a float64 U as they come (X = Uᵀ ΔW in float32)."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64)).Q.float()
+    s = torch.tensor([3.1, 2.3, 1.7, 0.9, 0.31, 0.07], dtype=torch.float32)
+    a, b = torch.randn(5, 30, generator=g), torch.randn(40, 5, generator=g)
+    dw = b.double() @ a.double()
+    x = u.double().T @ dw  # X = Uᵀ ΔW, dense; ρ_K = ‖S X‖² / (‖S² X‖ ‖ΔW‖) (docs/subspace.md)
+    s64 = s.double()[:, None]
+    want = float((s64 * x).norm() ** 2 / ((s64**2 * x).norm() * dw.norm()))
+    assert abs(sketch_similarity_lowrank(u, s, a, b).rho - want) < 1e-12
+    bf = dw.to(torch.bfloat16)
+    got = sketch_similarity_dense(u.double(), s.double(), bf)
+    assert got.rho == pytest.approx(sketch_similarity_dense(u, s.double(), bf.float()).rho, abs=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_rho_is_unchanged_by_the_scale_of_s(scale: float) -> None:
+    """ρ is invariant to scaling V; S is divided by its largest value before S⁴ is formed, so singular
+    values of 1e-100 (S⁴ underflows to 0) or 1e100 (overflows) give the ρ of S itself."""
+    u = torch.eye(3)[:, :2]
+    s = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    a, b = torch.ones(1, 2), torch.tensor([[1.0], [1.0], [0.5]])
+    want = sketch_similarity_lowrank(u, s, a, b).rho
+    assert want == pytest.approx(10 / (math.sqrt(34) * math.sqrt(4.5)), abs=1e-12)  # by hand
+    assert sketch_similarity_lowrank(u, s * scale, a, b).rho == pytest.approx(want, abs=1e-12)
+    assert sketch_similarity_dense(u, s * scale, b @ a).rho == pytest.approx(want, abs=1e-7)
+
+
+def test_near_threshold_includes_its_boundary() -> None:
+    """|ρ − τ| equal to the error is near the threshold (values exact in binary)."""
+    assert near_threshold(0.75, 0.5, 0.25) and near_threshold(0.25, 0.5, 0.25)
+
+
+def test_randomized_svd_draws_k_plus_oversample_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The randomised SVD's test matrix has K + OVERSAMPLE = K + 16 columns (Halko et al. 2011, Alg. 4.4),
+    not one per dimension of V (which gives the same vectors at up to ~100 times the cost)."""
+    shapes: list[tuple[int, ...]] = []
+    randn = torch.randn
+
+    def spy(*size: int, **kw: Any) -> torch.Tensor:
+        shapes.append(size)
+        return randn(*size, **kw)
+
+    v = spectrum_matrix(1100, 1030, torch.linspace(5, 1, 40), seed=0)
+    monkeypatch.setattr(torch, "randn", spy)
+    u, s = sub._randomized_svd(v, 8, seed=1)
+    assert shapes == [(1030, 8 + 16)] and u.shape == (1100, 8) and s.shape == (8,)
+
+
+def test_shards_are_planned_greedily_up_to_the_limit() -> None:
+    """`_plan_shards` by hand, with the 2 GB limit: a module that fills a shard exactly stays in it, one
+    byte more opens the next; each new shard starts empty."""
+    g = 10**9
+    assert sub._plan_shards({"a": g, "b": g}) == {"a": "subspace.safetensors", "b": "subspace.safetensors"}
+    two = {"a": "subspace-00001-of-00002.safetensors", "b": "subspace-00002-of-00002.safetensors"}
+    assert sub._plan_shards({"a": g, "b": g + 1}) == two
+    assert sub._plan_shards({"a": 3 * g // 2, "b": g}) == two
+    three = sub._plan_shards({"a": 2 * g, "b": g, "c": g, "d": 1})
+    assert three == {
+        m: f"subspace-0000{i}-of-00003.safetensors" for m, i in zip("abcd", (1, 2, 2, 3), strict=True)
+    }
+
+
+@pytest.mark.parametrize("extra", [0, -1])
+def test_shard_sizes_count_u_and_s_bytes(
+    pairs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: int
+) -> None:
+    """A shard holds as many modules as fit: the up_proj modules (48 × 32, K = 4) hold U 48·4·4 and S 4·8
+    bytes = 800 each (read back from the files here); with a limit of exactly two modules two share a
+    shard, one byte less and each is alone."""
+    size = 48 * 4 * 4 + 4 * 8
+    monkeypatch.setattr(sub, "MAX_SHARD_BYTES", 2 * size + extra)
+    sketch = build(pairs, tmp_path / "sk", rank=4, modules=r"up_proj$")
+    per_file: dict[str, int] = {}
+    for m in sketch.modules:
+        u, s = sketch.basis(m)
+        assert u.numel() * 4 + s.numel() * 8 == size
+        f = sketch.meta["modules"][m]["file"]
+        per_file[f] = per_file.get(f, 0) + 1
+    assert sorted(per_file.values()) == ([1, 2] if extra == 0 else [1, 1, 1])
+
+
+BIG_SIGMAS = torch.cat([torch.linspace(10, 3, 8), torch.linspace(1, 0.5, 40)])  # a gap after the top 8
+
+
+def _big_pair(root: Path, same_v: bool) -> tuple[Path, Path]:
+    """A two-layer 'model' whose q_proj weights are 1,040 × 1,040 (randomised-SVD size); with `same_v` both
+    layers get the same V."""
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    vs = [spectrum_matrix(1040, 1040, BIG_SIGMAS, seed=i if not same_v else 0) for i in range(2)]
+    dirs = []
+    for label, weights in (("aligned", vs), ("unaligned", [torch.zeros_like(v) for v in vs])):
+        d = root / label
+        d.mkdir(parents=True)
+        save_file(dict(zip(names, weights, strict=True)), str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+def test_randomized_sketches_are_seeded_per_module(tmp_path: Path) -> None:
+    """Modules wider than 1,024 get the randomised SVD, whose random matrix is drawn from the seed and
+    the module's name (docs/subspace.md): `--seed` changes the files, the same seed reproduces them byte
+    for byte, a module's sketch does not depend on which other modules are sketched, and two modules with
+    the same V get different draws. Each U spans V's top-8 directions (checked against an exact SVD)."""
+    al, un = _big_pair(tmp_path / "same", same_v=True)
+
+    def run(name: str, **opts: Any) -> Path:
+        out = tmp_path / name
+        subspace(SubspaceConfig(aligned=str(al), unaligned=str(un), out=str(out), rank=8, **opts))
+        return out / "subspace.safetensors"
+
+    runs = [("s0", {}), ("s0b", {}), ("s1", {"seed": 1}), ("one", {"modules": r"layers\.1\."})]
+    files = {name: run(name, **opts) for name, opts in runs}
+    assert files["s0"].read_bytes() == files["s0b"].read_bytes()
+    assert files["s0"].read_bytes() != files["s1"].read_bytes()
+    q0, q1 = (f"model.layers.{i}.self_attn.q_proj.U" for i in range(2))
+    with safe_open(str(files["s0"]), "pt") as fh, safe_open(str(files["one"]), "pt") as one:
+        u0, u1 = fh.get_tensor(q0), fh.get_tensor(q1)
+        assert torch.equal(u1, one.get_tensor(q1))
+    assert not torch.equal(u0, u1)
+    exact = torch.linalg.svd(spectrum_matrix(1040, 1040, BIG_SIGMAS, seed=0).double())[0][:, :8]
+    for u in (u0, u1):  # the projection of the exact top-8 onto the sketch's span keeps (almost) all of it
+        assert float(torch.linalg.norm(u.double().T @ exact) ** 2) == pytest.approx(8.0, abs=1e-3)
+    entries = json.loads((tmp_path / "s0" / "subspace.json").read_text())["modules"]
+    assert {e["svd"] for e in entries.values()} == {"randomized"}
+
+
+def test_load_sketch_messages_name_what_is_wrong(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """Each refusal of a broken sketch directory says exactly what is wrong (texts written here): invalid
+    JSON, JSON that is not a sketch (a list, another format), the missing keys comma-separated, a
+    `modules` that is missing (named once) or not a mapping, the first three malformed module entries, a
+    file outside the directory, a tensor missing from its file."""
+    d = tmp_path / "sk"
+    build(pairs, d, rank=2)
+    meta_path = d / "subspace.json"
+    meta = json.loads(meta_path.read_text())
+    mp = re.escape(str(meta_path))
+    not_a_sketch = f"^{mp}: not a safemerge subspace sketch \\(format 'safemerge-subspace' expected\\)$"
+    incomplete = f"^{mp}: incomplete subspace sketch metadata \\(missing or malformed "
+    bad_entries = {m: {"rank": 2} for m in ("a", "b", "c", "d")}
+    cases: list[tuple[str, str]] = [
+        ("{", f"^{mp}: invalid JSON \\("),
+        ("[1, 2]", not_a_sketch),
+        (json.dumps({**meta, "format": "other"}), not_a_sketch),
+        (json.dumps({k: v for k, v in meta.items() if k not in ("layout", "rank")}),
+         incomplete + r"keys rank, layout\)$"),
+        (json.dumps({k: v for k, v in meta.items() if k != "modules"}), incomplete + r"keys modules\)$"),
+        (json.dumps({**meta, "modules": []}), incomplete + r"keys modules \(a mapping\)\)$"),
+        (json.dumps({**meta, "modules": bad_entries}), incomplete + r"module entries a, b, c\)$"),
+    ]  # fmt: skip
+    for text, message in cases:
+        meta_path.write_text(text)
+        with pytest.raises(InputError, match=message):
+            load_sketch(d)
+    (tmp_path / "outside.safetensors").write_bytes((d / "subspace.safetensors").read_bytes())
+    first = next(iter(meta["modules"]))
+    outside = {**meta, "modules": {first: {**meta["modules"][first], "file": "../outside.safetensors"}}}
+    meta_path.write_text(json.dumps(outside))
+    with pytest.raises(
+        InputError, match=f"^{mp} lists '../outside.safetensors' for {re.escape(first)}, but "
+    ):
+        load_sketch(d)
+    save_file({f"{first}.U": torch.zeros(2, 2)}, str(d / "subspace.safetensors"))
+    meta_path.write_text(json.dumps({**meta, "modules": {first: meta["modules"][first]}}))
+    shard = re.escape(str(d / "subspace.safetensors"))
+    want = f"^{shard} has no tensor {re.escape(first)}.S \\(listed in {mp}\\)$"
+    with pytest.raises(InputError, match=want):
+        load_sketch(d)
+
+
+def _one_module_sketch(
+    pairs: dict[str, Path], d: Path, u: torch.Tensor | None, s: torch.Tensor | None
+) -> str:
+    """A rank-2 sketch of the q_proj modules with the first module's U or S replaced; returns its name."""
+    build(pairs, d, rank=2, modules=r"q_proj$")
+    path = d / "subspace.safetensors"
+    with safe_open(str(path), "pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    first = sorted(tensors)[0].removesuffix(".S").removesuffix(".U")
+    tensors[f"{first}.U"] = tensors[f"{first}.U"] if u is None else u
+    tensors[f"{first}.S"] = tensors[f"{first}.S"] if s is None else s
+    save_file(tensors, str(path))
+    return first
+
+
+@pytest.mark.parametrize(
+    ("u", "s", "message"),
+    [
+        (torch.zeros(32, 3), None, r"has U \(32, 3\), S \(2,\); subspace\.json says k=2$"),
+        (None, torch.ones(3, dtype=torch.float64), r"has U \(32, 2\), S \(3,\); subspace\.json says k=2$"),
+        (torch.full((32, 2), math.nan), None, r"has NaN or Inf$"),
+        (None, torch.tensor([1.0, math.inf], dtype=torch.float64), r"has NaN or Inf$"),
+    ],
+)
+def test_basis_refuses_tensors_of_the_wrong_shape_or_non_finite(
+    pairs: dict[str, Path], tmp_path: Path, u: torch.Tensor | None, s: torch.Tensor | None, message: str
+) -> None:
+    """`Sketch.basis` checks U's and S's shapes against subspace.json, each on its own, and refuses NaN or
+    Inf in either, naming the file and module."""
+    name = _one_module_sketch(pairs, tmp_path / "sk", u, s)
+    sketch = load_sketch(tmp_path / "sk")
+    prefix = re.escape(str(tmp_path / "sk" / "subspace.safetensors")) + ": "
+    with pytest.raises(InputError, match=prefix + ".*" + re.escape(name) + ".*" + message):
+        sketch.basis(name)
+
+
+def test_basis_names_a_file_it_cannot_read(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """A shard cut short after the sketch was opened: the error names the file and the module."""
+    d = tmp_path / "sk"
+    sketch = build(pairs, d, rank=2)
+    path = d / "subspace.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+    name = sketch.modules[-1]
+    with pytest.raises(
+        InputError, match=f"^{re.escape(str(path))}: cannot read the sketch of '{re.escape(name)}': "
+    ):
+        sketch.basis(name)
+
+
+def test_fingerprint_messages_say_what_differs(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """Same layout, other content: the message names the probed weight and its recorded sha256, says the
+    checkpoint's has another content and what that may mean; with `ignore` the same text is warned,
+    attributed to the caller (stacklevel 2: this file)."""
+    sketch = build(pairs, tmp_path / "sk", rank=2)
+    probe, fp = sketch.meta["aligned"]["probe"], sketch.meta["aligned"]["fingerprint"]
+    unaligned = Checkpoint(pairs["unaligned"])
+    want = (
+        f"the subspace sketch {tmp_path / 'sk'} was built from an aligned model with fingerprint {fp} with "
+        f"{probe['key']} of sha256 {probe['sha256']}, but {pairs['unaligned']} has fingerprint {fp} with "
+        f"{probe['key']} of another content"
+    )
+    with pytest.raises(InputError) as err:
+        sketch.check_fingerprint(unaligned)
+    assert str(err.value) == want + " (a different model, or a re-saved one)"
+    with pytest.warns(UserWarning) as record:
+        assert sketch.check_fingerprint(unaligned, ignore=True) == want
+    assert [str(w.message) for w in record] == [want] and record[0].filename == __file__
+
+
+@pytest.mark.parametrize("n", [5, 6, 7])
+def test_require_lists_five_missing_modules_then_counts(n: int) -> None:
+    """Up to five missing modules are named, comma-separated; the rest are counted."""
+    sketch = Sketch(Path("sk"), {"modules": {"kept": {}}, "rank": 2})
+    missing = [f"m{i}" for i in range(n)]
+    listed = "m0, m1, m2, m3, m4" + {5: "", 6: " and 1 more", 7: " and 2 more"}[n]
+    want = (
+        f"the subspace sketch sk has no module {listed}; rebuild it with `safemerge subspace` covering "
+        "these modules (see its --modules)"
+    )
+    with pytest.raises(InputError) as err:
+        sketch.require(["kept", *missing])
+    assert str(err.value) == want
