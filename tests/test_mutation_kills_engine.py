@@ -976,3 +976,32 @@ def test_two_flags_are_separated_by_a_comma(tmp_path: Path) -> None:
     console = Console(record=True, width=200, color_system=None)
     print_summary(report, console)
     assert console.export_text().splitlines()[4].split("│")[4].strip() == "zero_update, near_threshold"
+
+
+@pytest.mark.parametrize("offsets", [[8, 4], [-4, 8], [0, 4, 8], ["a", 8]])
+def test_safetensors_data_offsets_out_of_order_are_refused(tmp_path: Path, offsets: list[object]) -> None:
+    """A header entry whose data offsets are not two integers 0 ≤ begin ≤ end is corrupted (a tensor's
+    size in bytes is end − begin)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}).encode()
+    f = _raw(tmp_path / "x.safetensors", header, bytes(8))
+    with pytest.raises(InputError) as info:
+        _read_safetensors_header(f)
+    assert str(info.value) == f"{f}: corrupted safetensors header entry for 'w'"
+
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2,
+          torch.int64, torch.int8, torch.uint8, torch.bool]  # fmt: skip
+
+
+@pytest.mark.parametrize("pickle", [False, True])
+def test_checkpoint_nbytes_of_every_dtype(tmp_path: Path, pickle: bool) -> None:
+    """`Checkpoint.nbytes`: a tensor's stored size is numel × torch's element size, for float8 and
+    integer dtypes too, in a safetensors file (its data offsets) and in a pickle."""
+    tensors = {f"t{i}": torch.zeros(3, 5).to(dt) for i, dt in enumerate(DTYPES)}
+    tmp_path.joinpath("m").mkdir()
+    if pickle:
+        torch.save(tensors, tmp_path / "m" / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path / "m", allow_pickle=pickle)
+    assert {k: ckpt.nbytes(k) for k in tensors} == {k: 15 * t.element_size() for k, t in tensors.items()}

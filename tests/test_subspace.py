@@ -774,3 +774,118 @@ def test_require_lists_five_missing_modules_then_counts(n: int) -> None:
     with pytest.raises(InputError) as err:
         sketch.require(["kept", *missing])
     assert str(err.value) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_result_counts_the_sketched_weights_bytes(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The size `safemerge subspace` compares the sketch with: the sketched weights' bytes in both models
+    (numel × element size, here from the files' tensors; the embeddings and norms are not sketched)."""
+    al, un = save_pair(tmp_path, "llama", dtype)
+    res = subspace(SubspaceConfig(aligned=str(al), unaligned=str(un), out=str(tmp_path / "sk"), rank=2))
+    want = 0
+    for d in (al, un):
+        with safe_open(str(d / "model.safetensors"), "pt") as fh:
+            want += sum(fh.get_tensor(k).nbytes for k in fh.keys() if k.endswith("proj.weight"))  # noqa: SIM118
+    assert res.model_bytes == want and res.modules == 21
+
+
+def test_subspace_json_holds_the_documented_fields(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """subspace.json as docs/subspace.md §3 lists it: the top-level keys and their values for a float16-U
+    sketch of the q_proj modules (torch's version read here, the SVD settings of Halko et al. as
+    documented), and per module the documented keys."""
+    build(pairs, tmp_path / "sk", rank=3, modules=r"q_proj$", u_dtype="float16", seed=5)
+    meta = json.loads((tmp_path / "sk" / "subspace.json").read_text())
+    assert list(meta) == ["format", "format_version", "safemerge_version", "torch_version", "aligned",
+                          "unaligned", "rank", "seed", "modules_regex", "layout", "device", "dtype", "svd",
+                          "modules"]  # fmt: skip
+    assert meta["torch_version"] == torch.__version__ and meta["modules_regex"] == "q_proj$"
+    assert (meta["rank"], meta["seed"], meta["layout"], meta["device"]) == (3, 5, "linear", "cpu")
+    assert meta["dtype"] == {"U": "float16", "S": "float64"}
+    assert meta["svd"] == {"oversample": 16, "power_iterations": 4, "exact_max_dim": 1024}
+    assert list(meta["aligned"]) == ["path", "revision", "fingerprint", "probe"]
+    for entry in meta["modules"].values():
+        assert list(entry) == ["key", "shape", "rank", "svd", "frobenius", "energy", "file"]
+
+
+def test_sketch_card_text(tmp_path: Path) -> None:
+    """The sketch's README.md for a hand-made metadata, every line written here: front matter, the
+    clamped-module note only when a module holds fewer than K directions, the energy range."""
+    meta = {
+        "rank": 4, "seed": 1, "layout": "linear", "safemerge_version": "9.9",
+        "aligned": {"path": "org/al", "fingerprint": "a" * 64},
+        "unaligned": {"path": "org/un", "fingerprint": "b" * 64},
+        "dtype": {"U": "float32", "S": "float64"},
+        "modules": {"m1": {"rank": 4, "energy": 0.5}, "m2": {"rank": 2, "energy": 0.25},
+                    "m3": {"rank": 4, "energy": 1.0}},
+    }  # fmt: skip
+    want = """---
+base_model: org/al
+tags:
+- safemerge
+- safety
+---
+
+# SafeMERGE safety-subspace sketch
+
+The top-4 left singular vectors and singular values of V = W_aligned − W_unaligned for
+3 modules, made by [safemerge](https://arxiv.org/abs/2503.17239) `subspace` (version
+9.9, seed 1, layout `linear`, 1 modules clamped to min(d_out, d_in)).
+
+- aligned: `org/al` (fingerprint `aaaaaaaaaaaaaaaa…`)
+- unaligned: `org/un` (fingerprint `bbbbbbbbbbbbbbbb…`)
+- share of ‖V‖²_F kept per module: 0.2500 (lowest) to 1.0000 (highest)
+
+It stands in for the model pair when computing SafeMERGE's similarity ρ (`safemerge scan --subspace DIR`):
+it holds C = V Vᵀ / ‖V‖_F up to its top-4 directions, so ρ of a LoRA needs neither model.
+How close ρ from a sketch stays to the exact ρ, and where a sketch is not safe to use, is in
+safemerge's docs/subspace.md. Per module: `subspace.json`; tensors
+`<module>.U` (d_out × K, float32) and `<module>.S` (K, float64) in the safetensors files.
+"""
+    assert sub.sketch_card(meta) == want
+    meta["modules"]["m2"]["rank"] = 4
+    assert sub.sketch_card(meta) == want.replace(", 1 modules clamped to min(d_out, d_in)", "")
+
+
+def _names_ckpt(d: Path, names: list[str], shape: tuple[int, ...] = (4, 4)) -> Checkpoint:
+    """A checkpoint holding a zero weight of `shape` under each name (plus a 1-D norm weight)."""
+    d.mkdir()
+    tensors = {n: torch.zeros(shape) for n in names} | {"model.norm.weight": torch.zeros(4)}
+    save_file(tensors, str(d / "model.safetensors"))
+    return Checkpoint(d)
+
+
+def test_discover_modules_orders_naturally_and_words_its_refusals(tmp_path: Path) -> None:
+    """Modules come in natural order (layers.2 before layers.10) and each refusal says what is wrong, in
+    words written here: the first five modules present in one model only (natural order, then "..."),
+    no projection at all (with and without a regex), and a shape that differs between the models."""
+    q = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(12)]
+    al = _names_ckpt(tmp_path / "al", q)
+    found = sub.discover_modules(al, _names_ckpt(tmp_path / "un", q), None)
+    assert list(found) == [n.removesuffix(".weight") for n in q]
+    cases = [(q[:7], ""), (q[:6], " ..."), (q[:7] + q[8:], "")]  # 5, 6 and 1 modules missing
+    for i, (names, more) in enumerate(cases):
+        missing = [n.removesuffix(".weight") for n in q if n not in names]
+        with pytest.raises(InputError) as err:
+            sub.discover_modules(al, _names_ckpt(tmp_path / f"part{i}", names), None)
+        where = f" (aligned {al.directory}, unaligned {tmp_path / f'part{i}'})"
+        assert str(err.value) == f"modules present in only one model: {', '.join(missing[:5])}{more}{where}"
+    none = _names_ckpt(tmp_path / "none", ["model.embed_tokens.weight"])
+    tail = f" attention/MLP projection weights in {none.directory} "
+    tail += "(q/k/v/o/gate/up/down_proj, c_attn/c_proj/c_fc)"
+    with pytest.raises(InputError) as err:
+        sub.discover_modules(none, none, None)
+    assert str(err.value) == "no" + tail
+    with pytest.raises(InputError) as err:
+        sub.discover_modules(none, none, "q_proj")
+    assert str(err.value) == "the regex 'q_proj' matches no" + tail
+    wide = _names_ckpt(tmp_path / "wide", q, shape=(4, 5))
+    with pytest.raises(InputError) as err:
+        sub.discover_modules(al, wide, None)
+    want = f"{q[0]}: aligned shape (4, 4) ({al.directory}) differs from unaligned shape (4, 5) "
+    want += f"({wide.directory})"
+    assert str(err.value) == want
+
+
+def test_sketch_matrix_refuses_a_rank_below_one() -> None:
+    with pytest.raises(ValueError, match=r"^rank must be ≥ 1, got 0$"):
+        sub.sketch_matrix(torch.ones(3, 3), 0, seed=0)

@@ -89,7 +89,10 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         try:
-            end = max(end, int(info["data_offsets"][1]))
+            begin, stop = (int(x) for x in info["data_offsets"])
+            if not 0 <= begin <= stop:
+                raise ValueError(f"data offsets {begin}, {stop}")
+            end = max(end, stop)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise InputError(f"{path}: corrupted safetensors header entry for {key!r}") from exc
     if 8 + n + end > size:
@@ -106,6 +109,7 @@ class Checkpoint:
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
+        self._nbytes: dict[str, int] = {}  # bytes on disk (safetensors data offsets; numel × size)
         self._pickle_state: dict[str, torch.Tensor] | None = None
         self.headers: dict[Path, dict[str, Any]] = {}
         index = self.directory / SAFE_INDEX
@@ -146,6 +150,8 @@ class Checkpoint:
                 self._files[name] = f
                 self._shapes[name] = tuple(int(x) for x in info["shape"])
                 self._dtypes[name] = str(info["dtype"])
+                begin, end = (int(x) for x in info["data_offsets"])  # checked when the header was read
+                self._nbytes[name] = end - begin
 
     def _init_pickle(self, allow_pickle: bool) -> None:
         candidates = [self.directory / PICKLE_SINGLE, self.directory / PICKLE_INDEX]
@@ -178,6 +184,7 @@ class Checkpoint:
             self._files[name] = files[0]
             self._shapes[name] = tuple(t.shape)
             self._dtypes[name] = SAFETENSORS_DTYPE.get(t.dtype, str(t.dtype).removeprefix("torch."))
+            self._nbytes[name] = t.numel() * t.element_size()
 
     # --- queries ------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -192,6 +199,10 @@ class Checkpoint:
     def dtype_name(self, name: str) -> str:
         """The on-disk dtype as safetensors spells it (e.g. 'BF16', 'F32')."""
         return self._dtypes[self._check(name)]
+
+    def nbytes(self, name: str) -> int:
+        """The tensor's size in bytes as stored (any dtype, float8 and integer ones included)."""
+        return self._nbytes[self._check(name)]
 
     def file_of(self, name: str) -> Path:
         return self._files[self._check(name)]

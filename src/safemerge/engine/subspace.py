@@ -554,7 +554,7 @@ def subspace(cfg: SubspaceConfig, progress: bool = False) -> SubspaceResult:
         (tmp / SKETCH_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(sketch_card(meta))
         size = sum(f.stat().st_size for f in tmp.iterdir())
-    model_bytes = sum(_stored_bytes(c, k) for c in (aligned, unaligned) for k in keys.values())
+    model_bytes = sum(c.nbytes(k) for c in (aligned, unaligned) for k in keys.values())
     clamped = sum(e["rank"] < cfg.rank for e in entries.values())
     energies = [e["energy"] for e in entries.values()]
     seconds = time.perf_counter() - start
@@ -602,11 +602,6 @@ def _linear_shape(stored: tuple[int, ...], layout: str) -> tuple[int, int]:
     """(d_out, d_in) of a stored 2-D weight: Conv1D stores d_in × d_out (docs/method.md §2)."""
     rows, cols = stored
     return (cols, rows) if layout == "conv1d" else (rows, cols)
-
-
-def _stored_bytes(ckpt: Checkpoint, key: str) -> int:
-    sizes = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-    return math.prod(ckpt.shape(key)) * sizes.get(ckpt.dtype_name(key).upper(), 4)
 
 
 def _sketch_module(
