@@ -8,6 +8,7 @@ S instead of S² as the weights, K not clamped to min(d_out, d_in) (docs/testing
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import save_adapter, save_pair
+from builders import edited_copy, pickle_copy, save_adapter, save_pair
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -889,3 +890,84 @@ def test_discover_modules_orders_naturally_and_words_its_refusals(tmp_path: Path
 def test_sketch_matrix_refuses_a_rank_below_one() -> None:
     with pytest.raises(ValueError, match=r"^rank must be ≥ 1, got 0$"):
         sub.sketch_matrix(torch.ones(3, 3), 0, seed=0)
+
+
+def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` is CUDA when torch sees one and the CPU otherwise; `cuda` without one is refused in words."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sub._device("auto") == torch.device("cpu") and sub._device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError) as err:
+        sub._device("cuda")
+    assert str(err.value) == "--device cuda was asked for, but torch sees no CUDA device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert sub._device("auto") == torch.device("cuda")
+
+
+def test_layout_names_an_invalid_config_json(pairs: dict[str, Path], tmp_path: Path) -> None:
+    al = shutil.copytree(pairs["aligned"], tmp_path / "al")
+    (al / "config.json").write_text("{")
+    with pytest.raises(InputError, match=f"^{re.escape(str(al / 'config.json'))}: invalid JSON \\("):
+        sub._layout(Checkpoint(al), "auto")
+
+
+def test_pickle_pair_and_the_checkpoints_labels(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """A pickle-only pair is sketched with allow_pickle (byte-identical U and S to the safetensors pair),
+    and an error in either model names it as the aligned or the unaligned checkpoint."""
+    al, un = pickle_copy(pairs["aligned"], tmp_path / "al"), pickle_copy(pairs["unaligned"], tmp_path / "un")
+    opts = {"rank": 3, "modules": "q_proj$"}
+    subspace(
+        SubspaceConfig(aligned=str(al), unaligned=str(un), out=str(tmp_path / "p"), allow_pickle=True, **opts)
+    )
+    build(pairs, tmp_path / "s", **opts)
+    assert (tmp_path / "p" / "subspace.safetensors").read_bytes() == (
+        tmp_path / "s" / "subspace.safetensors"
+    ).read_bytes()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for label in ("aligned", "unaligned"):
+        bad = edited_copy(pairs[label], tmp_path / f"bad-{label}", lambda t: t[key].fill_(math.nan))
+        paths = {"aligned": str(pairs["aligned"]), "unaligned": str(pairs["unaligned"]), label: str(bad)}
+        with pytest.raises(InputError) as err:
+            subspace(SubspaceConfig(out=str(tmp_path / f"o-{label}"), **paths, **opts))
+        assert str(err.value) == f"tensor {key!r} of the {label} checkpoint {bad} has NaN or Inf"
+
+
+def test_result_and_json_text(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """`subspace()` returns where it wrote and how long it took (between 0 and the wall time measured
+    here); subspace.json is indented by two spaces and ends with a newline; both models' probes are
+    the sha256 of their first sketched weight."""
+    import time
+
+    out = tmp_path / "sk"
+    start = time.perf_counter()
+    res = subspace(
+        SubspaceConfig(aligned=str(pairs["aligned"]), unaligned=str(pairs["unaligned"]), out=str(out), rank=2)
+    )
+    wall = time.perf_counter() - start
+    assert res.out == out and 0 < res.seconds <= wall
+    text = (out / "subspace.json").read_text()
+    assert text.startswith(
+        '{\n  "format": "safemerge-subspace",\n  "format_version": 1,\n'
+    ) and text.endswith("}\n")
+    meta = json.loads(text)
+    first = next(iter(meta["modules"].values()))["key"]
+    for label in ("aligned", "unaligned"):
+        raw = Checkpoint(pairs[label]).get(first)
+        h = hashlib.sha256(f"{raw.dtype}{tuple(raw.shape)}".encode() + raw.contiguous().numpy().tobytes())
+        assert meta[label]["probe"] == {"key": first, "sha256": h.hexdigest()}
+
+
+def test_sketch_matrix_exact_below_and_at_the_limits() -> None:
+    """The exact SVD is used up to min(d_out, d_in) = 1,024 and whenever K + 16 reaches it; U is float32,
+    S float64; the energy of V = 0 is 1, of a small V (‖V‖ < 1) its true share, and never above 1 (a
+    full-rank sketch whose Σσ² exceeds ‖V‖² by rounding: 1 + 4e-16 for this V)."""
+    g = torch.Generator().manual_seed(1)
+    assert sub.sketch_matrix(torch.randn(1100, 1024, generator=g), 4, seed=0).method == "exact"
+    assert (
+        sub.sketch_matrix(torch.randn(1040, 1030, generator=g), 1014, seed=0).method == "exact"
+    )  # K + 16 = n
+    sk = sub.sketch_matrix(torch.randn(7, 5, generator=torch.Generator().manual_seed(1)), 5, seed=0)
+    assert sk.energy == 1.0 and sk.u.dtype == torch.float32 and sk.s.dtype == torch.float64
+    zero = sub.sketch_matrix(torch.zeros(4, 3), 2, seed=0)
+    assert zero.energy == 1.0 and zero.frobenius == 0.0
+    small = sub.sketch_matrix(torch.diag(torch.tensor([0.3, 0.4])), 1, seed=0)  # ‖V‖² = 0.25
+    assert small.energy == pytest.approx(0.16 / 0.25, abs=1e-7)
