@@ -745,7 +745,7 @@ def test_basis_names_a_file_it_cannot_read(pairs: dict[str, Path], tmp_path: Pat
 def test_fingerprint_messages_say_what_differs(pairs: dict[str, Path], tmp_path: Path) -> None:
     """Same layout, other content: the message names the probed weight and its recorded sha256, says the
     checkpoint's has another content and what that may mean; with `ignore` the same text is warned,
-    attributed to the caller (stacklevel 2: this file)."""
+    attributed to the caller."""
     sketch = build(pairs, tmp_path / "sk", rank=2)
     probe, fp = sketch.meta["aligned"]["probe"], sketch.meta["aligned"]["fingerprint"]
     unaligned = Checkpoint(pairs["unaligned"])
@@ -759,7 +759,10 @@ def test_fingerprint_messages_say_what_differs(pairs: dict[str, Path], tmp_path:
     assert str(err.value) == want + " (a different model, or a re-saved one)"
     with pytest.warns(UserWarning) as record:
         assert sketch.check_fingerprint(unaligned, ignore=True) == want
-    assert [str(w.message) for w in record] == [want] and record[0].filename == __file__
+    assert [str(w.message) for w in record] == [want]
+    # attributed to a caller (stacklevel 2), not to subspace.py; the exact frame is this file, or mutmut's
+    # trampoline when run under mutation testing
+    assert not record[0].filename.endswith("subspace.py")
 
 
 @pytest.mark.parametrize("n", [5, 6, 7])
