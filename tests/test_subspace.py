@@ -974,3 +974,31 @@ def test_sketch_matrix_exact_below_and_at_the_limits() -> None:
     assert zero.energy == 1.0 and zero.frobenius == 0.0
     small = sub.sketch_matrix(torch.diag(torch.tensor([0.3, 0.4])), 1, seed=0)  # ‖V‖² = 0.25
     assert small.energy == pytest.approx(0.16 / 0.25, abs=1e-7)
+
+
+def test_hub_pickle_pair_fetches_the_pickle_files(
+    pairs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub pair with allow_pickle asks the hub for the pickle files too (`*.bin`, `*.pt`), without it
+    for safetensors only; `snapshot_download` is replaced by a recorder serving the local pair."""
+    from safemerge.engine import checkpoint
+
+    asked: list[list[str]] = []
+
+    def fake_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        return str(pairs[repo_id.removeprefix("org/")])
+
+    monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
+    for allow in (False, True):
+        out = tmp_path / f"sk-{allow}"
+        subspace(SubspaceConfig(aligned="org/aligned", unaligned="org/unaligned", out=str(out), rank=2,
+                                modules="q_proj$", allow_pickle=allow))  # fmt: skip
+    assert ["*.bin" in p and "*.pt" in p for p in asked] == [False, False, True, True]
+
+
+def test_sketch_shards_carry_the_pytorch_format_metadata(pairs: dict[str, Path], tmp_path: Path) -> None:
+    """Each shard's safetensors header says `format: pt`, as transformers' own files do."""
+    build(pairs, tmp_path / "sk", rank=2)
+    with safe_open(str(tmp_path / "sk" / "subspace.safetensors"), "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
