@@ -1005,3 +1005,13 @@ def test_checkpoint_nbytes_of_every_dtype(tmp_path: Path, pickle: bool) -> None:
         save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     ckpt = Checkpoint(tmp_path / "m", allow_pickle=pickle)
     assert {k: ckpt.nbytes(k) for k in tensors} == {k: 15 * t.element_size() for k, t in tensors.items()}
+
+
+def test_an_empty_tensor_has_equal_data_offsets(tmp_path: Path) -> None:
+    """A tensor with no elements (shape [0]) takes no bytes: its begin and end offsets are equal, which is
+    valid (as safetensors writes it), and its size is 0."""
+    save_file({"a": torch.zeros(2), "empty": torch.zeros(0)}, str(tmp_path / "model.safetensors"))
+    header = _read_safetensors_header(tmp_path / "model.safetensors")
+    begin, end = header["empty"]["data_offsets"]
+    assert begin == end
+    assert Checkpoint(tmp_path).nbytes("empty") == 0 and Checkpoint(tmp_path).nbytes("a") == 8
