@@ -1015,3 +1015,17 @@ def test_an_empty_tensor_has_equal_data_offsets(tmp_path: Path) -> None:
     begin, end = header["empty"]["data_offsets"]
     assert begin == end
     assert Checkpoint(tmp_path).nbytes("empty") == 0 and Checkpoint(tmp_path).nbytes("a") == 8
+
+
+def test_console_table_shows_forty_rows_by_default() -> None:
+    """`report.print_summary` 1: the table holds at most 40 modules unless told otherwise (41 modules:
+    the 40 lowest-ρ, with the caption saying so)."""
+    from rich.console import Console
+
+    from safemerge.engine.report import print_summary
+
+    console = Console(record=True, width=200, color_system=None)
+    print_summary(_scan_report(list(range(41)), ["q_proj"] * 41), console)
+    text = console.export_text()
+    assert "the 40 lowest-ρ of 41 modules; all in the report" in text
+    assert sum("│" in line and "self_attn" in line for line in text.splitlines()) == 40
