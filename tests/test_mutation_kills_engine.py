@@ -633,29 +633,22 @@ def test_a_merge_without_the_aligned_model(lora_env: dict[str, Path], tmp_path: 
     assert not (tmp_path / "full").exists()
 
 
-def test_merge_into_base_of_bfloat16_adapters_adds_in_float32(
-    lora_env: dict[str, Path], tmp_path: Path
-) -> None:
-    """`pipeline._write_merge` 42, 43: the merged adapter is stored in the task adapter's bfloat16; the
-    full model adds s·B A of those stored factors in float32 (their product in bfloat16 would be off by
-    ~1e-3 relative). Oracle: W_al + s·B A in float64 from the written adapter; measured error < 1e-6."""
-    adapters = {}
-    for name, seed in (("task", 1), ("safety", 2)):
-        d = save_adapter(lora_env["aligned"], tmp_path / name, seed=seed, r=4, alpha=8)
-        lora = {k: v.to(torch.bfloat16) for k, v in load_file(d / "adapter_model.safetensors").items()}
-        save_file(lora, d / "adapter_model.safetensors")
-        adapters[name] = d
-    out = tmp_path / "out"
-    merge(MergeConfig.from_flat(aligned=str(lora_env["aligned"]), unaligned=str(lora_env["unaligned"]),
-                                task_adapter=str(adapters["task"]), safety_adapter=str(adapters["safety"]),
-                                out=str(out), plot=False, fraction=0.5, merge_into_base=True))  # fmt: skip
+def _bf16_adapter(aligned: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter on `aligned` stored in bfloat16."""
+    d = save_adapter(aligned, out, seed=seed, r=4, alpha=8)
+    lora = {k: v.to(torch.bfloat16) for k, v in load_file(d / "adapter_model.safetensors").items()}
+    save_file(lora, d / "adapter_model.safetensors")
+    return d
+
+
+def _check_full_model_adds_the_stored_adapter(aligned: Path, out: Path) -> None:
+    """The written adapter stays bfloat16, and out/full_model = W_al + s·B A of its stored factors, added
+    in float32 (their product in bfloat16 would be off by ~1e-3 relative). Oracle in float64; measured
+    error < 1e-6."""
     merged = load_file(out / "adapter_model.safetensors")
     config = json.loads((out / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
-    base, full = (
-        load_file(lora_env["aligned"] / "model.safetensors"),
-        load_file(out / "full_model" / "model.safetensors"),
-    )
+    base, full = load_file(aligned / "model.safetensors"), load_file(out / "full_model" / "model.safetensors")
     keys = [k for k in merged if k.endswith("lora_A.weight")]
     assert keys and {t.dtype for t in merged.values()} == {torch.bfloat16}
     for key_a in keys:
@@ -664,6 +657,37 @@ def test_merge_into_base_of_bfloat16_adapters_adds_in_float32(
         b = merged[key_a.replace("lora_A", "lora_B")].to(torch.float64)
         want = base[module + ".weight"].to(torch.float64) + scale * (b @ a)
         torch.testing.assert_close(full[module + ".weight"].to(torch.float64), want, rtol=0, atol=1e-6)
+
+
+def test_merge_into_base_of_bfloat16_adapters_adds_in_float32(
+    lora_env: dict[str, Path], tmp_path: Path
+) -> None:
+    """`pipeline._write_merge` 42, 43: a SafeMERGE merge of bfloat16 adapters into the base."""
+    task, safety = (
+        _bf16_adapter(lora_env["aligned"], tmp_path / n, s) for n, s in (("task", 1), ("safety", 2))
+    )
+    out = tmp_path / "out"
+    merge(MergeConfig.from_flat(aligned=str(lora_env["aligned"]), unaligned=str(lora_env["unaligned"]),
+                                task_adapter=str(task), safety_adapter=str(safety),
+                                out=str(out), plot=False, fraction=0.5, merge_into_base=True))  # fmt: skip
+    _check_full_model_adds_the_stored_adapter(lora_env["aligned"], out)
+
+
+def test_safelora_into_base_of_a_bfloat16_adapter_adds_in_float32(
+    lora_env: dict[str, Path], tmp_path: Path
+) -> None:
+    """`safelora.write_outputs` 30, 31: Safe LoRA's adapter of a bfloat16 task adapter, merged into the
+    base; its adapter config names the aligned model as the base."""
+    from safemerge.defenses import DefendConfig, defend
+
+    task, out = _bf16_adapter(lora_env["aligned"], tmp_path / "task", 1), tmp_path / "out"
+    cfg = {"method": "safelora", "aligned": str(lora_env["aligned"]), "unaligned": str(lora_env["unaligned"]),
+           "task_adapter": str(task), "out": str(out), "plot": False, "top_k": 2,
+           "merge_into_base": True}  # fmt: skip
+    defend(DefendConfig.model_validate(cfg))
+    _check_full_model_adds_the_stored_adapter(lora_env["aligned"], out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(lora_env["aligned"])
 
 
 def test_output_scaling_by_hand() -> None:

@@ -562,3 +562,55 @@ def test_full_merge_outputs_inputs_and_labels(bf16_sketched: dict, tmp_path: Pat
     with pytest.raises(InputError) as info:
         merge(MergeConfig.from_flat(**base, safety_adapter=str(broken), out=str(tmp_path / "y")))
     assert str(info.value) == f"{broken}: adapter_model.safetensors is missing — safety adapter"
+
+
+# --- defenses/safelora.py: Safe LoRA on a full fine-tune --------------------------------------------------
+def test_safelora_full_result_report_and_output_dtype(bf16_sketched: dict, tmp_path: Path) -> None:
+    """`safelora.run_full`: what a user reads after Safe LoRA on a bfloat16 full fine-tune — the result
+    (method name, output directory = the model), the report's command and outputs (in memory and in the
+    JSON), every tensor in the task model's dtype, and ‖ΔW‖ out = ‖W_out − W_al‖ (float64 here) for the
+    projected modules, ‖ΔW‖ in for the others; `merge_into_base` is refused in words."""
+    env = bf16_sketched["llama"]
+    out = tmp_path / "out"
+    res = _defend(env, out, "safelora", top_k=3)
+    assert (res.method, res.out, res.kind, res.full_model) == ("safelora", out, "model", out)
+    outputs = {"full_model": str(out), "report": str(out / "safemerge_report.json")}
+    saved = json.loads((out / "safemerge_report.json").read_text())
+    assert res.report.command == saved["command"] == "defend"
+    assert res.report.outputs == saved["outputs"] == outputs
+    al, got = tensors(env["aligned"]), tensors(out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    for rec in res.report.modules:
+        key = rec.name + ".weight"
+        if rec.selected:
+            want = float(torch.linalg.vector_norm(got[key].to(F64) - al[key].to(F64)))
+            assert rec.merged and rec.delta_norm_out == pytest.approx(want, rel=1e-12)
+        else:
+            assert not rec.merged and rec.delta_norm_out == rec.delta_norm_in
+    with pytest.raises(InputError) as err:
+        _defend(env, tmp_path / "again", "safelora", top_k=3, merge_into_base=True)
+    assert (
+        str(err.value) == "merge_into_base does not apply to task_model: the output is already a full model"
+    )
+
+
+def test_safelora_full_zero_v_module_is_ranked_last_and_flagged(bf16_sketched: dict, tmp_path: Path) -> None:
+    """A module the alignment left unchanged (V = 0, ρ 0) is ranked last, so top-3 projects three other
+    modules; selected anyway (fraction 1), it is flagged and written unchanged (Safe LoRA's projection is
+    undefined for C = 0). The unaligned model is a pickle here, read because `allow_pickle` is passed on."""
+    env = dict(bf16_sketched["llama"])
+    key = "model.layers.0.self_attn.q_proj.weight"
+    same = edited_copy(
+        env["unaligned"],
+        tmp_path / "same",
+        lambda t: t.update({key: load_file(env["aligned"] / "model.safetensors")[key]}),
+    )
+    env["unaligned"] = pickle_copy(same, tmp_path / "unaligned")
+    top = _defend(env, tmp_path / "top", "safelora", top_k=3, allow_pickle=True)
+    zero = next(m for m in top.report.modules if m.name + ".weight" == key)
+    assert zero.rho == 0.0 and not zero.selected and top.modified == 3
+    every = _defend(env, tmp_path / "all", "safelora", fraction=1.0, allow_pickle=True)
+    zero = next(m for m in every.report.modules if m.name + ".weight" == key)
+    assert zero.selected and not zero.merged
+    assert "zero-V: projection undefined, module left unchanged" in zero.flags
+    assert torch.equal(tensors(tmp_path / "all")[key], tensors(env["task"])[key])

@@ -202,8 +202,8 @@ def write_outputs(
     rank, alpha, out_scale = shape
     dtype = task.storage_dtype()
     stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
-    base = cfg.inputs.aligned or str(task.config.get("base_model_name_or_path") or "")
-    write_adapter(tmp, task.config, stored, rank, alpha, base, task.read_extra())
+    # Safe LoRA reads the unaligned model, so InputsConfig has required the aligned one: it is the base.
+    write_adapter(tmp, task.config, stored, rank, alpha, cfg.inputs.aligned, task.read_extra())
     if not cfg.merge.merge_into_base:
         return None
     deltas = {m: (a.to(torch.float32), b.to(torch.float32), out_scale) for m, (a, b) in stored.items()}
