@@ -19,6 +19,7 @@ from safemerge.engine.criterion import (
     select_fraction,
     select_threshold,
     select_top_k,
+    update_similarity,
     weights_similarity,
 )
 
@@ -204,3 +205,40 @@ def test_streaming_from_weights_falls_back_for_degenerate_inputs() -> None:
     assert weights_similarity(w + 1, w, a, torch.zeros_like(b)).degenerate == "zero-update"
     with pytest.raises(ValueError, match="does not fit"):
         weights_similarity(w, w, a, b, transposed=True)
+
+
+# --- update_similarity (full fine-tunes): edge cases found by mutation testing (docs/testing.md) --------
+def _dense_rho64(v: torch.Tensor, dw: torch.Tensor) -> float:
+    """docs/method.md §3 in float64 with C explicit (scale-free: ρ is invariant to scaling V or ΔW)."""
+    v, dw = v.double() / v.double().abs().max(), dw.double() / dw.double().abs().max()
+    cdw = (v @ v.T) @ dw
+    return float((cdw * dw).sum() / (torch.linalg.norm(cdw) * torch.linalg.norm(dw)))
+
+
+@pytest.mark.parametrize("route", ["input", "output"])
+def test_update_similarity_recomputes_underflowing_terms_in_float64(route: str) -> None:
+    """A term that is 0 in float32 sends the module to the float64 recompute, even when the others are
+    not: with V of 1e-23 and ΔW of 1, the input route's P = VᵀΔW (~1e-23) is representable, so ‖VᵀΔW‖² > 0,
+    but V P (~1e-46) underflows to 0, so ‖VVᵀΔW‖² = 0 (the output route's K = VVᵀ underflows whole).
+    Without the recompute ρ would be 0, "orthogonal"; the oracle is the dense float64 ρ."""
+    g = torch.Generator().manual_seed(0)
+    v, dw = torch.randn(8, 6, generator=g) * 1e-23, torch.randn(8, 6, generator=g)
+    zero = torch.zeros(8, 6)  # W_al = 0, W_un = −V, W_task = ΔW: V and ΔW held exactly in float32
+    sim, norm = update_similarity(zero, -v, dw, route=route)
+    assert sim.degenerate is None
+    assert sim.rho == pytest.approx(_dense_rho64(v, dw), abs=1e-12)
+    assert norm == pytest.approx(float(torch.linalg.norm(dw.double())), rel=1e-12)
+
+
+def test_update_similarity_refusals_are_worded() -> None:
+    """Weights of different shapes, or not 2-D, and non-finite weights: ValueError in words written here."""
+    a = torch.ones(4, 3)
+    with pytest.raises(ValueError) as err:
+        update_similarity(a, a, torch.ones(3, 4))
+    want = "aligned, unaligned and task weights must share one 2-D shape (got (4, 3), (4, 3), (3, 4))"
+    assert str(err.value) == want
+    with pytest.raises(ValueError, match=r"share one 2-D shape \(got \(3,\), \(3,\), \(3,\)\)$"):
+        update_similarity(torch.ones(3), torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError) as err:
+        update_similarity(a, torch.zeros(4, 3), torch.full((4, 3), math.nan))
+    assert str(err.value) == "non-finite values in the aligned, unaligned or task weights"

@@ -178,11 +178,24 @@ def test_float64_fallback_on_overflow() -> None:
 
 
 def test_tiny_v_is_orthogonal_not_zero_v() -> None:
-    """Kills _finish 15, 17 (‖V‖ in float32: entries 1e-30 square to 0, so a non-zero V would read as
-    zero-V). V Vᵀ B underflows to 0 in float32, hence the degenerate branch; V ≠ 0, so "orthogonal"."""
-    v = torch.full((3, 3), 1e-30)
+    """Kills _finish 15, 17 (‖V‖ in float32: an entry of 1e-30 squares to 0, so a non-zero V would read as
+    zero-V). V = 1e-30 · e1 e1ᵀ and ΔW along e2: C ΔW = 0 exactly, V ≠ 0, so "orthogonal"."""
+    v = torch.zeros(3, 3)
+    v[0, 0] = 1e-30
     assert float(torch.linalg.vector_norm(v)) == 0.0  # premise: the float32 norm underflows
-    assert lowrank_similarity(v, torch.ones(1, 3), torch.ones(3, 1)) == Similarity(0.0, "orthogonal")
+    b = torch.tensor([[0.0], [1.0], [0.0]])
+    assert lowrank_similarity(v, torch.ones(1, 3), b) == Similarity(0.0, "orthogonal")
+
+
+def test_tiny_v_keeps_its_rho() -> None:
+    """ρ is invariant to scaling V: V = 1e-30 · 𝟙 (rank 1 along the all-ones direction) and ΔW = 𝟙 𝟙ᵀ give
+    ρ = 1 by hand, as V = 𝟙 does. In float32 V Vᵀ B (~1e-59) underflows to 0; the module is recomputed in
+    float64 (before, this read as ρ = 0, "orthogonal"). Entries of 1e-20 keep V Vᵀ B in float32's subnormal
+    range (few significant bits): recomputed too, within 1e-12 of 1."""
+    for scale in (1.0, 1e-20, 1e-30):
+        v, a, b = torch.full((3, 3), scale), torch.ones(1, 3), torch.ones(3, 1)
+        for sim in (lowrank_similarity(v, a, b), weights_similarity(v, torch.zeros(3, 3), a, b)):
+            assert sim.degenerate is None and sim.rho == pytest.approx(1.0, abs=1e-12), scale
 
 
 def test_dense_similarity_reference_on_hand_values() -> None:

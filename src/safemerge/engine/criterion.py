@@ -20,6 +20,10 @@ import torch
 
 DECISION_DECIMALS = 5  # the reference code rounds ρ to 5 decimals before comparing with τ
 ZERO_V = "zero-V"  # the degeneracy (and report flag) of a module the alignment never changed: V = 0
+# A term of ρ below float32's smallest normal number is made of float32 products in the subnormal range
+# (or 0), which keep few or no significant bits: such a module is recomputed in float64, whose range
+# holds the same products exactly. Real weights never come near it; scaled-down ones must not change ρ.
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,8 @@ def lowrank_similarity(v: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Sim
     num = _trace_product(p, p, g)  # ‖Vᵀ B A‖² ≥ 0
     cdw2 = _trace_product(m, m, g)  # ‖V Vᵀ B A‖²
     dw2 = _trace_product(b32, b32, g)  # ‖B A‖²
-    if not all(math.isfinite(x) for x in (num, cdw2, dw2)):
-        # Overflow in float32 (or non-finite input): redo everything in float64.
+    if not all(math.isfinite(x) and x >= FLOAT32_TINY for x in (num, cdw2, dw2)):
+        # Overflow or underflow in float32, a zero term, or non-finite input: redo it all in float64.
         return _lowrank_similarity_f64(v, a, b)
     return _finish(num, cdw2, dw2, v)
 
@@ -131,7 +135,7 @@ def weights_similarity(
                 torch.mm(d, b32, out=p[i : i + block_rows])
                 m.addmm_(d.T, p[i : i + block_rows])
     num, cdw2, dw2 = _trace_product(p, p, g), _trace_product(m, m, g), _trace_product(b32, b32, g)
-    if not all(math.isfinite(x) and x > 0.0 for x in (num, cdw2, dw2)):
+    if not all(math.isfinite(x) and x >= FLOAT32_TINY for x in (num, cdw2, dw2)):
         v = safety_difference(w_aligned, w_unaligned)
         return lowrank_similarity(v.T if transposed else v, a, b)
     return Similarity(min(max(num / math.sqrt(cdw2 * dw2), 0.0), 1.0))
@@ -303,7 +307,7 @@ def update_similarity(
     al, un, ft = (w.T if transposed else w for w in (w_aligned, w_unaligned, w_task))
     route = route or update_route(*al.shape)
     terms = _update_terms(al, un, ft, route, block_rows, torch.float32)
-    if not terms.finite or min(terms.num, terms.cdw2, terms.dw2) <= 0.0:
+    if not terms.finite or min(terms.num, terms.cdw2, terms.dw2) < FLOAT32_TINY:
         terms = _update_terms(al, un, ft, route, block_rows, torch.float64)
         if not terms.finite:
             raise ValueError("non-finite values in the aligned, unaligned or task weights")
