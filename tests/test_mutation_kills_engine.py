@@ -1053,3 +1053,22 @@ def test_console_table_shows_forty_rows_by_default() -> None:
     text = console.export_text()
     assert "the 40 lowest-ρ of 41 modules; all in the report" in text
     assert sum("│" in line and "self_attn" in line for line in text.splitlines()) == 40
+
+
+def test_safelora_reads_a_pickle_unaligned_model_when_allowed(
+    lora_env: dict[str, Path], tmp_path: Path
+) -> None:
+    """`SafeLora.run` 32: Safe LoRA on a LoRA opens the unaligned model (for V) with the run's
+    `allow_pickle`, as the scan did: a pickle-only unaligned model is read, and the adapter equals the one
+    made from its safetensors original byte for byte."""
+    from safemerge.defenses import DefendConfig, defend
+
+    pickled = pickle_copy(lora_env["unaligned"], tmp_path / "unaligned")
+    runs = (("st", lora_env["unaligned"], {}), ("pt", pickled, {"allow_pickle": True}))
+    for name, unaligned, extra in runs:
+        cfg = {"method": "safelora", "aligned": str(lora_env["aligned"]), "unaligned": str(unaligned),
+               "task_adapter": str(lora_env["task"]), "out": str(tmp_path / name), "plot": False,
+               "top_k": 2}  # fmt: skip
+        assert defend(DefendConfig.model_validate(cfg | extra)).modified == 2
+    adapter = "adapter_model.safetensors"
+    assert (tmp_path / "st" / adapter).read_bytes() == (tmp_path / "pt" / adapter).read_bytes()
