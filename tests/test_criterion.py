@@ -216,13 +216,18 @@ def _dense_rho64(v: torch.Tensor, dw: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("route", ["input", "output"])
-def test_update_similarity_recomputes_underflowing_terms_in_float64(route: str) -> None:
-    """A term that is 0 in float32 sends the module to the float64 recompute, even when the others are
-    not: with V of 1e-23 and ΔW of 1, the input route's P = VᵀΔW (~1e-23) is representable, so ‖VᵀΔW‖² > 0,
-    but V P (~1e-46) underflows to 0, so ‖VVᵀΔW‖² = 0 (the output route's K = VVᵀ underflows whole).
-    Without the recompute ρ would be 0, "orthogonal"; the oracle is the dense float64 ρ."""
+@pytest.mark.parametrize(("v_scale", "dw_scale"), [(1e-23, 1.0), (1e-11, 1.0), (1e10, 1e-20)])
+def test_update_similarity_recomputes_underflowing_terms_in_float64(
+    route: str, v_scale: float, dw_scale: float
+) -> None:
+    """A term of ρ below float32's smallest normal number (1.2e-38) sends the module to the float64
+    recompute, whichever term it is: V of 1e-23 (V VᵀΔW ~ 1e-46 underflows: ρ would read 0, "orthogonal"),
+    V of 1e-11 (‖VVᵀΔW‖² ~ 5e-41) and ΔW of 1e-20 (‖ΔW‖² ~ 1e-40, with V of 1e10 so that the other two
+    terms are not small). The recomputed ρ is within 1e-12 of the dense float64 oracle (float32's is
+    ~1e-8 off)."""
     g = torch.Generator().manual_seed(0)
-    v, dw = torch.randn(8, 6, generator=g) * 1e-23, torch.randn(8, 6, generator=g)
+    v = torch.randn(8, 6, generator=g) * v_scale
+    dw = torch.randn(8, 6, generator=g) * dw_scale
     zero = torch.zeros(8, 6)  # W_al = 0, W_un = −V, W_task = ΔW: V and ΔW held exactly in float32
     sim, norm = update_similarity(zero, -v, dw, route=route)
     assert sim.degenerate is None
