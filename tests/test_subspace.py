@@ -550,6 +550,17 @@ def test_rho_is_unchanged_by_the_scale_of_s(scale: float) -> None:
     assert sketch_similarity_dense(u, s * scale, b @ a).rho == pytest.approx(want, abs=1e-7)
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_rho_is_unchanged_by_the_scale_of_the_update(scale: float) -> None:
+    """ρ is invariant to scaling ΔW: a dense update of 1e-25 (its float32 squares underflow to 0: it must
+    not read as a zero update) or 1e25 gives the ρ of the unscaled one, by hand 10 / (√34 · √4.5)."""
+    u = torch.eye(3)[:, :2]
+    s = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    dw = torch.tensor([[1.0], [1.0], [0.5]]) @ torch.ones(1, 2)
+    want = 10 / (math.sqrt(34) * math.sqrt(4.5))
+    assert sketch_similarity_dense(u, s, dw * scale) == Similarity(pytest.approx(want, abs=1e-7))
+
+
 def test_near_threshold_includes_its_boundary() -> None:
     """|ρ − τ| equal to the error is near the threshold (values exact in binary)."""
     assert near_threshold(0.75, 0.5, 0.25) and near_threshold(0.25, 0.5, 0.25)

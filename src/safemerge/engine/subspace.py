@@ -49,7 +49,7 @@ from safemerge.engine.checkpoint import (
     candidate_keys,
     resolve_local_dir,
 )
-from safemerge.engine.criterion import ZERO_V, Similarity
+from safemerge.engine.criterion import FLOAT32_TINY, ZERO_V, Similarity
 from safemerge.engine.lora import natural_key
 from safemerge.engine.merging import module_seed
 
@@ -187,12 +187,15 @@ def sketch_similarity_dense(u: torch.Tensor, s: torch.Tensor, delta: torch.Tenso
 
     X = Uᵀ ΔW is one float32 product, O(d_out·d_in·K) (bound by reading ΔW); the row norms of X are
     accumulated in float64, and so is ‖ΔW‖² over rows (each row's d_in squares summed in float32 by
-    torch's cascade summation, relative error ~1e-7, which halves a float64 pass over ΔW). Degenerate
-    cases as `sketch_similarity_lowrank`.
+    torch's cascade summation, relative error ~1e-7, which halves a float64 pass over ΔW; counted again in
+    float64 when those squares under- or overflow). Degenerate cases as `sketch_similarity_lowrank`.
     """
     _check_basis(u, s, delta.shape[0])
     d32 = delta.to(torch.float32)
     dw2 = float((d32 * d32).sum(dim=1).to(torch.float64).sum())
+    if not FLOAT32_TINY <= dw2 < math.inf:
+        # float32 squares under- or overflow (entries below ~1e-19 or above ~1e19): count in float64
+        dw2 = float(torch.linalg.vector_norm(d32, dtype=torch.float64)) ** 2
     w = _weights(s.to(d32.device))
     if w is None:
         return Similarity(0.0, "zero-update") if dw2 <= 0.0 else Similarity(0.0, ZERO_V)
