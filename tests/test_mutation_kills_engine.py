@@ -1072,3 +1072,32 @@ def test_safelora_reads_a_pickle_unaligned_model_when_allowed(
         assert defend(DefendConfig.model_validate(cfg | extra)).modified == 2
     adapter = "adapter_model.safetensors"
     assert (tmp_path / "st" / adapter).read_bytes() == (tmp_path / "pt" / adapter).read_bytes()
+
+
+def test_scan_of_hub_models_fetches_pickles_only_when_allowed(
+    lora_env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline.open_checkpoint` 3, 5: a scan of hub models asks the hub for the pickle files (`*.bin`,
+    `*.pt`) only with allow_pickle; `snapshot_download` is replaced by a recorder serving the local pair."""
+    asked: list[list[str]] = []
+
+    def fake_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        return str(lora_env[repo_id.removeprefix("org/")])
+
+    monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
+    for allow in (False, True):
+        scan(ScanConfig.from_flat(aligned="org/aligned", unaligned="org/unaligned",
+                                  task_adapter=str(lora_env["task"]), allow_pickle=allow))  # fmt: skip
+    assert ["*.bin" in p and "*.pt" in p for p in asked] == [False, False, True, True]
+
+
+def test_a_non_finite_aligned_weight_is_named(lora_env: dict[str, Path], tmp_path: Path) -> None:
+    """`pipeline.open_sources` 13, 18, 19: a NaN in the aligned model is reported as the aligned
+    checkpoint's (as `test_a_non_finite_unaligned_weight_is_named` does for the unaligned one)."""
+    key = "model.layers.0.self_attn.q_proj.weight"
+    bad = edited_copy(lora_env["aligned"], tmp_path / "aligned", lambda t: t[key].fill_(float("nan")))
+    with pytest.raises(InputError) as err:
+        scan(ScanConfig.from_flat(aligned=str(bad), unaligned=str(lora_env["unaligned"]),
+                                  task_adapter=str(lora_env["task"])))  # fmt: skip
+    assert str(err.value) == f"tensor {key!r} of aligned {bad} has NaN or Inf"
