@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -135,3 +136,18 @@ def edited_copy(
     fn(tensors)
     save_file(tensors, dst / weights, metadata={"format": "pt"})
     return dst
+
+
+def record_hub_downloads(monkeypatch: pytest.MonkeyPatch, local: Mapping[str, Path]) -> list[list[str]]:
+    """Replace `snapshot_download` by a recorder: hub id `org/NAME` is served from `local[NAME]`; returns
+    the list that collects each call's `allow_patterns`."""
+    from safemerge.engine import checkpoint
+
+    asked: list[list[str]] = []
+
+    def fake_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        return str(local[repo_id.removeprefix("org/")])
+
+    monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
+    return asked

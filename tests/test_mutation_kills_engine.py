@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import edited_copy, pickle_copy, save_adapter, save_pair
+from builders import edited_copy, pickle_copy, record_hub_downloads, save_adapter, save_pair
 from safetensors.torch import load_file, save_file
 from test_fullft import save_finetune
 
@@ -1079,13 +1079,7 @@ def test_scan_of_hub_models_fetches_pickles_only_when_allowed(
 ) -> None:
     """`pipeline.open_checkpoint` 3, 5: a scan of hub models asks the hub for the pickle files (`*.bin`,
     `*.pt`) only with allow_pickle; `snapshot_download` is replaced by a recorder serving the local pair."""
-    asked: list[list[str]] = []
-
-    def fake_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
-        asked.append(allow_patterns)
-        return str(lora_env[repo_id.removeprefix("org/")])
-
-    monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
+    asked = record_hub_downloads(monkeypatch, lora_env)
     for allow in (False, True):
         scan(ScanConfig.from_flat(aligned="org/aligned", unaligned="org/unaligned",
                                   task_adapter=str(lora_env["task"]), allow_pickle=allow))  # fmt: skip

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import edited_copy, pickle_copy, save_adapter, save_pair
+from builders import edited_copy, pickle_copy, record_hub_downloads, save_adapter, save_pair
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -992,15 +992,7 @@ def test_hub_pickle_pair_fetches_the_pickle_files(
 ) -> None:
     """A hub pair with allow_pickle asks the hub for the pickle files too (`*.bin`, `*.pt`), without it
     for safetensors only; `snapshot_download` is replaced by a recorder serving the local pair."""
-    from safemerge.engine import checkpoint
-
-    asked: list[list[str]] = []
-
-    def fake_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
-        asked.append(allow_patterns)
-        return str(pairs[repo_id.removeprefix("org/")])
-
-    monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
+    asked = record_hub_downloads(monkeypatch, pairs)
     for allow in (False, True):
         out = tmp_path / f"sk-{allow}"
         subspace(SubspaceConfig(aligned="org/aligned", unaligned="org/unaligned", out=str(out), rank=2,
