@@ -14,6 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+import safemerge.evaluate.judges as judges_module
 from safemerge.common.errors import InputError
 from safemerge.evaluate.benchmarks.base import Benchmark, Item
 from safemerge.evaluate.cache import Cache
@@ -103,6 +104,14 @@ def test_guard_spec_from_config_and_unknown_guards(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="not a known Llama Guard"):
         assert guard_spec("someone/Llama-Guard-3-11B-Vision") is UNKNOWN_GUARD
     assert UNKNOWN_GUARD.prompt_format == STRING_CONTENT  # the Llama Guard 3 8B format
+
+
+def test_the_unknown_guard_warning_names_the_caller() -> None:
+    with pytest.warns(UserWarning, match="not a known Llama Guard") as record:
+        guard_spec("/models/my-guard")
+    # stacklevel 2: attributed to the caller, not to judges.py (the exact frame is this file, or mutmut's
+    # trampoline when mutation testing wraps the function)
+    assert record[0].filename != judges_module.__file__
 
 
 @pytest.mark.parametrize("model", list(GUARDS))

@@ -89,3 +89,36 @@ def test_a_saved_tensor_the_base_lacks_is_an_input_error(tmp_path: Path) -> None
         adapter = LoraAdapter.load(str(task))
     with pytest.raises(InputError, match="lm_head"):
         adapter.extra_for_base(["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("method", ["resta", "merge-into-base"])
+def test_a_float32_saved_head_keeps_the_aligned_models_dtype(tmp_path: Path, method: str) -> None:
+    """Every tensor of the full model keeps the aligned model's dtype, as PEFT's merge into a bfloat16 model
+    does: an adapter whose saved head is float32 gives a bfloat16 head with its values rounded once."""
+    al, un = save_pair(tmp_path, "llama", torch.bfloat16)
+    task = save_adapter(al, tmp_path / "task", seed=1, modules_to_save=["lm_head"])
+    f = task / "adapter_model.safetensors"
+    tensors = load_file(f)
+    (key,) = [k for k in tensors if "lm_head" in k]
+    head32 = tensors[key].to(torch.float32) + 0.001  # not representable in bfloat16 everywhere
+    tensors[key] = head32
+    save_file(tensors, str(f))
+    out = tmp_path / "out"
+    common = {"aligned": str(al), "unaligned": str(un), "task_adapter": str(task), "plot": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loader warns that extra tensors are carried through
+        if method == "resta":  # targeted scope: the head is not a LoRA target, so it is copied as is
+            defend(DefendConfig.from_flat(method="resta", out=str(out), beta=0.5, scope="targeted", **common))
+            model = out
+        else:
+            safety = save_adapter(al, tmp_path / "safety", seed=2)
+            merge(
+                MergeConfig.from_flat(
+                    out=str(out), safety_adapter=str(safety), merge_into_base=True, **common
+                )
+            )
+            model = out / "full_model"
+    got = load_file(model / "model.safetensors")[HEAD]
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, head32.to(torch.bfloat16))
+    assert not torch.equal(got.float(), head32)  # premise: the float32 head is not exact in bfloat16

@@ -18,10 +18,18 @@ from builders import save_adapter, save_pair
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+import safemerge.engine.lora as lora_module
+import safemerge.engine.merging as merging_module
 from safemerge.common.errors import InputError
 from safemerge.common.stats import paired_flips, wilson
 from safemerge.defenses import DefendConfig, DefenseResult, defend, resta
-from safemerge.defenses.tensors import rescale, resta_weight, safelora_project
+from safemerge.defenses.tensors import (
+    project_update,
+    rescale,
+    resta_task_weight,
+    resta_weight,
+    safelora_project,
+)
 from safemerge.engine import criterion
 from safemerge.engine.checkpoint import Checkpoint
 from safemerge.engine.criterion import (
@@ -278,6 +286,14 @@ def test_dare_density_range_and_error_messages() -> None:
         weights_similarity(torch.zeros(2, 3), torch.zeros(3, 2), torch.zeros(1, 3), torch.zeros(2, 1))
 
 
+def test_dare_density_one_warning_names_the_caller() -> None:
+    """Kills merge_dense 44 (`stacklevel` dropped: the warning named merging.py's own line). The exact frame
+    is this file, or mutmut's trampoline when mutation testing wraps the function."""
+    with pytest.warns(UserWarning, match="no pruning will be performed") as rec:
+        merge_dense([torch.ones(2, 2)], [1.0], "dare_linear", 1.0, 0)
+    assert rec[0].filename != merging_module.__file__
+
+
 def test_weights_similarity_accepts_float64_factors() -> None:
     """Kills weights_similarity 25, 27 (B not cast to float32: V (float32) @ B (float64) raises). Oracle:
     the dense float64 ρ of V = W_al − W_un and ΔW = B A, written here."""
@@ -465,6 +481,44 @@ def test_resta_weight_terms_and_dtype() -> None:
     assert torch.equal(resta_weight(w, None, d, 0.5).float(), torch.tensor([[2.0, 2.0], [3.0, 3.0]]))
 
 
+def test_resta_task_weight_terms_dtype_and_inputs_untouched() -> None:
+    """RESTA on a full fine-tune: W_task + β (W_al − W_un), cast back to W_task's dtype, the inputs left as
+    they are. Kills resta_task_weight 8 (β = 1 skipped), 15 (the result left in float32), 5 and 6 (a
+    float32 W_task edited in place). Oracle: small integers by hand (exact in bfloat16)."""
+    wt = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16)
+    wa = torch.tensor([[2.0, 2.0], [2.0, 2.0]])
+    wu = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    got = resta_task_weight(wt, wa, wu, 1.0)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got.float(), torch.tensor([[3.0, 3.0], [4.0, 6.0]]))
+    w32 = wt.float()
+    got = resta_task_weight(w32, wa, wu, 0.5)
+    assert torch.equal(got, torch.tensor([[2.0, 2.5], [3.5, 5.0]]))
+    assert torch.equal(w32, torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # the task weight is not modified
+    assert torch.equal(resta_task_weight(w32, wa, wu, 0.0), w32)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5)])  # input route, output route, a tie
+def test_project_update_on_both_routes(shape: tuple[int, int]) -> None:
+    """C ΔW = V Vᵀ ΔW / ‖V‖_F whichever association the shape picks, for a V of norm far from 1. Kills
+    project_update 19 (× ‖V‖ on the output route, which no defence test reaches), 2-4 (the message),
+    14 and 16 (ΔW left in float32). Oracle: the dense
+    float64 product formed here."""
+    gen = torch.Generator().manual_seed(0)
+    v = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    delta = torch.randn(shape, generator=gen, dtype=torch.float64)
+    want = (v @ v.T) @ delta / torch.linalg.vector_norm(v)
+    got = project_update(v, delta)
+    assert got is not None and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # entries of order 10; float64 rounding
+    v32, d32 = v.float(), delta.float()  # float32 inputs are widened before the products
+    want32 = (v32.double() @ v32.double().T) @ d32.double() / torch.linalg.vector_norm(v32.double())
+    torch.testing.assert_close(project_update(v32, d32), want32, rtol=0, atol=1e-12)
+    assert project_update(torch.zeros(shape), delta) is None  # V = 0: C is 0/0
+    with pytest.raises(ValueError, match=r"^V \(2, 3\) does not fit ΔW \(3, 2\)$"):
+        project_update(torch.ones(2, 3), torch.ones(3, 2))
+
+
 def test_safemerge_defence_result_fields(tmp_path: Path) -> None:
     """Kills SafeMerge.run 32-43, 49-51 (the DefenseResult: method, out, kind, full-model path)."""
     root = tmp_path / "in"
@@ -621,6 +675,28 @@ def test_lora_tensor_shapes_from_the_header(tmp_path: Path) -> None:
     ]
 
 
+def test_extra_tensors_by_their_base_model_name(tmp_path: Path) -> None:
+    """A raw state dict's names (`modules_to_save.default`, `base_layer`), with and without PEFT's prefix,
+    map to the base model's tensor names; tensors unchanged. Kills LoraAdapter.extra_for_base 4 (the prefix
+    cut from an unprefixed key too) and 15-17 (the modules_to_save name kept). Names written by hand."""
+    weights = tmp_path / "adapter_model.safetensors"
+    head, embed = torch.arange(6.0).reshape(3, 2), torch.arange(4.0).reshape(2, 2)
+    save_file(
+        {
+            "base_model.model.lm_head.modules_to_save.default.weight": head,
+            "model.embed_tokens.base_layer.weight": embed,
+            "base_model.model.m.lora_A.weight": torch.zeros(1, 2),
+            "base_model.model.m.lora_B.weight": torch.zeros(2, 1),
+        },
+        str(weights),
+    )
+    extra = sorted(k for k in load_file(weights) if ".lora_" not in k)
+    adapter = LoraAdapter(tmp_path, {}, weights, ["m"], extra)
+    got = adapter.extra_for_base({"lm_head.weight", "model.embed_tokens.weight", "m.weight"})
+    assert sorted(got) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert torch.equal(got["lm_head.weight"], head) and torch.equal(got["model.embed_tokens.weight"], embed)
+
+
 def test_write_adapter_config_text_and_overrides(tmp_path: Path) -> None:
     """Kills write_adapter mutants that drop use_rslora / lora_dropout / inference_mode from the
     overrides, or write the config unindented or unsorted: the whole file is compared with the text
@@ -726,6 +802,15 @@ def test_load_warns_with_the_first_four_extra_tensors(tmp_path: Path, n_extra: i
         f"task {d} carries non-LoRA tensors (modules_to_save): {listed}; they are copied unchanged"
     ]
     assert adapter.extra_keys == [f"e{i}.weight" for i in range(n_extra)] and adapter.lora_modules == ["m"]
+
+
+def test_load_warning_names_the_caller(tmp_path: Path) -> None:
+    """Kills LoraAdapter.load 28 (`stacklevel` dropped: the warning named lora.py's own line). The exact
+    frame is this file, or mutmut's trampoline when mutation testing wraps the method."""
+    d = _hand_adapter(tmp_path / "a", 1)
+    with pytest.warns(UserWarning, match="carries non-LoRA tensors") as rec:
+        LoraAdapter.load(d, label="task")
+    assert rec[0].filename != lora_module.__file__
 
 
 def test_load_error_without_lora_tensors_names_the_label(tmp_path: Path) -> None:

@@ -464,6 +464,17 @@ def test_none_passes_a_full_finetune_through_with_its_report(bf16_sketched: dict
     assert data["outputs"] == res.report.outputs
 
 
+@pytest.mark.parametrize("method", ["safemerge", "merge-all"])
+def test_safemerge_full_result_fields(bf16_sketched: dict, tmp_path: Path, method: str) -> None:
+    """`SafeMerge.run` 47, 52, 58: on a full fine-tune the result names the defence, and its full model is
+    the output directory itself."""
+    env = bf16_sketched["llama"]
+    out = tmp_path / "out"
+    res = _defend(env, out, method, safety_adapter=str(env["safety"]))
+    assert (res.method, res.out, res.kind, res.full_model) == (method, out, "model", out)
+    assert (out / "config.json").is_file() and (out / "safemerge_report.json").is_file()
+
+
 def test_none_refuses_a_pickle_task_model(bf16_sketched: dict, tmp_path: Path) -> None:
     """`NoDefense._run_full` 20: `none` copies safetensors files; a pickle-only task model is refused."""
     env = dict(bf16_sketched["llama"])

@@ -8,12 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from safemerge.common.stats import (
+    RATE_TOLERANCE,
+    Z95,
+    at_least,
+    at_most,
     mcnemar_exact,
     paired_comparison,
     paired_flips,
     pooled_rate,
     sign_flip_p,
     wilson,
+    wilson_bounds,
 )
 
 
@@ -155,3 +160,59 @@ def test_pooled_rate_effective_size_is_capped_at_n() -> None:
     )
     assert r.n_eff == 8.0
     assert (r.rate.lo, r.rate.hi) == (pytest.approx(wilson(5, 8).lo), pytest.approx(wilson(5, 8).hi))
+
+
+# --- edges found by mutation testing (docs/testing.md) -----------------------------------------------
+
+
+def test_at_least_and_at_most_forgive_only_rounding() -> None:
+    assert at_least(0.46 - 0.03, 0.43) and at_most(0.43, 0.46 - 0.03)  # 0.43000000000000005 vs 0.43
+    assert at_least(0.43, 0.43) and at_most(0.43, 0.43)
+    assert at_least(0.5 - RATE_TOLERANCE, 0.5) and at_most(0.5 + RATE_TOLERANCE, 0.5)  # a closed band
+    assert not at_least(0.43 - 1e-6, 0.43) and not at_most(0.43 + 1e-6, 0.43)
+
+
+def test_wilson_with_another_z() -> None:
+    # k = 1, n = 4, z = 1: centre = (0.25 + 1/8)/(1 + 1/4) = 0.3; half = 0.8 · sqrt(0.1875/4 + 1/64) = 0.2
+    r = wilson(1, 4, z=1.0)
+    assert (r.lo, r.hi) == (pytest.approx(0.1, abs=1e-12), pytest.approx(0.5, abs=1e-12))
+    pooled = pooled_rate([{"a": True, "b": False, "c": False, "d": False}], z=1.0)  # one seed: Wilson
+    assert (pooled.rate.lo, pooled.rate.hi) == (pytest.approx(0.1, abs=1e-12), pytest.approx(0.5, abs=1e-12))
+
+
+def test_wilson_bounds_stay_in_the_unit_interval() -> None:
+    # At p = 1 the upper bound is 1 and at p = 0 the lower bound is 0 exactly in real arithmetic; in float
+    # they land an ulp outside [0, 1] for some n (p = 1, n = 16: 1 + 2.2e-16), which the clamps remove.
+    for n in range(1, 200):
+        lo, hi = wilson_bounds(1.0, n)
+        assert hi <= 1.0 and lo == pytest.approx(n / (n + Z95**2), rel=1e-12)  # Wilson at p = 1: n/(n + z²)
+        lo, hi = wilson_bounds(0.0, n)
+        assert lo >= 0.0 and hi == pytest.approx(Z95**2 / (n + Z95**2), rel=1e-12)
+
+
+def test_pooled_rate_without_events_and_at_the_edges() -> None:
+    for events in ([], [{}, {}]):
+        r = pooled_rate(events)
+        assert (r.rate.k, r.rate.n, r.prompts, r.seeds, r.n_eff) == (0, 0, 0, len(events), 0.0)
+        assert math.isnan(r.rate.lo) and math.isnan(r.rate.hi)
+    # one prompt, two seeds that disagree: k = 1 of 2 and the prompt's own rate is p (var 0): n_eff = n
+    split = pooled_rate([{"a": True}, {"a": False}])
+    assert split.n_eff == 2.0 and split.rate == wilson(1, 2)
+    # every pair an event on 10 prompts (3 seeds): n_eff = 10 prompts, and the upper bound is 1 exactly
+    # (Wilson's formula at p = 1, n = 10 rounds to 0.9999999999999999)
+    every = pooled_rate([{f"p{i}": True for i in range(10)}] * 3)
+    assert (every.rate.k, every.rate.n, every.n_eff) == (30, 30, 10.0)
+    assert every.rate.hi == 1.0 and every.rate.lo == pytest.approx(10 / (10 + Z95**2), rel=1e-12)
+    # no event on 7 prompts (2 seeds): the lower bound is 0 exactly (the formula leaves ~1e-17 at n = 7)
+    never = pooled_rate([{f"p{i}": False for i in range(7)}] * 2)
+    assert never.n_eff == 7.0 and never.rate.lo == 0.0
+
+
+def test_paired_comparison_without_pairs_and_with_one() -> None:
+    for ref, var in (([{}], [{}]), ([{"a": True}], [{"b": False}]), ([], [])):
+        c = paired_comparison(ref, var)
+        assert (c.diff, c.p_value, c.fixed, c.broken, c.pairs, c.prompts) == (0.0, 1.0, 0, 0, 0, 0)
+        assert math.isnan(c.lo) and math.isnan(c.hi)
+    one = paired_comparison([{"a": True}], [{"a": False}])  # one pair, fixed: diff −1 with no spread
+    assert (one.diff, one.lo, one.hi, one.p_value) == (-1.0, -1.0, -1.0, 1.0)
+    assert (one.fixed, one.broken, one.pairs, one.prompts) == (1, 0, 1, 1)
