@@ -502,8 +502,7 @@ def test_resta_task_weight_terms_dtype_and_inputs_untouched() -> None:
 def test_project_update_on_both_routes(shape: tuple[int, int]) -> None:
     """C ΔW = V Vᵀ ΔW / ‖V‖_F whichever association the shape picks, for a V of norm far from 1. Kills
     project_update 19 (× ‖V‖ on the output route, which no defence test reaches), 2-4 (the message),
-    14 and 16 (ΔW left in float32). Oracle: the dense
-    float64 product formed here."""
+    14 and 16 (ΔW left in float32). Oracle: the dense float64 product formed here."""
     gen = torch.Generator().manual_seed(0)
     v = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64)
     delta = torch.randn(shape, generator=gen, dtype=torch.float64)
