@@ -151,3 +151,11 @@ def record_hub_downloads(monkeypatch: pytest.MonkeyPatch, local: Mapping[str, Pa
 
     monkeypatch.setattr(checkpoint, "snapshot_download", fake_download)
     return asked
+
+
+def one_tensor_apart(src: Path, dst: Path, key: str, by: float = 0.05) -> Path:
+    """A copy of a checkpoint (single file or shards) with `by` added to tensor `key` only: as an
+    'unaligned' model beside `src`, V = 0 on every module but that one (V = 0 everywhere is refused)."""
+    index = src / "model.safetensors.index.json"
+    weights = json.loads(index.read_text())["weight_map"][key] if index.exists() else "model.safetensors"
+    return edited_copy(src, dst, lambda t: t[key].add_(by), weights)

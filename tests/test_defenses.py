@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import save_adapter, save_pair
+from builders import one_tensor_apart, save_adapter, save_pair
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -184,13 +184,18 @@ def test_defense_yaml_reruns_the_same_defence(env: dict[str, Path], tmp_path: Pa
 
 
 def test_safelora_zero_v_is_flagged_and_left_unchanged(env: dict[str, Path], tmp_path: Path) -> None:
-    e = {**env, "unaligned": env["aligned"]}  # V = 0 everywhere: C is undefined
-    result = defend(dcfg(e, tmp_path / "out", method="safelora"))
-    assert result.modified == 0
-    assert all(any("zero-V" in f for f in m.flags) for m in result.report.modules)
+    # V = 0 on every module but one: C is undefined there (V = 0 on all of them is refused, exit 2)
+    apart = "model.layers.2.self_attn.v_proj"
+    un = one_tensor_apart(env["aligned"], tmp_path / "un", f"{apart}.weight")
+    e = {**env, "unaligned": un}
+    result = defend(dcfg(e, tmp_path / "out", method="safelora", threshold=1.0))
+    assert result.modified == 1
+    zero = [m for m in result.report.modules if m.name != apart]
+    assert zero and all(any("zero-V" in f for f in m.flags) and not m.merged for m in zero)
     task, got = deltas(env["task"]), deltas(tmp_path / "out")
     for m, dw in task.items():
-        torch.testing.assert_close(got[m], dw, rtol=1e-6, atol=1e-8)
+        if m != apart:
+            torch.testing.assert_close(got[m], dw, rtol=1e-6, atol=1e-8)
 
 
 ZERO_V_MODULE = "model.layers.1.self_attn.q_proj"

@@ -33,6 +33,7 @@ _UNSUPPORTED_KEYS = {
     "lora_embedding_A": "LoRA on embedding layers",
     "lora_embedding_B": "LoRA on embedding layers",
     "lora_B.bias": "LoRA with lora_bias",
+    "trainable_tokens_delta": "trainable tokens (trainable_token_indices)",  # PEFT 0.21's key
 }
 
 
@@ -256,6 +257,8 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
         raise InputError(f"{path}: adapters with lora_bias are not supported")
     if config.get("layer_replication"):
         raise InputError(f"{path}: layer_replication is not supported")
+    if config.get("trainable_token_indices"):
+        raise InputError(f"{path}: trainable tokens (trainable_token_indices) are not supported")
 
 
 def adapter_key(module: str, which: str) -> str:

@@ -43,6 +43,14 @@ from safemerge.engine.fullft import (
     full_sketch_similarities,
     write_full_merge,
 )
+from safemerge.engine.inputs import (
+    check_distinct,
+    check_fits,
+    check_lora_inputs,
+    check_not_swapped,
+    check_some_v,
+    role_warning,
+)
 from safemerge.engine.lora import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
 from safemerge.engine.merging import (
     exact_merge,
@@ -306,14 +314,19 @@ def note_sketch(report: Report, src: ScanSources, cfg: ScanConfig) -> None:
         )
 
 
-def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, LoraAdapter, Checkpoint | None]:
+def run_scan(
+    cfg: ScanConfig, command: str, progress: bool, safety: LoraAdapter | None = None
+) -> tuple[Report, LoraAdapter, Checkpoint | None]:
     """ρ and the selection for every task module; returns the report, the task adapter and the aligned
-    model (None for a scan from a sketch without one)."""
+    model (None for a scan from a sketch without one). The inputs, with the `safety` adapter of a merge,
+    are checked for their roles first (`engine/inputs.py`)."""
     if cfg.inputs.task_model is not None:
         raise InputError(f"{command}: this step takes a task adapter, not a full fine-tune (task_model)")
     assert cfg.inputs.task_adapter is not None  # InputsConfig: exactly one task input
     task = LoraAdapter.load(cfg.inputs.task_adapter, label="task adapter")
     src = open_sources(cfg)
+    unaligned = (src.unaligned, str(cfg.inputs.unaligned)) if src.unaligned is not None else None
+    role_warnings = check_lora_inputs(task, safety, src.aligned, unaligned)
     inputs = src.inputs | {"task_adapter": _adapter_info(task, cfg.inputs.task_adapter)}
     device = resolve_device(cfg.run.device)
     if src.sketch is not None:
@@ -321,8 +334,11 @@ def run_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report, Lor
     else:
         assert src.aligned is not None and src.unaligned is not None  # InputsConfig
         records = _similarities(src.aligned, src.unaligned, task, device, progress)
+        check_some_v((r.flags for r in records), ZERO_V, cfg.inputs.aligned, str(cfg.inputs.unaligned))
     report = _selected_report(cfg, command, inputs, records)
     note_sketch(report, src, cfg)
+    for msg in role_warnings:
+        _warn(report, msg)
     return report, task, src.aligned
 
 
@@ -335,6 +351,8 @@ def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report
     assert aligned is not None
     model, info_task = open_checkpoint(cfg.inputs.task_model, "task model", cfg.run.allow_pickle)
     task = FullModel.open(model, aligned, src.unaligned, cfg.inputs.modules)
+    if src.unaligned is not None:
+        check_distinct(aligned, src.unaligned, [m + ".weight" for m in task.modules])
     inputs = src.inputs | {"task_model": info_task}
     device = resolve_device(cfg.run.device)
     if src.sketch is not None:
@@ -342,6 +360,7 @@ def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report
     else:
         assert src.unaligned is not None  # InputsConfig: unaligned or subspace
         records = full_similarities(aligned, src.unaligned, task, device, progress)
+        check_some_v((r.flags for r in records), ZERO_V, cfg.inputs.aligned, str(cfg.inputs.unaligned))
     report = _selected_report(cfg, command, inputs, records)
     note_sketch(report, src, cfg)
     if task.missing_unaligned:
@@ -536,7 +555,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     if cfg.merge.merge_into_base and cfg.inputs.aligned is None:
         raise InputError("merge_into_base needs aligned (the base weights the merged update is added to)")
     safety = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
-    report, task, aligned = run_scan(cfg, "merge", progress)
+    report, task, aligned = run_scan(cfg, "merge", progress, safety)
     report.command = "merge"
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
     _check_pair(task, safety, report)
@@ -680,6 +699,7 @@ def open_safety(cfg: MergeConfig) -> tuple[SafetyUpdates, str, dict[str, Any]]:
         return ModelSafety(ckpt, aligned), "safety_model", info
     assert cfg.safety_adapter is not None  # MergeConfig: exactly one safety input
     adapter = LoraAdapter.load(cfg.safety_adapter, label="safety adapter")
+    check_fits(adapter, aligned, "safety adapter")
     safety = LoraSafety(adapter, aligned, conv1d_layout(aligned))
     return safety, "safety_adapter", _adapter_info(adapter, cfg.safety_adapter)
 
@@ -693,6 +713,12 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
     safety, safety_key, safety_info = open_safety(cfg)
     report, task, aligned = run_full_scan(cfg, "merge", progress)
     report.inputs[safety_key] = safety_info
+    if isinstance(safety, LoraSafety):  # after the scan's check that the two models differ
+        if cfg.inputs.unaligned is not None:
+            local = Path(report.inputs["unaligned"]["local_dir"])
+            check_not_swapped(safety.adapter, "safety adapter", (cfg.inputs.unaligned, local))
+        if msg := role_warning(safety.adapter, "safety adapter"):
+            _warn(report, msg)
     if isinstance(safety, LoraSafety) and (unused := safety.unused(task.modules)):
         _warn(report, f"{len(unused)} module(s) of the safety adapter are not scanned and are ignored: "
               f"{_listed(unused)}")  # fmt: skip

@@ -50,6 +50,7 @@ from safemerge.engine.checkpoint import (
     resolve_local_dir,
 )
 from safemerge.engine.criterion import FLOAT32_TINY, ZERO_V, Similarity
+from safemerge.engine.inputs import check_distinct
 from safemerge.engine.lora import natural_key
 from safemerge.engine.merging import module_seed
 
@@ -549,6 +550,7 @@ def subspace(cfg: SubspaceConfig, progress: bool = False) -> SubspaceResult:
     layout = _layout(aligned, cfg.layout)
     device = _device(cfg.device)
     keys = discover_modules(aligned, unaligned, cfg.modules)
+    check_distinct(aligned, unaligned, list(keys.values()))  # V = 0: nothing to sketch
     first = next(iter(keys.values()))
     info_al["probe"], info_un["probe"] = _probe(aligned, first), _probe(unaligned, first)
     with atomic_output_dir(out, cfg.force) as tmp:
