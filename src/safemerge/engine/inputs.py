@@ -239,7 +239,7 @@ def check_lora_inputs(
     before any tensor work; returns the warnings (adapters trained for the other role)."""
     if aligned is not None:
         check_untied(task, aligned, "task adapter")
-        if safety is not None:
+        if safety is not None and safety.fan_in_fan_out == task.fan_in_fan_out:  # else: the merge names it
             check_fits(safety, aligned, "safety adapter")
     elif safety is not None:
         check_same_shapes(task, safety)
