@@ -153,7 +153,7 @@ def test_nan_or_inf_in_inputs(env: dict[str, Path], tmp_path: Path, where: str) 
     edit_tensors(d, fname, poison)
     out = tmp_path / "out"
     needle = "model.layers.2.self_attn.q_proj" if where == "aligned" else "model.layers.1.self_attn.v_proj"
-    assert_bad(env, [*merge_args(env, out, **{where: d}), "--threshold", "1.01"], out, needle, "NaN or Inf")
+    assert_bad(env, [*merge_args(env, out, **{where: d}), "--threshold", "1"], out, needle, "NaN or Inf")
 
 
 def test_nan_elsewhere_in_the_aligned_model_is_caught_when_writing_the_full_model(
@@ -174,7 +174,7 @@ def test_dora_adapter(env: dict[str, Path], tmp_path: Path) -> None:
 def test_unequal_ranks_in_peft_linear_mode(env: dict[str, Path], tmp_path: Path) -> None:
     r8 = save_adapter(env["aligned"], tmp_path / "r8", seed=3, r=8)
     out = tmp_path / "out"
-    args = [*merge_args(env, out, safety=r8), "--mode", "peft-linear", "--threshold", "1.01"]
+    args = [*merge_args(env, out, safety=r8), "--mode", "peft-linear", "--threshold", "1"]
     assert_bad(env, args, out, "peft-linear needs equal ranks", "r=4", "r=8")
 
 

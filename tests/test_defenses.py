@@ -308,9 +308,9 @@ def test_resta_output_loads_as_a_model(env: dict[str, Path], tmp_path: Path) -> 
 
 
 # --- merge-all, none, scale-only ------------------------------------------------------------------
-def test_merge_all_equals_safemerge_with_tau_above_one(env: dict[str, Path], tmp_path: Path) -> None:
+def test_merge_all_equals_safemerge_with_tau_one(env: dict[str, Path], tmp_path: Path) -> None:
     a = defend(dcfg(env, tmp_path / "all", method="merge-all"))
-    b = defend(dcfg(env, tmp_path / "tau", method="safemerge", threshold=1.5))
+    b = defend(dcfg(env, tmp_path / "tau", method="safemerge", threshold=1.0))
     assert a.modified == b.modified == len(a.report.modules)
     ta = load_file(tmp_path / "all" / "adapter_model.safetensors")
     tb = load_file(tmp_path / "tau" / "adapter_model.safetensors")
@@ -332,7 +332,7 @@ def test_none_is_the_identity(env: dict[str, Path], tmp_path: Path) -> None:
 def test_scale_only_control_scales_the_safemerge_selection(env: dict[str, Path], tmp_path: Path) -> None:
     tau = sorted(rhos(env).values())[3] + 1e-4
     sm = defend(dcfg(env, tmp_path / "sm", threshold=tau))
-    ctl = defend(dcfg(env, tmp_path / "ctl", threshold=tau, weights=(0.8, 0.0)))
+    ctl = defend(dcfg(env, tmp_path / "ctl", threshold=tau, weights=(0.8, 0.0), allow_any_weights=True))
     sel = {m.name for m in sm.report.modules if m.merged}
     assert sel == {m.name for m in ctl.report.modules if m.merged} and len(sel) == 4
     task, got = deltas(env["task"]), deltas(tmp_path / "ctl")
@@ -409,7 +409,8 @@ def test_cli_defend(env: dict[str, Path], tmp_path: Path) -> None:
 # Which options applied to which method in 0.1.0 (its config's APPLIES table), copied as the oracle.
 _COMMON = {"method", "aligned", "unaligned", "task_adapter", "out", "device", "allow_pickle", "force", "plot"}
 _SELECTION = {"threshold", "top_k", "fraction"}
-_MERGE = {"safety_adapter", "weights", "mode", "merge_method", "density", "seed", "rank"}
+# Added after 0.1.0: allow_any_weights, the permission for weights outside the convex pairs (docs/engine.md).
+_MERGE = {"safety_adapter", "weights", "allow_any_weights", "mode", "merge_method", "density", "seed", "rank"}
 _FULL = {"merge_into_base", "max_shard_size"}
 # Added after 0.1.0: full fine-tunes and sketches as inputs of every defence (docs/defenses.md).
 _INPUTS = {"task_model", "modules", "subspace", "ignore_fingerprint"}

@@ -226,11 +226,11 @@ def square_gpt2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_merge_into_base_square_conv1d(square_gpt2: dict[str, Path], tmp_path: Path, method: str) -> None:
     env = square_gpt2
     if method == "safelora":
-        expected = expected_safelora(env, conv1d=True, tau=1.01, preserve_norm=False)
-        args = ["defend", "-m", "safelora", *base_args(env), "--threshold", "1.01"]
+        expected = expected_safelora(env, conv1d=True, tau=1.0, preserve_norm=False)
+        args = ["defend", "-m", "safelora", *base_args(env), "--threshold", "1"]
     else:
-        expected = expected_safemerge(env, conv1d=True, tau=1.01, weights=(0.8, 0.2))
-        args = ["defend", "-m", "safemerge", *base_args(env, safety=True), "--threshold", "1.01"]
+        expected = expected_safemerge(env, conv1d=True, tau=1.0, weights=(0.8, 0.2))
+        args = ["defend", "-m", "safemerge", *base_args(env, safety=True), "--threshold", "1"]
     assert all(p for _, p in expected.values())
     for want, _ in expected.values():  # premise: ΔW' is not symmetric, so a transpose is visible
         assert (want - want.T).norm() > 0.1 * want.norm()

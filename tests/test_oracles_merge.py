@@ -220,7 +220,7 @@ def test_peft_linear_negative_weight_matches_peft_add_weighted_adapter(tmp_path:
     cfg = MergeConfig.from_flat(
         aligned=str(tmp_path / "aligned"), unaligned=str(tmp_path / "unaligned"),
         task_adapter=str(tmp_path / "task"), safety_adapter=str(tmp_path / "safety"), out=str(out),
-        threshold=1.01, weights=(0.8, -0.2), mode="peft-linear", plot=False,
+        threshold=1.0, weights=(0.8, -0.2), allow_any_weights=True, mode="peft-linear", plot=False,
     )  # fmt: skip
     merge(cfg)
     ref = peft_linear_deltas(tmp_path / "aligned", tmp_path / "task", tmp_path / "safety", [0.8, -0.2])

@@ -88,7 +88,7 @@ def test_exact_mode_matches_peft_cat_and_the_formula(
     task = save_adapter(al, tmp_path / "task", seed=1, r=4, alpha=8, arch=arch, **kw)
     safety = save_adapter(al, tmp_path / "safety", seed=2, r=2, alpha=2, arch=arch, **kw)
     env = {"aligned": al, "unaligned": un, "task": task, "safety": safety}
-    report = merge(cfg(env, tmp_path / "out", threshold=1.01))
+    report = merge(cfg(env, tmp_path / "out", threshold=1.0))
     assert report.summary["selected"] == report.summary["merged"] == len(report.modules) > 0
     if arch == "qwen2":  # q/k/v biases exist in the checkpoint but are never paired with LoRA factors
         assert any(k.endswith("q_proj.bias") for k in _keys(al))
@@ -154,7 +154,7 @@ def test_fraction_policy(llama: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_peft_linear_mode_matches_peft_linear(llama: dict[str, Path], tmp_path: Path) -> None:
-    merge(cfg(llama, tmp_path / "out", threshold=1.01, mode="peft-linear"))
+    merge(cfg(llama, tmp_path / "out", threshold=1.0, mode="peft-linear"))
     ref = peft_deltas(
         llama["aligned"],
         {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"},
@@ -170,7 +170,7 @@ def test_peft_linear_mode_matches_peft_linear(llama: dict[str, Path], tmp_path: 
 def test_logits_of_output_adapter_match_weights_edited_by_the_formula(
     llama: dict[str, Path], tmp_path: Path
 ) -> None:
-    report = merge(cfg(llama, tmp_path / "out", top_k=3, weights=(0.7, 0.4)))
+    report = merge(cfg(llama, tmp_path / "out", top_k=3, weights=(0.7, 0.4), allow_any_weights=True))
     tokens = torch.tensor([[1, 5, 9, 22, 40, 3]])
     model = AutoModelForCausalLM.from_pretrained(llama["aligned"], dtype=torch.float32)
     with torch.no_grad():
@@ -237,7 +237,7 @@ def test_svd_error_is_zero_for_linear_through_svd_with_enough_rank(
 ) -> None:
     # DARE at density 1 drops nothing: the merge is w_f ΔW_f + w_s ΔW_s, rank 4 + 4 = the output rank.
     with pytest.warns(UserWarning, match="no pruning"):
-        report = merge(cfg(llama, tmp_path / "out", threshold=1.01, method="dare_linear", density=1.0))
+        report = merge(cfg(llama, tmp_path / "out", threshold=1.0, method="dare_linear", density=1.0))
     assert all(m.svd_rel_error is not None and m.svd_rel_error < 1e-6 for m in report.modules)
     ref = peft_deltas(
         llama["aligned"], {"task": llama["task"], "safety": llama["safety"], "out": tmp_path / "out"}
@@ -301,7 +301,7 @@ def test_modules_only_in_one_adapter(llama: dict[str, Path], tmp_path: Path) -> 
     env = dict(llama, safety=safety_q)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = merge(cfg(env, tmp_path / "out", threshold=1.01))
+        report = merge(cfg(env, tmp_path / "out", threshold=1.0))
     text = " ".join(str(w.message) for w in caught)
     assert "targeted only by the safety adapter are ignored" in text
     assert "no safety counterpart" in text

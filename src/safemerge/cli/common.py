@@ -5,6 +5,7 @@ Kept apart from `cli.py` so that command modules can import them without importi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,15 +14,22 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from safemerge.common.errors import InputError
+from safemerge.common.errors import InputError, SafemergeWarning
 
 console = Console(stderr=True)
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:
-    """Run a command body, mapping bad input to exit code 2 and unexpected failures to exit code 1."""
+    """Run a command body, mapping bad input to exit code 2 and unexpected failures to exit code 1.
+
+    safemerge's own warnings (`SafemergeWarning`) are printed once each, as they happen, styled like the
+    errors and without the source line Python adds; the reports keep them in full. Warnings of the
+    libraries (transformers, peft, torch) are printed as those libraries word them."""
     try:
-        return fn()
+        with warnings.catch_warnings():  # restores the filters and `showwarning` afterwards
+            warnings.simplefilter("always", SafemergeWarning)  # deduplicated by text below
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            return fn()
     except InputError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # `[ray]` as written
         raise typer.Exit(2) from None
@@ -33,6 +41,23 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
             f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
         )
         raise typer.Exit(1) from None
+
+
+def _warning_printer(library: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` that prints each distinct safemerge warning once as `warning: …` on
+    stderr and hands other warnings to `library` (Python's own printer)."""
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, SafemergeWarning):
+            library(message, category, *args, **kwargs)
+            return
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+
+    return show
 
 
 # --- scan / merge ------------------------------------------------------------------------------------
@@ -109,6 +134,14 @@ PickleOpt = Annotated[
     ),
 ]
 PlotOpt = Annotated[bool | None, typer.Option("--plot/--no-plot", help="Write similarity.png. Default on.")]
+AllowAnyWeightsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-any-weights",
+        help="Accept --weights outside [0, 1] or not summing to 1: the scale-only control 0.8,0, or a "
+        "negative weight that subtracts an update. Default off.",
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed of DARE masks and randomised SVD. Default 0.")]
 RankOpt = Annotated[int | None, typer.Option(help="Output rank for TIES/DARE. Default r_task + r_safety.")]
 MaxShardOpt = Annotated[str | None, typer.Option(help="Largest shard of a full model. Default 2GB.")]

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from safemerge.cli.common import (
     AlignedOpt,
+    AllowAnyWeightsOpt,
     ConfigArg,
     DeviceOpt,
     ForceOpt,
@@ -80,9 +81,11 @@ def defend_command(
     weights: Annotated[
         str | None,
         typer.Option(
-            help="w_task,w_safety on merged modules. Default 0.8,0.2; 0.8,0 is the scale-only control."
+            help="w_task,w_safety on merged modules. Default 0.8,0.2; 0.8,0 (with --allow-any-weights) is "
+            "the scale-only control."
         ),
     ] = None,
+    allow_any_weights: AllowAnyWeightsOpt = None,
     mode: Annotated[
         str | None, typer.Option(help="exact (default) or peft-linear (the released code's factor mixing).")
     ] = None,

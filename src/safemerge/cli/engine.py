@@ -10,6 +10,7 @@ from rich.console import Console
 
 from safemerge.cli.common import (
     AlignedOpt,
+    AllowAnyWeightsOpt,
     ConfigArg,
     DeviceOpt,
     ForceOpt,
@@ -96,6 +97,7 @@ def merge_command(
     weights: Annotated[
         str | None, typer.Option(help="w_task,w_safety applied to selected modules. Default 0.8,0.2.")
     ] = None,
+    allow_any_weights: AllowAnyWeightsOpt = None,
     mode: Annotated[
         str | None,
         typer.Option(

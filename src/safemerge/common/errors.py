@@ -3,3 +3,8 @@
 
 class InputError(Exception):
     """Bad user input: a missing or malformed file, tensor or option. The message names the culprit."""
+
+
+class SafemergeWarning(UserWarning):
+    """A warning of safemerge itself (not of a library it uses): the CLI prints it once, styled, and the
+    engine also records it in the report's `warnings`."""

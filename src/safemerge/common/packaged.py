@@ -153,3 +153,9 @@ def is_packaged_alias(name: str) -> bool:
 def resolve_model(name: str) -> str:
     """Map an alias of the packaged model to its converted directory (built once); pass others on."""
     return str(smollm2_dir()) if is_packaged_alias(name) else name
+
+
+def is_peft_adapter_dir(name: str) -> bool:
+    """Whether `name` is a local directory holding a PEFT adapter (`adapter_config.json`): given where a
+    model is expected, transformers fails on it with an unrelated tokenizer error."""
+    return (Path(name) / "adapter_config.json").is_file()

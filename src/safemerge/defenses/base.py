@@ -32,8 +32,9 @@ COMMON_OPTIONS = frozenset(
     | {"task_model", "modules", "subspace", "ignore_fingerprint"}
 )
 SELECTION = frozenset(SELECTION_OPTIONS)
-# Options that say how to write, not what is computed: left out of a defence's `settings`.
-WRITE_OPTIONS = frozenset({"max_shard_size"})
+# Options that say how to write, or permit a value, not what is computed: left out of a defence's
+# `settings` (so an experiment cell's key does not depend on them).
+WRITE_OPTIONS = frozenset({"max_shard_size", "allow_any_weights"})
 
 
 @dataclass

@@ -32,6 +32,7 @@ from safemerge.engine.fullft import change_norm
 from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
 from safemerge.engine.merging import exact_merge, pad_rank
 from safemerge.engine.pipeline import (
+    dtype_name,
     lora_delta_norm,
     open_checkpoint,
     output_scaling,
@@ -115,6 +116,7 @@ class SafeLora(Defense):
             "output_rank": rank,
             "output_scaling": out_scale,
             "output_lora_alpha": alpha,
+            "output_dtype": dtype_name(task.output_dtype()),
         }
         full = write_outputs(cfg, tmp, out, task, aligned, factors, (rank, alpha, out_scale), progress)
         report.outputs = {"adapter": str(out), "report": str(out / "safemerge_report.json")}
@@ -200,7 +202,7 @@ def write_outputs(
 ) -> Path | None:
     """Write the adapter (rank, lora_alpha, scaling = `shape`) and, with merge_into_base, the full model."""
     rank, alpha, out_scale = shape
-    dtype = task.storage_dtype()
+    dtype = task.output_dtype()  # float32 for a half-precision task adapter (docs/engine.md)
     stored = {m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()}
     # Safe LoRA reads the unaligned model, so InputsConfig has required the aligned one: it is the base.
     write_adapter(tmp, task.config, stored, rank, alpha, cfg.inputs.aligned, task.read_extra())

@@ -14,7 +14,9 @@ def scan_config(cfg: DefendConfig, selection: dict[str, Any] | None = None) -> S
     """The engine scan of the defence's inputs, under `selection` (default: the resolved policy)."""
     policy = selection if selection is not None else cfg.resolved_selection
     run = cfg.run.model_copy(update={"force": False})
-    return ScanConfig(selection=SelectionConfig(**policy), inputs=cfg.inputs, run=run)
+    # fraction 0: ρ only, no module selected (a policy users cannot give: it selects nothing)
+    chosen = SelectionConfig.scan_only() if policy == {"fraction": 0.0} else SelectionConfig(**policy)
+    return ScanConfig(selection=chosen, inputs=cfg.inputs, run=run)
 
 
 def without_selection(options: dict[str, Any]) -> dict[str, Any]:

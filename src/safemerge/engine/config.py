@@ -9,9 +9,10 @@ SafeMERGE setup: τ = 0.35, weights 0.8/0.2; see docs/method.md §3–4).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from safemerge.common.config_io import FlatConfig
 
@@ -102,8 +103,29 @@ class SelectionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threshold: float | None = Field(None, description="select modules with round(ρ, 5) < threshold")
-    top_k: int | None = Field(None, ge=0, description="select the k modules with the lowest ρ")
-    fraction: float | None = Field(None, ge=0.0, le=1.0, description="select the lowest-ρ fraction")
+    top_k: int | None = Field(None, description="select the k modules with the lowest ρ")
+    fraction: float | None = Field(None, description="select the lowest-ρ fraction")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], where ρ lies (got {value:g})")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"top_k must be at least 1 (got {value}); it selects the k lowest-ρ modules")
+        return value
+
+    @field_validator("fraction")
+    @classmethod
+    def _fraction_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"fraction must lie in (0, 1] (got {value:g}); 1 selects every module")
+        return value
 
     @model_validator(mode="after")
     def _one_policy(self) -> SelectionOptions:
@@ -125,6 +147,12 @@ class SelectionConfig(SelectionOptions):
         if not self.given():
             self.threshold = DEFAULT_THRESHOLD
         return self
+
+    @classmethod
+    def scan_only(cls) -> SelectionConfig:
+        """No module selected: the scan of a defence that needs ρ alone (it chooses modules its own way,
+        or none). Built without validation: `fraction` 0 is refused from users, as it selects nothing."""
+        return cls.model_construct(threshold=None, top_k=None, fraction=0.0)
 
     @property
     def policy(self) -> str:
@@ -148,11 +176,24 @@ def parse_weights(value: Any) -> Any:
     return parts
 
 
+WEIGHTS_TOLERANCE = 1e-9  # |w_task + w_safety - 1| allowed, for decimal inputs such as 0.7,0.3
+
+
 class MergeOptions(BaseModel):
-    """The merge operator on selected modules (docs/method.md §4) and the optional full-model output."""
+    """The merge operator on selected modules (docs/method.md §4) and the optional full-model output.
+
+    `weights` are a convex combination (each in [0, 1], summing to 1) unless `allow_any_weights`: then
+    any finite pair, e.g. the scale-only control (0.8, 0) or task arithmetic's negation (w < 0)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # declared before `weights`, whose check reads it
+    allow_any_weights: bool = Field(
+        False,
+        description="accept weights outside [0, 1] or not summing to 1 (the scale-only control 0.8,0; "
+        "negative weights subtract an update)",
+        exclude_if=omit_unset,
+    )
     weights: tuple[float, float] = Field(
         DEFAULT_WEIGHTS, description="(w_task, w_safety) on selected modules"
     )
@@ -165,6 +206,22 @@ class MergeOptions(BaseModel):
     max_shard_size: str = Field("2GB", description="largest output shard of the full model")
 
     _parse_weights = field_validator("weights", mode="before")(parse_weights)
+
+    @field_validator("weights")
+    @classmethod
+    def _convex(cls, value: tuple[float, float], info: ValidationInfo) -> tuple[float, float]:
+        shown = ",".join(f"{w:g}" for w in value)
+        if not all(math.isfinite(w) for w in value):
+            raise ValueError(f"weights must be finite numbers (got {shown})")
+        if info.data.get("allow_any_weights"):
+            return value
+        if not all(0.0 <= w <= 1.0 for w in value) or abs(sum(value) - 1.0) > WEIGHTS_TOLERANCE:
+            raise ValueError(
+                f"weights must each lie in [0, 1] and sum to 1 (got {shown}); for another pair, such as the "
+                "scale-only control 0.8,0 or a negative weight, add --allow-any-weights "
+                "(allow_any_weights: true)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _compatible(self) -> MergeOptions:

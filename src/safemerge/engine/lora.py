@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from safemerge.common.errors import InputError
+from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.engine.checkpoint import _read_safetensors_header, resolve_local_dir
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,6 +35,15 @@ _UNSUPPORTED_KEYS = {
     "lora_B.bias": "LoRA with lora_bias",
     "trainable_tokens_delta": "trainable tokens (trainable_token_indices)",  # PEFT 0.21's key
 }
+# init_lora_weights values after which the adapter's update is not s·B·A on the base it names: PEFT
+# (0.21, tuners/lora/layer.py `update_layer`) rewrites the base weight when it loads them — PiSSA,
+# OLoRA, CorDA subtract s·B0·A0, LoftQ quantises — and LoRA-GA subtracted s·B0·A0 at training time
+# (on load PEFT leaves the base alone, so the trained model is not reproduced either). Matched as
+# lower-case prefixes: PiSSA is also `pissa_niter_<n>`.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# values that only choose the initial A and B (PEFT's default True, False or null, and the inits that
+# leave the base weight alone); the loaded update is s·B·A
+_PLAIN_INITS = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class LoraAdapter:
     label: str = "adapter"
     revision: str | None = None
     _ranks: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what `load` warned about, for the report
 
     # --- loading ------------------------------------------------------------------------------
     @classmethod
@@ -98,12 +108,13 @@ class LoraAdapter:
                 )
             raise InputError(f"{directory}: {WEIGHTS_NAME} is missing — {label}")
         ranks, extra = _scan_header(weights, label)
+        notes = []
         if extra:
-            warnings.warn(
+            notes.append(
                 f"{label} {directory} carries non-LoRA tensors (modules_to_save): "
-                f"{', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}; they are copied unchanged",
-                stacklevel=2,
+                f"{', '.join(extra)}; they are copied unchanged"
             )
+            warnings.warn(notes[-1], SafemergeWarning, stacklevel=2)
         return cls(
             directory=directory,
             config=config,
@@ -113,6 +124,7 @@ class LoraAdapter:
             label=label,
             revision=revision,
             _ranks=ranks,
+            warnings=notes,
         )
 
     # --- per-module facts ---------------------------------------------------------------------
@@ -156,13 +168,20 @@ class LoraAdapter:
         return LoraFactors(A=a, B=b, scaling=self.scaling(module))
 
     def storage_dtype(self) -> torch.dtype:
-        """The dtype the factors are stored in (output adapters keep it)."""
+        """The dtype the factors are stored in."""
         header = _read_safetensors_header(self.weights_file)
         names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
         for key, info in header.items():
             if key != "__metadata__" and "lora_" in key:
                 return names.get(info["dtype"], torch.float32)
         return torch.float32
+
+    def output_dtype(self) -> torch.dtype:
+        """The dtype of the factors of an adapter written from this one: float64 stays, anything else is
+        float32. Merged factors of a half-precision adapter rounded back to bfloat16 would err by ~1e-3 of
+        ‖ΔW‖; float32 holds them (and any half-precision factor exactly), and PEFT loads float32 factors
+        onto a half-precision model as it loads any adapter (docs/engine.md, "Output rank and scaling")."""
+        return torch.float64 if self.storage_dtype() == torch.float64 else torch.float32
 
     def read_extra(self) -> dict[str, torch.Tensor]:
         """The non-LoRA tensors (modules_to_save, ...), unchanged."""
@@ -259,6 +278,43 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
         raise InputError(f"{path}: layer_replication is not supported")
     if config.get("trainable_token_indices"):
         raise InputError(f"{path}: trainable tokens (trainable_token_indices) are not supported")
+    _check_init(config.get("init_lora_weights", True), path)
+
+
+def _check_init(init: Any, path: Path) -> None:
+    """Refuse an `init_lora_weights` after which the saved factors are not the update to the base model:
+    the merge would use s·B·A while PEFT loads something else (docs/engine.md, "Adapters and settings
+    that are refused")."""
+    name = init.lower() if isinstance(init, str) else init
+    if isinstance(name, str) and name.startswith("loftq"):
+        raise InputError(
+            f"{path}: init_lora_weights {init!r} — PEFT replaces the base weights by their quantised "
+            "approximation when it loads a LoftQ adapter, so its update to the base model is not s·B·A; "
+            "LoftQ adapters cannot be merged"
+        )
+    if isinstance(name, str) and name.startswith(_BASE_REWRITING_INITS):
+        raise InputError(
+            f"{path}: init_lora_weights {init!r} — PEFT subtracts the initial s·B0·A0 from the base weights "
+            "for this initialisation (when it loads the adapter, or for LoRA-GA when it was trained), so "
+            "the adapter's update to the base model is not s·B·A; save it as a plain LoRA with "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before "
+            "training, with init_lora_weights=True>)"
+        )
+    if not any(name is v or name == v for v in _PLAIN_INITS):
+        raise InputError(
+            f"{path}: init_lora_weights {init!r} is unknown to safemerge (known: true, false, gaussian, "
+            "eva, orthogonal, mica); PEFT may change the base weights when it loads such an adapter"
+        )
+
+
+# settings of an initialisation, with PEFT's defaults: a merged adapter (init_lora_weights True) does
+# not use them, and PEFT warns that they are ignored when it loads one that carries them
+_INIT_SETTINGS: dict[str, Any] = {
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+}
 
 
 def adapter_key(module: str, which: str) -> str:
@@ -275,8 +331,11 @@ def write_adapter(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a PEFT adapter (config + safetensors) whose modules all share `rank` and `lora_alpha`.
-    `base_model` None (no base known) is written as null, PEFT's own default."""
+    `base_model` None (no base known) is written as null, PEFT's own default. `init_lora_weights` is
+    PEFT's default True: a value that rewrites the base weight on load would make PEFT change the base
+    under the merged factors, and the settings of data-driven inits (eva, ...) no longer apply."""
     config = dict(base_config)
+    config.update({k: v for k, v in _INIT_SETTINGS.items() if k in config})
     config.update(
         r=rank,
         lora_alpha=lora_alpha,
@@ -286,6 +345,7 @@ def write_adapter(
         base_model_name_or_path=base_model,
         lora_dropout=0.0,
         inference_mode=True,
+        init_lora_weights=True,
     )
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(factors, key=natural_key):

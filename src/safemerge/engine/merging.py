@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from safemerge.common.errors import SafemergeWarning
 from safemerge.engine.lora import LoraFactors
 
 F64 = torch.float64
@@ -105,6 +106,11 @@ def dare_in_order(deltas: list[torch.Tensor], density: float, seed: int) -> list
         return [delta * torch.bernoulli(torch.full_like(delta, density)) / density for delta in deltas]
 
 
+def dare_no_pruning(density: float) -> str:
+    """The warning of DARE at density ≥ 1 (PEFT's words): nothing is dropped."""
+    return f"The density {density} is greater than or equal to 1, no pruning will be performed."
+
+
 def merge_dense(
     deltas: list[torch.Tensor], weights: list[float], method: str, density: float, seed: int
 ) -> torch.Tensor:
@@ -130,8 +136,7 @@ def merge_dense(
     if method not in ("dare_linear", "dare_ties"):
         raise ValueError(f"unknown merge method {method!r}")
     if density >= 1.0:  # nothing is dropped; PEFT's dare_* said so, and merges still do
-        message = f"The density {density} is greater than or equal to 1, no pruning will be performed."
-        warnings.warn(message, UserWarning, stacklevel=2)
+        warnings.warn(dare_no_pruning(density), SafemergeWarning, stacklevel=2)
     pruned = dare_in_order(deltas, density, seed)
     if method == "dare_linear":
         return task_arithmetic(pruned, w)

@@ -20,7 +20,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safemerge.common.config_io import plain_dump
-from safemerge.common.errors import InputError
+from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.engine.checkpoint import Checkpoint, file_sha256, find_module_weight, resolve_local_dir
 from safemerge.engine.config import MergeConfig, MergeOptions, ScanConfig, SelectionConfig
@@ -53,6 +53,7 @@ from safemerge.engine.inputs import (
 )
 from safemerge.engine.lora import LoraAdapter, LoraFactors, layer_index, module_type, write_adapter
 from safemerge.engine.merging import (
+    dare_no_pruning,
     exact_merge,
     merge_dense,
     module_seed,
@@ -92,8 +93,14 @@ def module_similarity(
 def select(rhos: list[float], selection: SelectionConfig, last: Collection[int] = ()) -> list[bool]:
     """Apply the configured selection policy to a list of ρ. The ranking policies (top-k, fraction) rank
     the indices in `last` (the `zero-V` modules, see `ranked_last`) after all others; the threshold
-    policy compares every ρ with τ as it is."""
+    policy compares every ρ with τ as it is. A k above the number of modules is refused (InputError):
+    it would silently select them all."""
     if selection.top_k is not None:
+        if selection.top_k > len(rhos):
+            raise InputError(
+                f"top_k {selection.top_k} is more than the {len(rhos)} modules scanned: give --top-k between "
+                f"1 and {len(rhos)} (or --fraction 1 for every module)"
+            )
         return select_top_k(rhos, selection.top_k, last)
     if selection.fraction is not None:
         return select_fraction(rhos, selection.fraction, last)
@@ -297,7 +304,7 @@ def note_sketch(report: Report, src: ScanSources, cfg: ScanConfig) -> None:
         return
     sketch = src.sketch
     report.options["rho_source"] = f"rank-{sketch.rank} sketch of V ({cfg.inputs.subspace})"
-    report.warnings.extend(src.warnings)
+    report.warnings.extend(src.warnings)  # Sketch.check_fingerprint has warned already
     tau = cfg.selection.threshold  # None under top-k / fraction (one policy at a time)
     if tau is None:
         return
@@ -308,9 +315,10 @@ def note_sketch(report: Report, src: ScanSources, cfg: ScanConfig) -> None:
         and near_threshold(r.rho, tau, measured_error(sketch.rank_of(r.name)))
     ]
     if close:
-        report.warnings.append(
+        _warn(
+            report,
             f"{len(close)} module(s) have rho within the measured sketch error of the threshold {tau}; the "
-            f"exact criterion may decide them differently: {_listed(close)}"
+            f"exact criterion may decide them differently: {_listed(close)}",
         )
 
 
@@ -336,6 +344,7 @@ def run_scan(
         records = _similarities(src.aligned, src.unaligned, task, device, progress)
         check_some_v((r.flags for r in records), ZERO_V, cfg.inputs.aligned, str(cfg.inputs.unaligned))
     report = _selected_report(cfg, command, inputs, records)
+    report.warnings[:0] = task.warnings  # LoraAdapter.load has warned already
     note_sketch(report, src, cfg)
     for msg in role_warnings:
         _warn(report, msg)
@@ -364,9 +373,10 @@ def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report
     report = _selected_report(cfg, command, inputs, records)
     note_sketch(report, src, cfg)
     if task.missing_unaligned:
-        report.warnings.append(
+        _warn(
+            report,
             f"{len(task.missing_unaligned)} module(s) are not in the unaligned model and were not scanned: "
-            f"{_listed(task.missing_unaligned)}"
+            f"{_listed(task.missing_unaligned)}",
         )
     return report, task, aligned
 
@@ -383,9 +393,7 @@ def _selected_report(
     report = Report(command, inputs, options, records, library_versions())
     for rec in records:
         if rec.flags:
-            report.warnings.append(
-                f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0"
-            )
+            _warn(report, f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0")
     return report
 
 
@@ -558,6 +566,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     report, task, aligned = run_scan(cfg, "merge", progress, safety)
     report.command = "merge"
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
+    report.warnings.extend(safety.warnings)  # LoraAdapter.load has warned already
     _check_pair(task, safety, report)
     modules = set(task.lora_modules)
     opts = cfg.merge
@@ -571,16 +580,31 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         density=opts.density,
         seed=opts.seed,
         rank=opts.rank,
-        dtype=task.storage_dtype(),
+        dtype=task.output_dtype(),
     )
     _record_merge(report, result, safety, opts.weights)
+    report.options["output_dtype"] = dtype_name(task.output_dtype())
+    note_dare_density(report, opts)
     with atomic_output_dir(out, cfg.run.force) as tmp:
         _write_merge(cfg, report, result, task, aligned, tmp, progress)
     return report
 
 
 def _listed(names: list[str]) -> str:
-    return f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+    """Every name, comma-separated: a report lists all the modules a warning is about."""
+    return ", ".join(names)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float32` → "float32", as the report states the output dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
+def note_dare_density(report: Report, opts: MergeOptions) -> None:
+    """DARE with density 1 drops nothing: the report says so (merging.merge_dense warns the same words,
+    so the report is complete without a second warning on the console)."""
+    if opts.method.startswith("dare") and opts.density >= 1.0:
+        report.warnings.append(dare_no_pruning(opts.density))
 
 
 def warn_no_counterpart(report: Report, missing: list[str]) -> None:
@@ -594,8 +618,8 @@ def warn_no_counterpart(report: Report, missing: list[str]) -> None:
 
 
 def _warn(report: Report, msg: str) -> None:
-    """A warning for the console and for the report's Warnings section."""
-    warnings.warn(msg, stacklevel=3)
+    """A warning for the console (a Python warning: the CLI prints it once) and for the report."""
+    warnings.warn(msg, SafemergeWarning, stacklevel=3)
     report.warnings.append(msg)
 
 
@@ -714,11 +738,13 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
     report, task, aligned = run_full_scan(cfg, "merge", progress)
     report.inputs[safety_key] = safety_info
     if isinstance(safety, LoraSafety):  # after the scan's check that the two models differ
+        report.warnings.extend(safety.adapter.warnings)  # LoraAdapter.load has warned already
         if cfg.inputs.unaligned is not None:
             local = Path(report.inputs["unaligned"]["local_dir"])
             check_not_swapped(safety.adapter, "safety adapter", (cfg.inputs.unaligned, local))
         if msg := role_warning(safety.adapter, "safety adapter"):
             _warn(report, msg)
+    note_dare_density(report, cfg.merge)
     if isinstance(safety, LoraSafety) and (unused := safety.unused(task.modules)):
         _warn(report, f"{len(unused)} module(s) of the safety adapter are not scanned and are ignored: "
               f"{_listed(unused)}")  # fmt: skip

@@ -292,6 +292,12 @@ The per-module similarities and decisions are in `safemerge_report.md`; the reso
     return front + "\n" + body
 
 
+def warnings_line(report: Report) -> str:
+    """The summary's pointer to the warnings, which were printed when they arose."""
+    where = f"; all of them in {report.outputs['report']}" if "report" in report.outputs else ""
+    return f"{len(report.warnings)} warning(s), printed above{where}"
+
+
 def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
     """A readable summary table on the console (the lowest-ρ modules first when there are many)."""
     s = report.summary
@@ -318,7 +324,7 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
         cells.append(", ".join(m.flags))
         table.add_row(*cells)
     console.print(table)
-    for w in report.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if report.warnings:  # each was a Python warning when it arose, printed then (by the CLI: once, styled)
+        console.print(warnings_line(report), highlight=False)
     for what, where in report.outputs.items():
         console.print(f"{what}: {where}", highlight=False)

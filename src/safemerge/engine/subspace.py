@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from safemerge import __version__
 from safemerge.common.config_io import FlatConfig
-from safemerge.common.errors import InputError
+from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.engine.checkpoint import (
     Checkpoint,
@@ -316,7 +316,7 @@ class Sketch:
         )
         if not ignore:
             raise InputError(msg + " (a different model, or a re-saved one)")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, SafemergeWarning, stacklevel=2)
         return msg
 
     # --- tensors ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from safemerge.common.packaged import is_peft_adapter_dir
 
 DEFAULT_GUARD = "meta-llama/Llama-Guard-3-8B"
 
@@ -39,3 +41,13 @@ class EvalConfig(BaseModel):
     no_cache: bool = False
     trust_remote_code: bool = False
     force: bool = False
+
+    @field_validator("model")
+    @classmethod
+    def _not_an_adapter(cls, model: str) -> str:
+        if is_peft_adapter_dir(model):
+            raise ValueError(
+                f"{model} is a PEFT adapter, not a model: pass the base model as --model and the adapter as "
+                f"--adapter {model}"
+            )
+        return model

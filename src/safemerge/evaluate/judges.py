@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safemerge.common.errors import InputError
+from safemerge.common.errors import InputError, SafemergeWarning
 
 # Typographic apostrophes and primes that models write for "'" (right/left single quotation mark,
 # modifier letter apostrophe, prime): "I’m sorry" must match "I'm sorry".
@@ -197,7 +197,7 @@ def guard_spec(model: str, warn: bool = True) -> GuardSpec:
             f"judge model {model!r} is not a known Llama Guard (Llama-Guard-3-8B, Llama-Guard-3-1B, "
             "Llama-Guard-4-12B): its conversation is built with string message content (the Llama Guard 3 "
             "8B format), and the rendered input is checked to contain the prompt and the response",
-            UserWarning,
+            SafemergeWarning,
             stacklevel=2,
         )
     return UNKNOWN_GUARD

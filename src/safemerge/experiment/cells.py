@@ -261,7 +261,9 @@ def derive_cells(cfg: ExperimentConfig, out: Path, chosen: Cell) -> list[Cell]:
             fields = {k: v for k, v in chosen.given.items() if k not in SELECTION_KEYS}
             point = {k: v for k, v in chosen.point.items() if k in fields}
         name = f"{chosen.name} {control}"
-        cell = defence_cell(cfg, out, method, _label(name, point), fields, where)
+        # the control's weights (w_task, 0) are not a convex pair: permitted here, not shown in tables
+        permit = {"allow_any_weights": True} if control == "scale-only" else {}
+        cell = defence_cell(cfg, out, method, _label(name, point), fields | permit, where)
         cell.point, cell.name, cell.given, cell.spec = point, name, fields, chosen.spec
         cell.role, cell.control = "derived", control
         out_cells.append(cell)

@@ -98,7 +98,7 @@ def defence_cells(s: FullFtSettings) -> list[tuple[str, str, str, dict[str, Any]
          {"method": "safemerge", "threshold": s.tau, "weights": list(w)}),
         (f"control-t{s.tau:g}-{_tag(control)}", "scale-only control",
          f"τ={s.tau:g}, w={w[0]:g}/0 (same modules, no safety LoRA)",
-         {"method": "safemerge", "threshold": s.tau, "weights": list(control)}),
+         {"method": "safemerge", "threshold": s.tau, "weights": list(control), "allow_any_weights": True}),
         (f"merge-all-{_tag(w)}", "merge-all", f"w={w[0]:g}/{w[1]:g} on every module",
          {"method": "merge-all", "weights": list(w)}),
     ]  # fmt: skip

@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from safemerge.common.packaged import is_peft_adapter_dir
+
 
 class TrainConfig(BaseModel):
     """Everything `safemerge train` needs; the YAML config keys are these field names."""
@@ -22,6 +24,15 @@ class TrainConfig(BaseModel):
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    @field_validator("model")
+    @classmethod
+    def _not_an_adapter(cls, model: str) -> str:
+        if is_peft_adapter_dir(model):
+            raise ValueError(
+                f"{model} is a PEFT adapter, not a model: pass the base model it was trained on as --model"
+            )
+        return model
 
     @field_validator("target_modules", mode="before")
     @classmethod
