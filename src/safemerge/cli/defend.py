@@ -10,6 +10,7 @@ from rich.console import Console
 
 from safemerge.cli.common import (
     AlignedOpt,
+    AllowPartialOpt,
     ConfigArg,
     DeviceOpt,
     ForceOpt,
@@ -94,6 +95,7 @@ def defend_command(
     ] = None,
     seed: SeedOpt = None,
     rank: RankOpt = None,
+    allow_partial: AllowPartialOpt = None,
     preserve_norm: Annotated[
         bool | None,
         typer.Option(
