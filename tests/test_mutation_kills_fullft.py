@@ -294,7 +294,7 @@ def test_safety_lora_rank_and_unused_modules_of_a_full_merge(bf16_sketched: dict
     card = (tmp_path / "out" / "README.md").read_text()
     front = f"---\nbase_model: {env['aligned']}\ntags:\n- safemerge\n- safety\n---\n"
     assert card.startswith(front)
-    assert f"the task model\n`{env['task']}`" in card and f"safety update of `{env['safety']}`" in card
+    assert f"the task\nmodel `{env['task']}`" in card and f"safety update of `{env['safety']}`" in card
     policy, merged = report.options["selection_policy"], report.summary["merged"]
     assert f"(selection: {policy}) and {merged} of them were set to" in card
     assert "The other 3 selected modules have no counterpart in the safety update" in card

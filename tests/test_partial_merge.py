@@ -91,14 +91,17 @@ def test_a_partial_merge_is_refused_and_nothing_is_written(
     assert list(tmp_path.iterdir()) == []  # neither OUT nor a temporary sibling of it
 
 
-def test_allow_partial_merges_and_every_headline_says_both_numbers(env: dict[str, Path], tmp_path: Path) -> None:
+def test_allow_partial_merges_and_every_headline_says_both_numbers(
+    env: dict[str, Path], tmp_path: Path
+) -> None:
     """`--allow-partial`: exit 0; the report records the option and a warning; the console title, the
     Markdown summary, the model card and the plot title say "N selected, M merged"; the card never calls
     the merged modules "the M of N modules whose update left the safety subspace"."""
     out = tmp_path / "out"
     code, text = invoke(merge_args(env, out, "--threshold", "1.01", "--allow-partial"))
     assert code == 0, text
-    headline = f"{N_ALL} of {N_ALL} modules selected, {N_QV} merged ({N_ALL - N_QV} kept as fine-tuned: no safety counterpart)"
+    kept_text = f"({N_ALL - N_QV} kept as fine-tuned: no safety counterpart)"
+    headline = f"{N_ALL} of {N_ALL} modules selected, {N_QV} merged {kept_text}"
     assert f"safemerge merge: {headline}" in flat(text)
     report = json.loads((out / "safemerge_report.json").read_text())
     assert report["options"]["allow_partial"] is True
@@ -116,7 +119,9 @@ def test_allow_partial_merges_and_every_headline_says_both_numbers(env: dict[str
     assert "allow_partial: true" in (out / "safemerge.yaml").read_text()
 
 
-def test_the_plot_title_says_both_numbers(env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_plot_title_says_both_numbers(
+    env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """similarity.png's title: "N of T modules selected, M merged" (read back from the figure)."""
     import matplotlib
 
@@ -125,7 +130,9 @@ def test_the_plot_title_says_both_numbers(env: dict[str, Path], tmp_path: Path, 
 
     monkeypatch.setattr(plt, "close", lambda *_: None)  # keep the figure to read it back
     plt.close("all")
-    code, text = invoke([*merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), "--plot"])
+    code, text = invoke(
+        [*merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), "--plot"]
+    )
     assert code == 0, text
     title = plt.gcf().axes[0].get_title()
     assert title.startswith(f"SafeMERGE: {N_ALL} of {N_ALL} modules selected, {N_QV} merged"), title
@@ -136,7 +143,9 @@ def test_a_full_merge_with_a_partial_safety_lora_is_refused(env: dict[str, Path]
     """A full fine-tune (`--task-model`, all seven projections scanned) with the q/v safety LoRA: exit 2
     before the model is written, pointing to `--safety-model` and the module types to train."""
     task = tmp_path / "task_model"
-    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(env["aligned"], dtype=torch.float32)
+    model = __import__("transformers").AutoModelForCausalLM.from_pretrained(
+        env["aligned"], dtype=torch.float32
+    )
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in model.parameters():
@@ -155,14 +164,18 @@ def test_a_full_merge_with_a_partial_safety_lora_is_refused(env: dict[str, Path]
     assert code == 0, text
     assert f"{N_ALL} of {N_ALL} modules selected, {N_QV} merged" in flat(text)
     card = flat((out / "README.md").read_text())
-    assert f"and {N_QV} of them were set to W_aligned" in card and "are the task model's as fine-tuned" in card
+    assert (
+        f"and {N_QV} of them were set to W_aligned" in card and "are the task model's as fine-tuned" in card
+    )
 
 
 # --- no column cut in a log --------------------------------------------------------------------------------
 def test_no_column_is_cut_in_a_log_80_columns_wide(env: dict[str, Path], tmp_path: Path) -> None:
     """The summary table of a command whose output is a file (not a terminal) 80 columns wide shows every
     flag whole: `no-safety-counterpart`, not `no-safety…`."""
-    code, text = invoke(merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), columns=80)
+    code, text = invoke(
+        merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), columns=80
+    )
     assert code == 0, text
     rows = [line for line in text.splitlines() if line.startswith("│") and "mlp.down_proj" in line]
     assert len(rows) == 3 and all("no-safety-counterpart" in row for row in rows), text
@@ -173,9 +186,19 @@ def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
     """`print_summary` on a non-terminal console 80 columns wide: every cell whole on its row; the
     console's width is left as it was."""
     mods = [
-        ModuleRecord(name=f"base_model.model.model.layers.{i}.mlp.gate_proj", layer=i, module_type="gate_proj",
-                     shape=(4, 4), rank_task=2, rho=0.1 * i, rho_rounded=0.1 * i, selected=True,
-                     delta_norm_in=1.0, flags=["no-safety-counterpart"], delta_norm_out=1.0)  # fmt: skip
+        ModuleRecord(
+            name=f"base_model.model.model.layers.{i}.mlp.gate_proj",
+            layer=i,
+            module_type="gate_proj",
+            shape=(4, 4),
+            rank_task=2,
+            rho=0.1 * i,
+            rho_rounded=0.1 * i,
+            selected=True,
+            delta_norm_in=1.0,
+            flags=["no-safety-counterpart"],
+            delta_norm_out=1.0,
+        )
         for i in range(3)
     ]
     buffer = io.StringIO()
@@ -192,13 +215,16 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny chat model pair and a task LoRA on all seven projections with r 6, alpha 12 (none of
     `train`'s defaults)."""
     setup = tiny_chat_setup(tmp_path_factory.mktemp("chat"))
-    setup["task7"] = save_adapter(setup["aligned"], setup["root"] / "task7", seed=1, r=6, alpha=12, targets=ALL7)
+    setup["task7"] = save_adapter(
+        setup["aligned"], setup["root"] / "task7", seed=1, r=6, alpha=12, targets=ALL7
+    )
     return setup
 
 
 def train_args(chat: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(chat["aligned"]), "--recipe", "safety", "--out", str(out), "--samples", "8",
-            "--max-steps", "1", "--batch-size", "4", "--max-length", "64", *extra]  # fmt: skip
+    """`train --recipe safety` for 1 step of 4 of 8 examples (seconds), plus `extra`."""
+    return ["train", "--model", str(chat["aligned"]), "--recipe", "safety", "--out", str(out), "--samples",
+            "8", "--max-steps", "1", "--batch-size", "4", "--max-length", "64", *extra]  # fmt: skip
 
 
 def test_train_like_copies_modules_rank_and_alpha_and_the_merge_is_whole(
@@ -225,7 +251,9 @@ def test_train_like_copies_modules_rank_and_alpha_and_the_merge_is_whole(
 
 
 @pytest.mark.parametrize("flag", [["--lora-r", "4"], ["--target-modules", "q_proj"], ["--lora-alpha", "3"]])
-def test_train_like_with_a_field_it_copies_is_refused(chat: dict[str, Path], tmp_path: Path, flag: list[str]) -> None:
+def test_train_like_with_a_field_it_copies_is_refused(
+    chat: dict[str, Path], tmp_path: Path, flag: list[str]
+) -> None:
     """`--like` with `--lora-r`, `--lora-alpha` or `--target-modules` is ambiguous: exit 2 naming both."""
     code, text = invoke(train_args(chat, tmp_path / "o", "--like", str(chat["task7"]), *flag))
     assert code == 2, text

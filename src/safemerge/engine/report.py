@@ -129,7 +129,7 @@ def _has_merge(report: Report) -> bool:
 
 
 def headline(report: Report) -> str:
-    """"N of T modules selected, M merged" — both numbers whenever the report carries merge results, and
+    """ "N of T modules selected, M merged" — both numbers whenever the report carries merge results, and
     how many selected modules were kept as fine-tuned (no safety counterpart: `allow_partial`)."""
     s = report.summary
     text = f"{s['selected']} of {s['modules']} modules selected"
@@ -267,11 +267,12 @@ def model_card(report: Report, base: str | None) -> str:
     body = f"""
 # SafeMERGE adapter
 
-A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239) from the task adapter
-`{report.inputs["task_adapter"]["path"]}`: {_selection_sentence(report)} merged with the safety adapter
+A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239) from the task
+adapter `{report.inputs["task_adapter"]["path"]}`:
+{_selection_sentence(report)} merged with the safety adapter
 `{report.inputs["safety_adapter"]["path"]}` (weights {tuple(o["weights"])}, mode `{o["mode"]}`, method
-`{o["method"]}`).{_kept_sentence(report, "the task adapter's")} All other modules are the task adapter's,
-unchanged.
+`{o["method"]}`).{_kept_sentence(report, "the task adapter's")}
+All other modules are the task adapter's, unchanged.
 
 Load it with:
 
@@ -290,7 +291,7 @@ The per-module similarities and decisions are in `safemerge_report.md`; the reso
 
 
 def _selection_sentence(report: Report) -> str:
-    """"N of T modules were selected (selection: …); M of them were" — the two numbers of a merge, never
+    """ "N of T modules were selected (selection: …); M of them were" — the two numbers of a merge, never
     one for the other (a partial merge merges fewer modules than it selects)."""
     s = report.summary
     return (
@@ -305,7 +306,7 @@ def _kept_sentence(report: Report, owner: str) -> str:
     if not kept:
         return ""
     return (
-        f" The other {kept} selected modules have no counterpart in the safety update and are {owner} "
+        f"\nThe other {kept} selected modules have no counterpart in the safety update and are {owner} "
         "as fine-tuned (a partial merge, allowed with `allow_partial`)."
     )
 
@@ -320,11 +321,12 @@ def full_model_card(report: Report) -> str:
     body = f"""
 # SafeMERGE model
 
-A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239) from the task model
-`{task}`: {_selection_sentence(report)} set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
+A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239) from the task
+model `{task}`:
+{_selection_sentence(report)} set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
 safety update of `{safety.get("path")}` (weights {tuple(o["weights"])}, method
-`{o["method"]}`).{_kept_sentence(report, "the task model's")} Every other tensor is the task model's,
-unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
+`{o["method"]}`).{_kept_sentence(report, "the task model's")}
+Every other tensor is the task model's, unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
 
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
 `safemerge.yaml`.
