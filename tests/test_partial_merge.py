@@ -209,6 +209,33 @@ def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
     assert console.width == 80
 
 
+def test_print_summary_in_a_narrow_terminal_ends_no_cell_in_an_ellipsis() -> None:
+    """In a terminal 80 columns wide the cells fold instead of ending in "…": every letter of the flag is
+    on the screen (split over two lines at most)."""
+    mods = [
+        ModuleRecord(
+            name=f"base_model.model.model.layers.{i}.mlp.gate_proj",
+            layer=i,
+            module_type="gate_proj",
+            shape=(4, 4),
+            rank_task=2,
+            rho=0.1 * i,
+            rho_rounded=0.1 * i,
+            selected=True,
+            delta_norm_in=1.0,
+            flags=["no-safety-counterpart"],
+            delta_norm_out=1.0,
+        )
+        for i in range(3)
+    ]
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
+    print_summary(Report("merge", {}, {}, mods, {}), console)
+    cells = [line.split("│")[-2].strip() for line in buffer.getvalue().splitlines() if line.startswith("│")]
+    assert "…" not in buffer.getvalue().replace("layers.…", "")
+    assert "".join(cells) == "no-safety-counterpart" * 3
+
+
 # --- train --like and all-linear ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -277,3 +304,33 @@ def test_train_all_linear_is_passed_to_peft_as_its_string(chat: dict[str, Path],
     assert "target_modules: all-linear" in (out / "train_config.yaml").read_text()
     code, text = invoke(train_args(chat, tmp_path / "b", "--target-modules", "all-linear,q_proj"))
     assert code == 2 and "all-linear stands alone" in flat(text), text
+
+
+# --- experiments: checked before any training -------------------------------------------------------------
+def experiment(safety_train: dict[str, object], options: dict[str, object]) -> object:
+    from safemerge.experiment.config import ExperimentConfig
+
+    return ExperimentConfig.model_validate({
+        "name": "partial", "out": "unused",
+        "setup": {"aligned": "al", "unaligned": "un", "task_train": {"recipe": "arithmetic", "target_modules": ALL7},
+                  "safety_train": {"recipe": "safety", **safety_train}},
+        "defenses": [{"method": "safemerge", "options": options, "grid": {"threshold": [0.3, 0.4]}}],
+        "evaluation": {"benchmarks": ["arithmetic"]},
+    })  # fmt: skip
+
+
+def test_an_experiment_whose_safety_recipe_misses_task_modules_fails_before_training() -> None:
+    """`setup.safety_train` on q/v under a task recipe on all seven projections: exit 2 from `prepare`
+    (before any adapter is trained) naming the missing types; fine with the same modules, with `like`,
+    or with `allow_partial` in the merging defence's options."""
+    from safemerge.common.errors import InputError
+    from safemerge.experiment.cells import check_safety_targets, expand_cells, prepare
+
+    with pytest.raises(InputError) as info:
+        prepare(experiment({}, {}))  # type: ignore[arg-type]
+    assert "targets k_proj, o_proj, gate_proj, up_proj, down_proj, which setup.safety_train does not" in str(
+        info.value
+    )
+    assert "allow_partial: true" in str(info.value)
+    for ok in (experiment({"target_modules": ALL7}, {}), experiment({}, {"allow_partial": True})):
+        check_safety_targets(ok, expand_cells(ok, Path("unused")))  # type: ignore[arg-type]

@@ -404,9 +404,9 @@ def check_safety_targets(cfg: ExperimentConfig, cells: list[Cell]) -> None:
         return
     t = train_settings(cfg, task, "setup.task_train")["target_modules"]
     s = train_settings(cfg, safety, "setup.safety_train")["target_modules"]
-    if s == ALL_LINEAR or safety.get("like"):
-        return
-    missing = [ALL_LINEAR] if t == ALL_LINEAR else [m for m in t if m not in s]
+    if ALL_LINEAR in (t, s) or safety.get("like"):
+        return  # what all-linear covers depends on the model; the merge itself checks
+    missing = [m for m in t if m not in s]
     merges = [
         c.label
         for c in cells
