@@ -308,11 +308,13 @@ def test_train_all_linear_is_passed_to_peft_as_its_string(chat: dict[str, Path],
 
 # --- experiments: checked before any training -------------------------------------------------------------
 def experiment(safety_train: dict[str, object], options: dict[str, object]) -> object:
+    """A SafeMERGE experiment that trains a task LoRA on all seven projections and a safety LoRA."""
     from safemerge.experiment.config import ExperimentConfig
 
     return ExperimentConfig.model_validate({
         "name": "partial", "out": "unused",
-        "setup": {"aligned": "al", "unaligned": "un", "task_train": {"recipe": "arithmetic", "target_modules": ALL7},
+        "setup": {"aligned": "al", "unaligned": "un",
+                  "task_train": {"recipe": "arithmetic", "target_modules": ALL7},
                   "safety_train": {"recipe": "safety", **safety_train}},
         "defenses": [{"method": "safemerge", "options": options, "grid": {"threshold": [0.3, 0.4]}}],
         "evaluation": {"benchmarks": ["arithmetic"]},
