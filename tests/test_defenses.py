@@ -414,9 +414,11 @@ _MERGE = {"safety_adapter", "weights", "allow_any_weights", "mode", "merge_metho
 _FULL = {"merge_into_base", "max_shard_size"}
 # Added after 0.1.0: full fine-tunes and sketches as inputs of every defence (docs/defenses.md).
 _INPUTS = {"task_model", "modules", "subspace", "ignore_fingerprint"}
+# Added after 0.1.0: partial merges are refused unless allowed (docs/engine.md, "Partial merges").
+_PARTIAL = {"allow_partial"}
 APPLIES_0_1_0 = {
-    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL | _INPUTS | {"safety_model"},
-    "merge-all": _COMMON | _MERGE | _FULL | _INPUTS | {"safety_model"},
+    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL | _INPUTS | _PARTIAL | {"safety_model"},
+    "merge-all": _COMMON | _MERGE | _FULL | _INPUTS | _PARTIAL | {"safety_model"},
     "safelora": _COMMON | _SELECTION | _FULL | {"preserve_norm"} | _INPUTS,
     "resta": _COMMON | {"beta", "scope", "dare", "density", "seed", "max_shard_size"} | _INPUTS,
     "none": _COMMON | _INPUTS,

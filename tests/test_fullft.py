@@ -201,9 +201,17 @@ def test_merge_follows_the_formula_and_keeps_every_other_tensor(
 ) -> None:
     env = setups[arch]
     out = tmp_path / "out"
+    partial = {"allow_partial": True} if safety == "adapter" else {}  # the q/v safety LoRA: a partial merge
     report = merge(
         merge_cfg(
-            env, out, safety, fraction=0.5, weights=(0.7, 0.4), allow_any_weights=True, max_shard_size="50KB"
+            env,
+            out,
+            safety,
+            fraction=0.5,
+            weights=(0.7, 0.4),
+            allow_any_weights=True,
+            max_shard_size="50KB",
+            **partial,
         )
     )
     chosen = {m.name for m in report.modules if m.selected}
@@ -284,8 +292,9 @@ def defend_cfg(env: dict[str, Path], out: Path, method: str, **kw: object) -> De
 
 def test_defend_safemerge_equals_merge_and_merge_all_merges_everything(setups: dict, tmp_path: Path) -> None:
     env = setups["qwen2"]
-    merge(merge_cfg(env, tmp_path / "m", top_k=2))
-    res = defend(defend_cfg(env, tmp_path / "d", "safemerge", top_k=2, safety_adapter=str(env["safety"])))
+    merge(merge_cfg(env, tmp_path / "m", top_k=2, allow_partial=True))  # the q/v safety LoRA lacks gate/up
+    res = defend(defend_cfg(env, tmp_path / "d", "safemerge", top_k=2, safety_adapter=str(env["safety"]),
+                            allow_partial=True))  # fmt: skip
     assert res.kind == "model" and res.model_dir == tmp_path / "d"
     for f in (tmp_path / "m").glob("*.safetensors"):
         assert f.read_bytes() == (tmp_path / "d" / f.name).read_bytes()

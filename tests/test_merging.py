@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safemerge.common.errors import InputError
 from safemerge.engine.lora import LoraFactors
 from safemerge.engine.merging import (
     dare,
@@ -206,7 +207,9 @@ def test_merge_modules_on_in_memory_factors() -> None:
 
     task = {"m.q": factors(6, 5, 2, 2.0, 0), "m.v": factors(4, 5, 2, 2.0, 1), "m.k": factors(4, 5, 2, 2.0, 2)}
     safety = {"m.q": factors(6, 5, 3, 0.5, 3), "m.v": factors(4, 5, 3, 0.5, 4)}
-    out = merge_modules(task, safety, {"m.q", "m.k"}, weights=(0.7, 0.3))
+    with pytest.raises(InputError, match="1 selected module"):  # m.k has no safety counterpart
+        merge_modules(task, safety, {"m.q", "m.k"}, weights=(0.7, 0.3))
+    out = merge_modules(task, safety, {"m.q", "m.k"}, weights=(0.7, 0.3), allow_partial=True)
     assert out.rank == 5 and out.scaling == 2.0 and out.lora_alpha == 10.0
     assert out.merged == {"m.q"} and out.no_safety_counterpart == ["m.k"]
     for name, (a, b) in out.factors.items():

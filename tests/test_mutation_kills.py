@@ -1407,7 +1407,7 @@ def test_resta_and_none_dispatch_a_full_finetune(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key].to(f64), expected, rtol=0, atol=1e-6)
     assert torch.equal(got["model.embed_tokens.weight"], w_task["model.embed_tokens.weight"])
     # a full fine-tune's Markdown counts modules, not LoRA modules (defense_markdown 28, 35)
-    assert "\n**21 of 21 modules edited**; ρ from " in (out / "safemerge_report.md").read_text()
+    assert "\n**21 of 21 modules selected, 21 edited**; ρ from " in (out / "safemerge_report.md").read_text()
     out = tmp_path / "none"
     res = defend(DefendConfig.model_validate({**env, "method": "none", "out": str(out)}))
     assert (res.method, res.out, res.kind, res.full_model, res.modified) == ("none", out, "model", out, 0)

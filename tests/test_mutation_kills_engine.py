@@ -605,9 +605,9 @@ def test_output_rank_rules(lora_env: dict[str, Path], tmp_path: Path) -> None:
     task = save_adapter(al, tmp_path / "task", seed=1, r=4, alpha=8, rank_pattern={"v_proj": 8})
     safety = save_adapter(al, tmp_path / "safety", seed=2, r=2, alpha=4, targets=["q_proj"])
     kw = {"aligned": str(al), "unaligned": str(lora_env["unaligned"]), "task_adapter": str(task),
-          "safety_adapter": str(safety), "plot": False, "fraction": 1.0}  # fmt: skip
+          "safety_adapter": str(safety), "plot": False, "fraction": 1.0, "allow_partial": True}  # fmt: skip
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # v_proj has no safety counterpart: warned
+        warnings.simplefilter("ignore")  # v_proj has no safety counterpart: a partial merge, warned
         merge(MergeConfig.from_flat(**kw, out=str(tmp_path / "linear"), rank=12))
         merge(MergeConfig.from_flat(**kw, out=str(tmp_path / "ties"), method="ties", rank=8))
     assert _adapter_rank(tmp_path / "linear") == 8  # --rank ignored by the linear merge
@@ -899,7 +899,8 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
         warnings.simplefilter("ignore")  # v_proj has no safety counterpart: warned
         cfg = MergeConfig.from_flat(aligned=str(al), unaligned=str(lora_env["unaligned"]),
                                     task_adapter=str(lora_env["task"]), safety_adapter=str(safety),
-                                    out=str(tmp_path / "out"), plot=False, fraction=0.7)  # fmt: skip
+                                    out=str(tmp_path / "out"), plot=False, fraction=0.7,
+                                    allow_partial=True)  # fmt: skip
         report = merge(cfg)
     # the case shows every mark: selected and unselected rows, a flagged one, warnings
     assert report.warnings and any(m.flags for m in report.modules)
@@ -912,9 +913,14 @@ def test_console_summary_of_a_merge(lora_env: dict[str, Path], tmp_path: Path) -
         console = Console(record=True, width=300, color_system=None)
         print_summary(report, console, max_rows=max_rows)
         lines = console.export_text().splitlines()
-        assert lines[0].strip() == f"safemerge merge: {s['selected']} of {s['modules']} modules selected"
+        kept = s["selected"] - s["merged"]
+        top = next(i for i, line in enumerate(lines) if line.startswith("┏"))  # the title wraps to the table
+        assert " ".join(line.strip() for line in lines[:top]) == (
+            f"safemerge merge: {s['selected']} of {s['modules']} modules selected, {s['merged']} merged "
+            f"({kept} kept as fine-tuned: no safety counterpart)"
+        )
         headers = ["module (model.layers.…)", "ρ", "selected", "merged", "‖ΔW‖ in → out", "flags"]
-        assert [c.strip() for c in lines[2].split("┃")[1:-1]] == headers
+        assert [c.strip() for c in lines[top + 1].split("┃")[1:-1]] == headers
         rows = [line for line in lines if "│" in line and "0." in line]
         assert len(rows) == len(shown)
         for m, line in zip(shown, rows, strict=True):

@@ -151,6 +151,14 @@ MergeIntoBaseOpt = Annotated[
         "--merge-into-base", help="Also write the full merged model to OUT/full_model. Default off."
     ),
 ]
+AllowPartialOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--allow-partial",
+        help="Merge even when some selected modules have no counterpart in the safety adapter (they stay "
+        "as fine-tuned; the report records it). Default off: such a merge is refused (exit 2).",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from safemerge.cli.common import (
     AlignedOpt,
     AllowAnyWeightsOpt,
+    AllowPartialOpt,
     ConfigArg,
     DeviceOpt,
     ForceOpt,
@@ -97,6 +98,7 @@ def defend_command(
     ] = None,
     seed: SeedOpt = None,
     rank: RankOpt = None,
+    allow_partial: AllowPartialOpt = None,
     preserve_norm: Annotated[
         bool | None,
         typer.Option(

@@ -11,6 +11,7 @@ from rich.console import Console
 from safemerge.cli.common import (
     AlignedOpt,
     AllowAnyWeightsOpt,
+    AllowPartialOpt,
     ConfigArg,
     DeviceOpt,
     ForceOpt,
@@ -115,6 +116,7 @@ def merge_command(
     density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
     seed: SeedOpt = None,
     rank: RankOpt = None,
+    allow_partial: AllowPartialOpt = None,
     merge_into_base: MergeIntoBaseOpt = None,
     max_shard_size: MaxShardOpt = None,
     device: DeviceOpt = None,

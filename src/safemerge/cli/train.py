@@ -52,7 +52,19 @@ def train_command(
     lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default: 16)")] = None,
     lora_dropout: Annotated[float | None, typer.Option(help="LoRA dropout (default: 0)")] = None,
     target_modules: Annotated[
-        str | None, typer.Option(help=f"{_LIST} LoRA target modules (default: q_proj,v_proj)")
+        str | None,
+        typer.Option(
+            help=f"{_LIST} LoRA target modules, or all-linear (PEFT: every linear layer but the output "
+            "layer) (default: q_proj,v_proj)"
+        ),
+    ] = None,
+    like: Annotated[
+        str | None,
+        typer.Option(
+            help="copy target modules, --lora-r and --lora-alpha from this LoRA adapter (e.g. train the "
+            "safety adapter like the task adapter, so SafeMERGE can merge every module); not with "
+            "--target-modules/--lora-r/--lora-alpha (default: none)"
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed for data and training (default: 42)")] = None,
     gradient_checkpointing: Annotated[

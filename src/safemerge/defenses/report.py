@@ -82,8 +82,8 @@ def defense_markdown(report: Report, cfg: DefendConfig, edits: list[TensorEdit] 
         *input_lines(report, with_safety=False),
         f"- selection: {report.options.get('selection_policy')}",
         "",
-        f"**{s['merged']} of {s['modules']} {'LoRA ' if 'task_adapter' in report.inputs else ''}modules "
-        f"{defense.changed_verb}**; "
+        f"**{s['selected']} of {s['modules']} {'LoRA ' if 'task_adapter' in report.inputs else ''}modules "
+        f"selected, {s['merged']} {defense.changed_verb}**; "
         f"ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
         "",
         *defense.report_notes(cfg),

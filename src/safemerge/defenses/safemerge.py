@@ -18,7 +18,9 @@ from safemerge.defenses.steps import move_up
 from safemerge.engine.pipeline import merge, merge_config_yaml
 
 # The options of `safemerge merge` besides its inputs and selection, and the full-model output.
-MERGE_OPTIONS = frozenset({"weights", "allow_any_weights", "mode", "merge_method", "density", "seed", "rank"})
+MERGE_OPTIONS = frozenset(
+    {"weights", "allow_any_weights", "mode", "merge_method", "density", "seed", "rank", "allow_partial"}
+)
 FULL_MODEL_OPTIONS = frozenset({"merge_into_base", "max_shard_size"})
 
 

@@ -202,6 +202,12 @@ class MergeOptions(BaseModel):
     density: float = Field(0.5, gt=0.0, le=1.0, description="kept fraction for TIES / DARE")
     seed: int = Field(0, description="seed of DARE's random masks and of the randomised SVD")
     rank: int | None = Field(None, ge=1, description="output rank for TIES/DARE (default r_task + r_safety)")
+    allow_partial: bool = Field(
+        False,
+        description="merge even when some selected modules have no safety counterpart (they stay as "
+        "fine-tuned; docs/engine.md, Partial merges)",
+        exclude_if=omit_unset,
+    )
     merge_into_base: bool = Field(False, description="also write the full merged model")
     max_shard_size: str = Field("2GB", description="largest output shard of the full model")
 

@@ -247,6 +247,9 @@ class SafetyUpdates(Protocol):
     def rank(self, module: str) -> int | None:
         """The safety LoRA's rank of the module (None for a full safety model or a missing module)."""
 
+    def covers(self, module: str) -> bool:
+        """Whether the safety input has an update for the module (`delta` is not None)."""
+
 
 class LoraSafety:
     """ΔW_s = s · B A of a safety LoRA on the aligned model, matched to checkpoint modules by name."""
@@ -275,6 +278,9 @@ class LoraSafety:
         name = self._module(module)
         return self.adapter.rank(name) if name is not None else None
 
+    def covers(self, module: str) -> bool:
+        return self._module(module) is not None
+
     def unused(self, modules: Collection[str]) -> list[str]:
         """Adapter modules that match none of `modules` (ignored by the merge)."""
         keys = {m + WEIGHT for m in modules}
@@ -294,6 +300,9 @@ class ModelSafety:
 
     def rank(self, module: str) -> int | None:
         return None
+
+    def covers(self, module: str) -> bool:
+        return True  # the constructor checked: the safety model holds every tensor of the aligned one
 
 
 # --- writing merged full models --------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,7 @@ from safemerge.engine.merging import (
     svd_factors,
 )
 from safemerge.engine.report import (
+    NO_COUNTERPART,
     ModuleRecord,
     Report,
     full_model_card,
@@ -457,15 +458,24 @@ def merge_modules(
     seed: int = 0,
     rank: int | None = None,
     dtype: torch.dtype = torch.float64,
+    allow_partial: bool = False,
 ) -> MergedAdapter:
     """Merge the selected task modules with their safety counterparts; keep every other module.
 
     Tensor-level API (adapters held in memory); `merge()` calls it with factors read lazily from disk.
     Results are computed in float64 and stored in `dtype`, module by module (memory holds the output and
-    one module's inputs). A selected module without a safety counterpart is kept as fine-tuned and listed.
+    one module's inputs). A selected module without a safety counterpart is refused (`InputError`, before
+    any factor is read); with `allow_partial` it is kept as fine-tuned and listed in
+    `no_safety_counterpart` (docs/engine.md, "Partial merges").
     """
     if not task:
         raise InputError("no task modules to merge")
+    missing = [m for m in task if m in selected and m not in safety]
+    if missing and not allow_partial:
+        raise InputError(
+            f"{len(missing)} selected module(s) have no safety counterpart: {_listed(missing)}; "
+            "pass allow_partial=True to keep them as fine-tuned"
+        )
     # One pass for the shapes and scalings (factors of lazy mappings are read from disk on access).
     task_meta = {m: (f.rank, f.scaling) for m, f in task.items()}
     safety_rank = {m: f.rank for m, f in safety.items()}
@@ -546,6 +556,9 @@ class LazyFactors(Mapping[str, LoraFactors]):
             raise KeyError(module)
         return self.adapter.factors(module)
 
+    def __contains__(self, module: object) -> bool:  # without reading factors (Mapping's reads them)
+        return module in self.modules
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
 
@@ -569,6 +582,11 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     report.warnings.extend(safety.warnings)  # LoraAdapter.load has warned already
     _check_pair(task, safety, report)
     modules = set(task.lora_modules)
+    fix = (
+        "Train a safety adapter on the same modules: "
+        f"`safemerge train --recipe safety --like {cfg.inputs.task_adapter} ...`"
+    )
+    check_partial(report, set(safety.lora_modules).__contains__, cfg.merge.allow_partial, fix)
     opts = cfg.merge
     result = merge_modules(
         LazyFactors(task, modules),
@@ -581,6 +599,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         seed=opts.seed,
         rank=opts.rank,
         dtype=task.output_dtype(),
+        allow_partial=opts.allow_partial,
     )
     _record_merge(report, result, safety, opts.weights)
     report.options["output_dtype"] = dtype_name(task.output_dtype())
@@ -607,13 +626,35 @@ def note_dare_density(report: Report, opts: MergeOptions) -> None:
         report.warnings.append(dare_no_pruning(opts.density))
 
 
+def check_partial(report: Report, covered: Callable[[str], bool], allow_partial: bool, fix: str) -> None:
+    """No partial merge by default (docs/engine.md, "Partial merges"): when selected modules have no
+    counterpart in the safety update, refuse — before anything is written — naming how many and their
+    module types, with `fix` (how to get a safety update on the same modules) and `--allow-partial`."""
+    selected = [r.name for r in report.modules if r.selected]
+    missing = [m for m in selected if not covered(m)]
+    if not missing or allow_partial:
+        return
+    have = len(selected) - len(missing)
+    types = ", ".join(dict.fromkeys(module_type(m) for m in missing))
+    rest = (
+        f"merge only the {have} that {'has' if have == 1 else 'have'} one"
+        if have
+        else "keep them all as fine-tuned (none has one)"
+    )
+    raise InputError(
+        f"{len(missing)} of the {len(selected)} selected modules {'has' if len(missing) == 1 else 'have'} "
+        f"no counterpart in the safety adapter (types: {types}); they would stay as fine-tuned. {fix}, or "
+        f"pass --allow-partial (YAML: allow_partial: true) to {rest}"
+    )
+
+
 def warn_no_counterpart(report: Report, missing: list[str]) -> None:
-    """Warn about selected modules that the safety update lacks (they stay as fine-tuned)."""
+    """Warn about selected modules that the safety update lacks (kept as fine-tuned: allow_partial)."""
     if missing:
         _warn(
             report,
-            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned: "
-            f"{_listed(missing)}",
+            f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned "
+            f"(allow_partial): {_listed(missing)}",
         )
 
 
@@ -649,7 +690,7 @@ def _record_merge(
         if rec.name in result.merged:
             rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
         if rec.name in result.no_safety_counterpart:
-            rec.flags.append("no-safety-counterpart")
+            rec.flags.append(NO_COUNTERPART)
         rec.svd_rel_error = result.svd_rel_errors.get(rec.name)
         a, b = result.factors[rec.name]
         rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, result.scaling))
@@ -749,6 +790,12 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
         _warn(report, f"{len(unused)} module(s) of the safety adapter are not scanned and are ignored: "
               f"{_listed(unused)}")  # fmt: skip
     opts = cfg.merge
+    types = ",".join(dict.fromkeys(r.module_type for r in report.modules))
+    fix = (
+        "Give a full safety fine-tune (--safety-model) or train a safety adapter on the same module "
+        f"types: `safemerge train --recipe safety --target-modules {types} ...`"
+    )
+    check_partial(report, safety.covers, opts.allow_partial, fix)
     selected = {r.name for r in report.modules if r.selected}
     with atomic_output_dir(out, cfg.run.force) as tmp:
         inner = tmp / "_model"
@@ -775,5 +822,5 @@ def record_full_merge(
         if rec.name in result.merged:
             rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
         if rec.name in result.no_safety_counterpart:
-            rec.flags.append("no-safety-counterpart")
+            rec.flags.append(NO_COUNTERPART)
     warn_no_counterpart(report, result.no_safety_counterpart)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 
 from safemerge import __version__
@@ -21,6 +22,8 @@ from safemerge import __version__
 REPORT_JSON = "safemerge_report.json"
 REPORT_MD = "safemerge_report.md"
 PLOT_PNG = "similarity.png"
+WIDEST_TABLE = 1000  # characters: the widest console table printed to a log (module names are long)
+NO_COUNTERPART = "no-safety-counterpart"  # the flag of a selected module the safety update lacks
 
 
 @dataclass
@@ -125,6 +128,25 @@ def _has_merge(report: Report) -> bool:
     return any(m.delta_norm_out is not None for m in report.modules)
 
 
+def headline(report: Report) -> str:
+    """ "N of T modules selected, M merged" — both numbers whenever the report carries merge results, and
+    how many selected modules were kept as fine-tuned (no safety counterpart: `allow_partial`)."""
+    s = report.summary
+    text = f"{s['selected']} of {s['modules']} modules selected"
+    if not _has_merge(report):
+        return text
+    text += f", {s['merged']} {'merged' if report.command == 'merge' else 'changed'}"
+    kept = kept_as_fine_tuned(report)
+    if kept:
+        text += f" ({kept} kept as fine-tuned: no safety counterpart)"
+    return text
+
+
+def kept_as_fine_tuned(report: Report) -> int:
+    """Selected modules that a partial merge (`allow_partial`) kept as fine-tuned."""
+    return sum(m.selected and NO_COUNTERPART in m.flags for m in report.modules)
+
+
 def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
 
@@ -161,8 +183,7 @@ def markdown(report: Report) -> str:
         )
     lines += [
         "",
-        f"**{s['selected']} of {s['modules']} modules selected**"
-        + (f", {s['merged']} merged" if _has_merge(report) else "")
+        f"**{headline(report)}**"
         + f"; ρ from {_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).",
         "",
     ]
@@ -216,7 +237,7 @@ def plot_similarity(report: Report, path: Path) -> None:
     ax.scatter([], [], color="gray", s=60, marker="X", edgecolors="black", label="selected")
     ax.set_xlabel("layer")
     ax.set_ylabel("ρ (similarity to the safety subspace)")
-    ax.set_title(f"SafeMERGE: {report.summary['selected']} of {report.summary['modules']} modules selected")
+    ax.set_title(f"SafeMERGE: {headline(report)}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -229,7 +250,6 @@ def model_card(report: Report, base: str | None) -> str:
     base model the adapter loads on: the aligned model, or (merging with a sketch and no aligned model)
     the task adapter's `base_model_name_or_path`; None when neither names one (the card then leaves the
     hub's `base_model` out rather than write an empty name)."""
-    s = report.summary
     o = report.options
     name = base or "BASE_MODEL"
     front = "\n".join(
@@ -247,12 +267,12 @@ def model_card(report: Report, base: str | None) -> str:
     body = f"""
 # SafeMERGE adapter
 
-A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239): the task adapter
-`{report.inputs["task_adapter"]["path"]}` with the {s["merged"]} of {s["modules"]} modules whose update left
-the
-safety subspace (selection: {o.get("selection_policy")}) merged with the safety adapter
+A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239) from the task
+adapter `{report.inputs["task_adapter"]["path"]}`:
+{_selection_sentence(report)} merged with the safety adapter
 `{report.inputs["safety_adapter"]["path"]}` (weights {tuple(o["weights"])}, mode `{o["mode"]}`, method
-`{o["method"]}`). All other modules are the task adapter's, unchanged.
+`{o["method"]}`).{_kept_sentence(report, "the task adapter's")}
+All other modules are the task adapter's, unchanged.
 
 Load it with:
 
@@ -270,21 +290,43 @@ The per-module similarities and decisions are in `safemerge_report.md`; the reso
     return front + "\n" + body
 
 
+def _selection_sentence(report: Report) -> str:
+    """ "N of T modules were selected (selection: …); M of them were" — the two numbers of a merge, never
+    one for the other (a partial merge merges fewer modules than it selects)."""
+    s = report.summary
+    return (
+        f"{s['selected']} of its {s['modules']} modules were selected (selection: "
+        f"{report.options.get('selection_policy')}) and {s['merged']} of them were"
+    )
+
+
+def _kept_sentence(report: Report, owner: str) -> str:
+    """The card's account of a partial merge (empty when every selected module was merged)."""
+    kept = kept_as_fine_tuned(report)
+    if not kept:
+        return ""
+    return (
+        f"\nThe other {kept} selected modules have no counterpart in the safety update and are {owner} "
+        "as fine-tuned (a partial merge, allowed with `allow_partial`)."
+    )
+
+
 def full_model_card(report: Report) -> str:
     """README.md of a merged full model (a full fine-tune merged with a safety update)."""
     base = report.inputs["aligned"]["path"]
-    s, o = report.summary, report.options
+    o = report.options
     safety = report.inputs.get("safety_adapter") or report.inputs.get("safety_model") or {}
     front = "\n".join(["---", f"base_model: {base}", "tags:", "- safemerge", "- safety", "---"])
     task = report.inputs["task_model"]["path"]
     body = f"""
 # SafeMERGE model
 
-A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239): the task model
-`{task}` with the {s["merged"]} of {s["modules"]} modules whose update left the safety subspace
-(selection: {o.get("selection_policy")}) set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
-safety update of `{safety.get("path")}` (weights {tuple(o["weights"])}, method `{o["method"]}`). Every other
-tensor is the task model's, unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
+A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239) from the task
+model `{task}`:
+{_selection_sentence(report)} set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
+safety update of `{safety.get("path")}` (weights {tuple(o["weights"])}, method
+`{o["method"]}`).{_kept_sentence(report, "the task model's")}
+Every other tensor is the task model's, unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
 
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
 `safemerge.yaml`.
@@ -298,17 +340,41 @@ def warnings_line(report: Report) -> str:
     return f"{len(report.warnings)} warning(s), printed above{where}"
 
 
+def print_unclipped(console: Console, table: Table) -> None:
+    """Print `table` with no cell cut. Where the output is not a terminal (a log file, a pipe), a table
+    wider than the console is printed at its natural width, so no cell is folded or cut (80 columns is
+    only rich's guess for a file). In a terminal, cells fold (`overflow="fold"` on every column); where
+    rich cannot fold the table into the terminal's width, it is printed at the narrowest width that holds
+    it (the terminal wraps the lines) rather than cropped at the edge."""
+    width = console.width
+    wide = console.options.update_width(WIDEST_TABLE)
+    natural = min(console.measure(table, options=wide).maximum, WIDEST_TABLE)
+    need = width if console.is_terminal else max(width, natural)
+    while need < natural and (rendered := _rendered_width(console, table, need)) > need:
+        need = min(rendered, natural)
+    console.width = need
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def _rendered_width(console: Console, table: Table, width: int) -> int:
+    """The width of the widest line of `table` rendered for `width` columns, before any cropping."""
+    lines = Segment.split_lines(console.render(table, console.options.update_width(width)))
+    return max((Segment.get_line_length(line) for line in lines), default=0)
+
+
 def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
     """A readable summary table on the console (the lowest-ρ modules first when there are many)."""
-    s = report.summary
-    table = Table(title=f"safemerge {report.command}: {s['selected']} of {s['modules']} modules selected")
+    table = Table(title=f"safemerge {report.command}: {headline(report)}")
     table.add_column("module", overflow="fold", min_width=20)
-    table.add_column("ρ", justify="right")
-    table.add_column("selected", justify="center")
+    table.add_column("ρ", justify="right", overflow="fold")
+    table.add_column("selected", justify="center", overflow="fold")
     if _has_merge(report):
-        table.add_column("merged", justify="center")
-        table.add_column("‖ΔW‖ in → out", justify="right")
-    table.add_column("flags")
+        table.add_column("merged", justify="center", overflow="fold")
+        table.add_column("‖ΔW‖ in → out", justify="right", overflow="fold")
+    table.add_column("flags", overflow="fold")
     rows = report.modules
     prefix = os.path.commonprefix([m.name for m in rows]) if len(rows) > 1 else ""  # noqa: RUF071
     prefix = prefix[: prefix.rfind(".") + 1]  # cut at a dot: "model.layers."
@@ -323,8 +389,8 @@ def print_summary(report: Report, console: Console, max_rows: int = 40) -> None:
             cells += ["✔" if m.merged else "", f"{_fmt(m.delta_norm_in)} → {_fmt(m.delta_norm_out)}"]
         cells.append(", ".join(m.flags))
         table.add_row(*cells)
-    console.print(table)
+    print_unclipped(console, table)
     if report.warnings:  # each was a Python warning when it arose, printed then (by the CLI: once, styled)
-        console.print(warnings_line(report), highlight=False)
+        console.print(warnings_line(report), highlight=False, soft_wrap=True)
     for what, where in report.outputs.items():
-        console.print(f"{what}: {where}", highlight=False)
+        console.print(f"{what}: {where}", highlight=False, soft_wrap=True)

@@ -45,7 +45,7 @@ from safemerge.experiment.config import (
     ExperimentConfig,
     entry_name,
 )
-from safemerge.train.config import TrainConfig
+from safemerge.train.config import ALL_LINEAR, TrainConfig
 from safemerge.train.recipes import RECIPES
 
 PLACEHOLDER_OUT = "<variant directory>"
@@ -392,8 +392,36 @@ def prepare(
     if cfg.setup.safety_train is not None:
         train_settings(cfg, cfg.setup.safety_train, "setup.safety_train")
     cells = expand_cells(cfg, target)
+    check_safety_targets(cfg, cells)
     check_inputs(cfg, cells, provided or {})
     return target, cells
+
+
+def check_safety_targets(cfg: ExperimentConfig, cells: list[Cell]) -> None:
+    """A merge refuses selected modules the safety adapter lacks (docs/engine.md, "Partial merges"): when
+    the setup trains both adapters, the safety recipe must target every module type the task recipe does,
+    unless each merging cell sets `allow_partial` — checked here, before any adapter is trained."""
+    task, safety = cfg.setup.task_train, cfg.setup.safety_train
+    if task is None or safety is None:
+        return
+    t = train_settings(cfg, task, "setup.task_train")["target_modules"]
+    s = train_settings(cfg, safety, "setup.safety_train")["target_modules"]
+    if ALL_LINEAR in (t, s) or safety.get("like"):
+        return  # what all-linear covers depends on the model; the merge itself checks
+    missing = [m for m in t if m not in s]
+    merges = [
+        c.label
+        for c in cells
+        if c.defend is not None and c.defend.safety_adapter is not None and not c.defend.merge.allow_partial
+    ]
+    if missing and merges:
+        raise InputError(
+            f"setup.task_train targets {', '.join(missing)}, which setup.safety_train does not "
+            f"({', '.join(s)}): the merges of {', '.join(merges[:3])}{' ...' if len(merges) > 3 else ''} "
+            "would be refused (a selected module needs a safety counterpart; docs/engine.md, Partial "
+            "merges). Give setup.safety_train the task's target_modules, or allow_partial: true in "
+            "those defences' options"
+        )
 
 
 # --- fingerprints and keys ---------------------------------------------------------------------------

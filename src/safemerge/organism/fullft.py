@@ -91,16 +91,19 @@ def _tag(w: tuple[float, float]) -> str:
 
 
 def defence_cells(s: FullFtSettings) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(row name, defence, settings in words, `defend` options) of the three defences."""
+    """(row name, defence, settings in words, `defend` options) of the three defences. The scan covers
+    T_full's seven projections and S, a LoRA, only the attention ones: the merges are partial by design
+    (`allow_partial`: selected modules S lacks stay as fine-tuned; docs/organism.md, "Which modules")."""
     w, control = s.weights, (s.weights[0], 0.0)
     return [
         (f"safemerge-t{s.tau:g}-{_tag(w)}", "SafeMERGE", f"τ={s.tau:g}, w={w[0]:g}/{w[1]:g} (demo default)",
-         {"method": "safemerge", "threshold": s.tau, "weights": list(w)}),
+         {"method": "safemerge", "threshold": s.tau, "weights": list(w), "allow_partial": True}),
         (f"control-t{s.tau:g}-{_tag(control)}", "scale-only control",
          f"τ={s.tau:g}, w={w[0]:g}/0 (same modules, no safety LoRA)",
-         {"method": "safemerge", "threshold": s.tau, "weights": list(control), "allow_any_weights": True}),
+         {"method": "safemerge", "threshold": s.tau, "weights": list(control), "allow_any_weights": True,
+          "allow_partial": True}),
         (f"merge-all-{_tag(w)}", "merge-all", f"w={w[0]:g}/{w[1]:g} on every module",
-         {"method": "merge-all", "weights": list(w)}),
+         {"method": "merge-all", "weights": list(w), "allow_partial": True}),
     ]  # fmt: skip
 
 

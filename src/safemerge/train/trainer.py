@@ -20,7 +20,8 @@ from safemerge.common.config_io import dump_config
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.common.packaged import resolve_model
-from safemerge.train.config import TrainConfig
+from safemerge.engine.lora import LoraAdapter, module_type
+from safemerge.train.config import ALL_LINEAR, TrainConfig
 from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import Example, build_examples, mix_in_safety, user_texts
 
@@ -53,6 +54,24 @@ def prepare_data(cfg: TrainConfig) -> list[Example]:
         raise InputError(f"recipe {cfg.recipe!r} produced no training examples")
     check_no_harmbench(user_texts(examples), source=f"recipe {cfg.recipe!r}")
     return examples
+
+
+def resolve_like(cfg: TrainConfig) -> TrainConfig:
+    """With `like`, the config with the adapter's target modules (the leaf names of the modules it holds
+    factors for, in module order), r and lora_alpha copied in, and `like` cleared (the resolved config
+    stands alone) — a safety adapter trained this way has a counterpart for every module of the task
+    adapter (docs/engine.md, "Partial merges")."""
+    if cfg.like is None:
+        return cfg
+    adapter = LoraAdapter.load(cfg.like, label="adapter given to --like")
+    r, alpha = adapter.config.get("r"), adapter.config.get("lora_alpha")
+    if not adapter.lora_modules or not isinstance(r, int) or not isinstance(alpha, int | float):
+        raise InputError(
+            f"--like {cfg.like}: {adapter.directory} is not a LoRA adapter with modules, r and lora_alpha"
+        )
+    targets = list(dict.fromkeys(module_type(m) for m in adapter.lora_modules))
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return cfg.model_copy(update={"target_modules": targets, "lora_r": r, "lora_alpha": alpha, "like": None})
 
 
 def load_model_and_tokenizer(name: str, use_bf16: bool, trust_remote_code: bool) -> tuple[Any, Any]:
@@ -103,6 +122,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from trl import SFTTrainer
 
     check_output_dir(cfg.out, cfg.force)
+    like, cfg = cfg.like, resolve_like(cfg)
     examples = prepare_data(cfg)
     use_bf16 = _use_bf16(cfg)
     model_name = resolve_model(cfg.model)
@@ -111,7 +131,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=cfg.target_modules if cfg.target_modules == ALL_LINEAR else list(cfg.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -128,7 +148,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         peft_model.save_pretrained(str(tmp))
         shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         history = [dict(h) for h in trainer.state.log_history]
-        _write_logs(tmp, cfg, model_name, len(examples), history)
+        _write_logs(tmp, cfg, model_name, len(examples), history, like)
     losses = [float(h["loss"]) for h in history if "loss" in h]
     return TrainResult(
         out=cfg.out, n_examples=len(examples), steps=int(trainer.state.global_step), losses=losses
@@ -170,10 +190,15 @@ def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool) -> Any:
     )
 
 
-def _write_logs(tmp: Path, cfg: TrainConfig, model_name: str, n: int, history: list[dict[str, Any]]) -> None:
-    """train_config.yaml (resolved), train_log.jsonl (one record per logging step), loss_curve.png."""
+def _write_logs(
+    tmp: Path, cfg: TrainConfig, model_name: str, n: int, history: list[dict[str, Any]], like: str | None
+) -> None:
+    """train_config.yaml (resolved: it trains the same adapter again), train_log.jsonl (one record per
+    logging step), loss_curve.png."""
+    copied = f"# target_modules, lora_r, lora_alpha: copied from --like {like}\n" if like else ""
     (tmp / "train_config.yaml").write_text(
-        dump_config(cfg) + f"# resolved model path: {model_name}\n# examples: {n}\n", encoding="utf-8"
+        dump_config(cfg) + f"# resolved model path: {model_name}\n# examples: {n}\n" + copied,
+        encoding="utf-8",
     )
     with (tmp / "train_log.jsonl").open("w", encoding="utf-8") as f:
         for h in history:
