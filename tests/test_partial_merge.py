@@ -71,8 +71,8 @@ def refusal(env: dict[str, Path]) -> str:
 @pytest.mark.parametrize(
     "command",
     [
-        ["--threshold", "1.01"],
-        ["--method", "safemerge", "--threshold", "1.01"],
+        ["--threshold", "1.0"],
+        ["--method", "safemerge", "--threshold", "1.0"],
         ["--method", "merge-all"],
     ],
     ids=["merge", "defend-safemerge", "defend-merge-all"],
@@ -98,7 +98,7 @@ def test_allow_partial_merges_and_every_headline_says_both_numbers(
     Markdown summary, the model card and the plot title say "N selected, M merged"; the card never calls
     the merged modules "the M of N modules whose update left the safety subspace"."""
     out = tmp_path / "out"
-    code, text = invoke(merge_args(env, out, "--threshold", "1.01", "--allow-partial"))
+    code, text = invoke(merge_args(env, out, "--threshold", "1.0", "--allow-partial"))
     assert code == 0, text
     kept_text = f"({N_ALL - N_QV} kept as fine-tuned: no safety counterpart)"
     headline = f"{N_ALL} of {N_ALL} modules selected, {N_QV} merged {kept_text}"
@@ -131,7 +131,7 @@ def test_the_plot_title_says_both_numbers(
     monkeypatch.setattr(plt, "close", lambda *_: None)  # keep the figure to read it back
     plt.close("all")
     code, text = invoke(
-        [*merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), "--plot"]
+        [*merge_args(env, tmp_path / "out", "--threshold", "1.0", "--allow-partial"), "--plot"]
     )
     assert code == 0, text
     title = plt.gcf().axes[0].get_title()
@@ -153,7 +153,7 @@ def test_a_full_merge_with_a_partial_safety_lora_is_refused(env: dict[str, Path]
     model.save_pretrained(task)
     out = tmp_path / "out"
     args = ["merge", "-a", str(env["aligned"]), "-u", str(env["unaligned"]), "--task-model", str(task),
-            "-s", str(env["safety"]), "--out", str(out), "--threshold", "1.01", "--no-plot"]  # fmt: skip
+            "-s", str(env["safety"]), "--out", str(out), "--threshold", "1.0", "--no-plot"]  # fmt: skip
     code, text = invoke(args)
     assert code == 2, text
     text = flat(text)
@@ -174,7 +174,7 @@ def test_no_column_is_cut_in_a_log_80_columns_wide(env: dict[str, Path], tmp_pat
     """The summary table of a command whose output is a file (not a terminal) 80 columns wide shows every
     flag whole: `no-safety-counterpart`, not `no-safety…`."""
     code, text = invoke(
-        merge_args(env, tmp_path / "out", "--threshold", "1.01", "--allow-partial"), columns=80
+        merge_args(env, tmp_path / "out", "--threshold", "1.0", "--allow-partial"), columns=80
     )
     assert code == 0, text
     rows = [line for line in text.splitlines() if line.startswith("│") and "mlp.down_proj" in line]
@@ -269,7 +269,7 @@ def test_train_like_copies_modules_rank_and_alpha_and_the_merge_is_whole(
     assert "lora_r: 6" in resolved and f"copied from --like {chat['task7']}" in resolved
     out = tmp_path / "merged"
     args = ["merge", "-a", str(chat["aligned"]), "-u", str(chat["unaligned"]), "-t", str(chat["task7"]),
-            "-s", str(safety), "--out", str(out), "--threshold", "1.01", "--no-plot"]  # fmt: skip
+            "-s", str(safety), "--out", str(out), "--threshold", "1.0", "--no-plot"]  # fmt: skip
     code, text = invoke(args)
     assert code == 0, text
     report = json.loads((out / "safemerge_report.json").read_text())
