@@ -185,8 +185,15 @@ def test_existing_output_needs_force(env: dict[str, Path], tmp_path: Path) -> No
     code, text = invoke(merge_args(env, out))
     assert code == 2 and "already exists" in text and "--force" in text
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only safemerge's own output (docs/engine.md, "Outputs and `--force`")
     code, text = invoke([*merge_args(env, out), "--force"])
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
+    assert code == 2 and "keep.txt, which safemerge did not write" in text
+    assert (out / "keep.txt").read_text() == "mine" and not (out / "adapter_model.safetensors").exists()
+    (out / "keep.txt").unlink()
+    code, text = invoke([*merge_args(env, out), "--force"])  # an empty directory
+    assert code == 0 and (out / "adapter_model.safetensors").exists()
+    code, text = invoke([*merge_args(env, out), "--force"])  # an earlier merge
+    assert code == 0 and (out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -1292,13 +1292,15 @@ def test_defend_with_force_replaces_an_existing_output(tmp_path: Path) -> None:
     """Kills defend 5 (`force` not passed to the early output check: --force would still refuse)."""
     env = {k: v for k, v in _defend_env(tmp_path / "in").items() if k != "safety_adapter"}
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
     cfg = {**env, "method": "none", "out": str(out)}
+    defend(DefendConfig.model_validate(cfg))
+    (out / "safemerge_report.md").write_text("old")  # a file of the earlier output: replaced with the rest
     with pytest.raises(InputError, match="already exists"):
         defend(DefendConfig.model_validate(cfg))
     defend(DefendConfig.model_validate({**cfg, "force": True}))
-    assert not (out / "old.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "safemerge_report.md").read_text() != "old" and (
+        out / "adapter_model.safetensors"
+    ).is_file()
 
 
 def test_settings_of_a_defence_with_its_own_options(tmp_path: Path) -> None:

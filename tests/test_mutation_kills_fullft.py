@@ -541,9 +541,9 @@ def test_full_merge_report_and_force(bf16_sketched: dict, tmp_path: Path) -> Non
     assert json.loads((out / "safemerge_report.json").read_text())["command"] == "merge"
     with pytest.raises(InputError, match="exists"):
         merge(MergeConfig.from_flat(**kw))
-    (out / "marker").write_text("old")
+    (out / "README.md").write_text("old")  # a file of the earlier output: replaced with the rest
     merge(MergeConfig.from_flat(**kw, force=True))
-    assert not (out / "marker").exists()
+    assert (out / "README.md").read_text() != "old"
 
 
 def test_full_merge_outputs_inputs_and_labels(bf16_sketched: dict, tmp_path: Path) -> None:

@@ -286,7 +286,7 @@ def test_sketch_files_are_byte_identical_for_a_seed(pairs: dict[str, Path], tmp_
     build(pairs, tmp_path / "one", rank=5, seed=7)
     build(pairs, tmp_path / "two", rank=5, seed=7)
     names = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert names == ["README.md", "subspace.json", "subspace.safetensors"]
+    assert names == [".safemerge-output", "README.md", "subspace.json", "subspace.safetensors"]
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir())
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -110,6 +110,7 @@ def test_eval_writes_all_files(trained: dict[str, Path]) -> None:
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {
+        ".safemerge-output",
         "generations.jsonl",
         "metrics.json",
         "summary.md",
@@ -226,8 +227,10 @@ def test_bad_inputs(trained: dict[str, Path], tmp_path: Path) -> None:
     nocol.write_text('{"text": "hello"}\n')
     res = _eval(trained, out, "--benchmarks", str(nocol))
     assert res.exit_code == 2 and "nocol.jsonl" in res.output and "`prompt`" in res.output
-    # not an adapter directory
-    res = _eval(trained, out, "--adapter", str(tmp_path), "--benchmarks", "harmbench")
+    # not an adapter directory (one that does not hold `out`: an output never overlaps an input)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    res = _eval(trained, out, "--adapter", str(plain), "--benchmarks", "harmbench")
     assert res.exit_code == 2 and "adapter_config.json" in res.output
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
 

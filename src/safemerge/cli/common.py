@@ -126,7 +126,9 @@ FractionOpt = Annotated[
 DeviceOpt = Annotated[
     str | None, typer.Option(help="Where the math runs: cpu, cuda or auto (cuda when present). Default cpu.")
 ]
-ForceOpt = Annotated[bool | None, typer.Option("--force", help="Overwrite an existing output directory.")]
+ForceOpt = Annotated[
+    bool | None, typer.Option("--force", help="Replace an earlier safemerge output (never other files).")
+]
 PickleOpt = Annotated[
     bool | None,
     typer.Option(

@@ -35,7 +35,14 @@ def demo_command(
             "--seeds", help="Training seeds of T, S and SafeInstr's T (0 … N−1; A is built once); pooled."
         ),
     ] = 1,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output directory.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="--toy: replace an earlier toy output (only safemerge's own output is replaced). The "
+            "organism demo resumes in its directory and never empties it.",
+        ),
+    ] = False,
 ) -> None:
     """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
     then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.

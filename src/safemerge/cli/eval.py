@@ -92,7 +92,9 @@ def eval_command(
         typer.Option("--no-cache", help="do not read or write the generation cache (default: off)"),
     ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
-    force: Annotated[bool | None, typer.Option(help="overwrite an existing --out (default: off)")] = None,
+    force: Annotated[
+        bool | None, typer.Option(help="replace an earlier safemerge output at --out (never other files)")
+    ] = None,
 ) -> None:
     """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.
 

@@ -65,7 +65,9 @@ def experiment_command(
             cpus_per_cell=cpus_per_cell,
         )
         runner: Executor | None = RayExecutor(spec) if spec.executor == "ray" else None
-        result = run_experiment(cfg, out, dry_run=dry_run, progress=not quiet, limit=limit, executor=runner)
+        result = run_experiment(
+            cfg, out, dry_run=dry_run, progress=not quiet, limit=limit, executor=runner, source=config
+        )
         if dry_run:
             return 0
         print_rows(result.rows, Console())

@@ -69,7 +69,9 @@ def fullft_command(
     reduced: Annotated[
         bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an earlier safemerge output (never other files).")
+    ] = False,
     cache: Annotated[
         Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
     ] = None,

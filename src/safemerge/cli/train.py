@@ -74,7 +74,9 @@ def train_command(
         bool | None, typer.Option(help="bf16 training (default: on for a GPU that supports it, off on CPU)")
     ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
-    force: Annotated[bool | None, typer.Option(help="overwrite an existing --out (default: off)")] = None,
+    force: Annotated[
+        bool | None, typer.Option(help="replace an earlier safemerge output at --out (never other files)")
+    ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter (task or safety) with the model's chat template, loss on responses only."""
 

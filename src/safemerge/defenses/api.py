@@ -18,7 +18,8 @@ from safemerge.defenses.registry import get_defense
 def defend(cfg: DefendConfig, progress: bool = False) -> DefenseResult:
     """Run the configured defence; everything lands in `cfg.out` (temporary directory renamed at the end)."""
     out = Path(cfg.out)
-    check_output_dir(out, cfg.run.force)
+    inputs = {**cfg.inputs.paths(), "safety adapter": cfg.safety_adapter, "safety model": cfg.safety_model}
+    check_output_dir(out, cfg.run.force, inputs)
     defense = get_defense(cfg.method)
-    with atomic_output_dir(out, cfg.run.force) as tmp:
+    with atomic_output_dir(out, cfg.run.force, inputs, "defend") as tmp:
         return defense.run(cfg, tmp, out, progress)

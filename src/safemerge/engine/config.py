@@ -83,6 +83,16 @@ class InputsConfig(BaseModel):
             raise ValueError("give aligned (only a LoRA scan with a subspace sketch can do without it)")
         return self
 
+    def paths(self) -> dict[str, str | None]:
+        """The inputs by label, for the output-directory check (`common/outdir.check_not_an_input`)."""
+        return {
+            "aligned model": self.aligned,
+            "unaligned model": self.unaligned,
+            "subspace sketch": self.subspace,
+            "task adapter": self.task_adapter,
+            "task model": self.task_model,
+        }
+
 
 class RunOptions(BaseModel):
     """How to run and write (none of it changes what is computed)."""
@@ -91,7 +101,7 @@ class RunOptions(BaseModel):
 
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     allow_pickle: bool = Field(False, description="allow pickle checkpoints, loaded with weights_only=True")
-    force: bool = Field(False, description="overwrite an existing output directory")
+    force: bool = Field(False, description="replace an earlier safemerge output (never other files)")
     plot: bool = Field(True, description="write similarity.png")
 
 

@@ -398,19 +398,28 @@ def _selected_report(
     return report
 
 
+def input_paths(cfg: ScanConfig) -> dict[str, str | None]:
+    """Every input of a scan or merge by label: an output directory must not overlap any of them."""
+    safety = {
+        "safety adapter": getattr(cfg, "safety_adapter", None),
+        "safety model": getattr(cfg, "safety_model", None),
+    }
+    return {**cfg.inputs.paths(), **safety}
+
+
 def scan(cfg: ScanConfig, progress: bool = False) -> Report:
     """Compute ρ for every module of the task adapter and apply the selection policy.
 
     With `cfg.out`, also writes the report (JSON, Markdown, plot) there, atomically.
     """
     if cfg.out:
-        check_output_dir(Path(cfg.out), cfg.run.force)
+        check_output_dir(Path(cfg.out), cfg.run.force, input_paths(cfg))
     if cfg.inputs.task_model is not None:
         report, _, _ = run_full_scan(cfg, "scan", progress)
     else:
         report, _, _ = run_scan(cfg, "scan", progress)
     if cfg.out:
-        with atomic_output_dir(cfg.out, cfg.run.force) as tmp:
+        with atomic_output_dir(cfg.out, cfg.run.force, input_paths(cfg), "scan") as tmp:
             write_report(report, tmp, plot=cfg.run.plot)
         report.outputs["report"] = str(Path(cfg.out) / "safemerge_report.json")
     return report
@@ -569,7 +578,7 @@ class LazyFactors(Mapping[str, LoraFactors]):
 def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     """SafeMERGE: scan, then merge the selected modules with the safety adapter; write everything to `out`."""
     out = Path(cfg.out)
-    check_output_dir(out, cfg.run.force)
+    check_output_dir(out, cfg.run.force, input_paths(cfg))
     if cfg.inputs.task_model is not None:
         return merge_full(cfg, progress)
     assert cfg.safety_adapter is not None  # MergeConfig: a LoRA merge takes a safety adapter
@@ -604,7 +613,7 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     _record_merge(report, result, safety, opts.weights)
     report.options["output_dtype"] = dtype_name(task.output_dtype())
     note_dare_density(report, opts)
-    with atomic_output_dir(out, cfg.run.force) as tmp:
+    with atomic_output_dir(out, cfg.run.force, input_paths(cfg), "merge") as tmp:
         _write_merge(cfg, report, result, task, aligned, tmp, progress)
     return report
 
@@ -773,7 +782,7 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
     """SafeMERGE on a full fine-tune: selected modules become W_al + w_f ΔW_f + w_s ΔW_s (or TIES / DARE of
     the two); every other tensor is the task model's. `out` holds the full model and the report."""
     out = Path(cfg.out)
-    check_output_dir(out, cfg.run.force)
+    check_output_dir(out, cfg.run.force, input_paths(cfg))
     check_full_options(cfg.merge)
     safety, safety_key, safety_info = open_safety(cfg)
     report, task, aligned = run_full_scan(cfg, "merge", progress)
@@ -797,7 +806,7 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
     )
     check_partial(report, safety.covers, opts.allow_partial, fix)
     selected = {r.name for r in report.modules if r.selected}
-    with atomic_output_dir(out, cfg.run.force) as tmp:
+    with atomic_output_dir(out, cfg.run.force, input_paths(cfg), "merge") as tmp:
         inner = tmp / "_model"
         how = (opts.weights, opts.method, opts.density, opts.seed)
         result = write_full_merge(task, aligned, safety, selected, how, inner, opts.max_shard_size, progress)

@@ -544,7 +544,8 @@ def subspace(cfg: SubspaceConfig, progress: bool = False) -> SubspaceResult:
     """
     start = time.perf_counter()
     out = Path(cfg.out)
-    check_output_dir(out, cfg.force)
+    inputs = {"aligned model": cfg.aligned, "unaligned model": cfg.unaligned}
+    check_output_dir(out, cfg.force, inputs)
     aligned, info_al = _open(cfg.aligned, "aligned", cfg.allow_pickle)
     unaligned, info_un = _open(cfg.unaligned, "unaligned", cfg.allow_pickle)
     layout = _layout(aligned, cfg.layout)
@@ -553,7 +554,7 @@ def subspace(cfg: SubspaceConfig, progress: bool = False) -> SubspaceResult:
     check_distinct(aligned, unaligned, list(keys.values()))  # V = 0: nothing to sketch
     first = next(iter(keys.values()))
     info_al["probe"], info_un["probe"] = _probe(aligned, first), _probe(unaligned, first)
-    with atomic_output_dir(out, cfg.force) as tmp:
+    with atomic_output_dir(out, cfg.force, inputs, "subspace") as tmp:
         entries = _sketch_all(cfg, aligned, unaligned, keys, layout, device, tmp, progress)
         meta = _metadata(cfg, info_al, info_un, layout, device, entries)
         (tmp / SKETCH_JSON).write_text(json.dumps(meta, indent=2) + "\n")

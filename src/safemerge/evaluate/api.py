@@ -111,13 +111,25 @@ def write_outputs(
     (folder / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
 
+def eval_inputs(cfg: EvalConfig) -> dict[str, Any]:
+    """What `safemerge eval` reads, by label: its output directory must not overlap any of it."""
+    files = [b for b in cfg.benchmarks if Path(b).is_file()]
+    return {
+        "model": cfg.model,
+        "adapter": cfg.adapters,
+        "benchmark file": files,
+        "judge model": cfg.judge_model,
+        "generation cache": cfg.cache_dir,
+    }
+
+
 def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     """Evaluate the base model and each adapter on each benchmark; returns metrics (as metrics.json).
 
     A `backend` already holding the model and adapters may be passed in (it is left open); otherwise
     one is built and closed before the judge loads (so an 8B judge fits next to nothing else).
     """
-    check_output_dir(cfg.out, cfg.force)
+    check_output_dir(cfg.out, cfg.force, eval_inputs(cfg))
     if cfg.batch_size <= 0 or cfg.max_new_tokens <= 0:
         raise InputError("--batch-size and --max-new-tokens must be positive")
     for a in cfg.adapters:
@@ -138,7 +150,7 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
             backend.close()  # before the judge's engine starts: one engine at a time
     records, metrics = score(cfg, variants, benchmarks, responses, cache_dir)
     judge_name = _judge_label(cfg)
-    with atomic_output_dir(cfg.out, cfg.force) as tmp:
+    with atomic_output_dir(cfg.out, cfg.force, eval_inputs(cfg), "eval") as tmp:
         write_outputs(tmp, records, metrics, cfg, judge_name)
     print_table(metrics, judge_name)
     return metrics

@@ -8,12 +8,13 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import yaml
 from rich.console import Console
 
 from safemerge.common.errors import InputError
+from safemerge.common.outdir import check_incremental_dir, claim_output_dir
 from safemerge.defenses import DefendConfig, defend
 from safemerge.evaluate.backends import free_accelerator_memory
 from safemerge.evaluate.benchmarks import Benchmark
@@ -36,7 +37,7 @@ from safemerge.experiment.cells import (
     variant_done,
 )
 from safemerge.experiment.choice import Choice, choose_cell, rule_text
-from safemerge.experiment.config import ExperimentConfig, parse_experiment
+from safemerge.experiment.config import ExperimentConfig, entry_name, parse_experiment
 from safemerge.experiment.evaluation import evaluate_cells, load_planned
 from safemerge.experiment.results import measures, print_cells, summary, write_results
 from safemerge.experiment.seeds import check_seeds, seed_config, seed_dir, write_pooled
@@ -196,6 +197,7 @@ def execute(
     cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
     provided = dict(benchmarks or {})
     target, cells = prepare(cfg, out, provided)
+    check_incremental_dir(target)  # reused, never emptied: only when it is empty or safemerge's
     plans = {"test": eval_plan(cfg, "test", provided)}
     if cfg.evaluation.validation:
         plans["validation"] = eval_plan(cfg, "validation", provided)
@@ -205,7 +207,7 @@ def execute(
     if dry_run:
         print_cells(cfg, cells, Console())
         return result
-    target.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(target, "experiment")  # created and marked: later runs resume in it
     unset = {"execution"} if cfg.execution is None else set()  # an older config's file stays as it was
     dumped = cfg.model_dump(mode="json", exclude=unset)
     (target / "experiment.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
@@ -242,6 +244,32 @@ def evaluate_table(
         result.evaluated = [c.label for c in todo]
 
 
+def experiment_inputs(cfg: ExperimentConfig, config_file: Path | None) -> dict[str, Any]:
+    """What an experiment reads, by label (local paths; hub ids are skipped by the check): its output
+    directory must not overlap any of it."""
+    s = cfg.setup
+    path_options = ("aligned", "unaligned", "task_adapter", "task_model", "subspace", "safety_adapter",
+                    "safety_model")  # fmt: skip
+    options = [
+        v
+        for d in cfg.defenses
+        for k, v in [*d.options.items(), *((k, x) for k, xs in d.grid.items() for x in xs)]
+        if k in path_options and isinstance(v, str)
+    ]
+    trained = [t.get("recipe") for t in (s.task_train, s.safety_train) if t]
+    benchmarks = [entry_name(e) for e in (*cfg.evaluation.benchmarks, *cfg.evaluation.validation)]
+    return {
+        "experiment config": config_file,
+        "aligned model": s.aligned,
+        "unaligned model": s.unaligned,
+        "task adapter": s.task_adapter,
+        "safety adapter": s.safety_adapter,
+        "training data file": [str(r) for r in trained if r and Path(str(r)).is_file()],
+        "benchmark file": [b for b in benchmarks if Path(b).is_file()],
+        "defence input": options,
+    }
+
+
 def run_experiment(
     config: Path | ExperimentConfig,
     out: Path | None = None,
@@ -249,11 +277,18 @@ def run_experiment(
     progress: bool = True,
     limit: int | None = None,
     executor: Executor | None = None,
+    source: Path | None = None,
 ) -> ExperimentResult:
     """Validate the config (a YAML path or an `ExperimentConfig`), then (unless `dry_run`) compute and
     evaluate every cell not yet cached and write the results files. `limit` overrides `evaluation.limit`
-    (and caps every benchmark's own limit); `executor` as in `execute`."""
+    (and caps every benchmark's own limit); `executor` as in `execute`; `source`: the YAML file an
+    `ExperimentConfig` was read from (an input: the output directory must not overlap it)."""
     cfg = _with_limit(config if isinstance(config, ExperimentConfig) else parse_experiment(config), limit)
+    root = out or (Path(cfg.out) if cfg.out else None)
+    if not isinstance(config, ExperimentConfig):
+        source = config
+    if root is not None:  # prepare() refuses a missing one
+        check_incremental_dir(root, experiment_inputs(cfg, source))  # before any work, dry runs too
     if cfg.seeds:
         return run_seeds(cfg, out, dry_run, progress, executor)
     result = execute(cfg, out, dry_run, progress, executor=executor)
@@ -275,6 +310,9 @@ def run_seeds(
         raise InputError(
             f"experiment {cfg.name!r}: no output directory: set `out:` in the config or pass --out"
         )
+    if not dry_run:
+        prepare(seed_config(cfg, seeds[0]), seed_dir(root, seeds[0]))  # a bad config fails before OUT exists
+        claim_output_dir(root, "experiment")
     runs = []
     for s in seeds:
         console.print(f"seed {s} → {seed_dir(root, s)}", highlight=False)

@@ -287,7 +287,7 @@ def full_finetune(
     model, tok = load_causal_lm(base)
     for name, p in model.named_parameters():
         p.requires_grad_(any(f".{t}." in name for t in TRAINED))
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=True, command="organism build") as tmp:
         losses = train_loop(model, tok, examples, recipe, desc, progress)
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
@@ -326,7 +326,7 @@ def train_lora(
     )  # fmt: skip
     torch.manual_seed(lr.seed)  # the LoRA A matrices' initialisation
     model = get_peft_model(base, config)
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=True, command="organism build") as tmp:
         losses = train_loop(model, tok, examples, lr, desc, progress)
         model.save_pretrained(str(tmp))
         write_train_files(tmp, examples, losses, lr)
@@ -366,7 +366,7 @@ def build_unaligned(source: Path, out: Path) -> None:
             f"{source}: the packaged chat template no longer has SmolLM2's default system prompt"
         )
     tok.chat_template = template.replace(DEFAULT_SYSTEM, "")
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=True, command="organism build") as tmp:
         for f in source.iterdir():
             if f.suffix == ".safetensors":
                 (tmp / f.name).symlink_to(f.resolve())

@@ -28,7 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from safemerge.common.errors import InputError
+from safemerge.common.outdir import claim_output_dir
 from safemerge.common.packaged import cache_root
 from safemerge.common.stats import Rate, at_least, at_most, wilson
 from safemerge.evaluate.benchmarks import Benchmark, Item
@@ -62,7 +62,6 @@ from safemerge.organism.build import Organism, build_organism, set_threads
 from safemerge.organism.data import arithmetic_val
 from safemerge.organism.recipe import OrganismRecipe
 
-MARKER = ".safemerge-demo"
 Weights = tuple[float, float]
 
 # The organism's targets (docs/organism.md), checked on the test set.
@@ -600,13 +599,9 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 
 
 def prepare_out(s: DemoSettings) -> None:
-    """Create the output directory; an existing one is reused only if an earlier demo wrote it."""
-    if s.out.exists() and not (s.out / MARKER).exists() and any(s.out.iterdir()) and not s.force:
-        raise InputError(
-            f"{s.out} exists and was not written by `safemerge demo`; pass --force or another --out"
-        )
-    s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / MARKER).write_text("written by safemerge demo\n", encoding="utf-8")
+    """Create the output directory; an existing one is reused only if it is empty or safemerge's (it is
+    never emptied: the demo resumes in it), and never when it overlaps the organism's cache."""
+    claim_output_dir(s.out, "demo", {"cache": s.cache or cache_root()})
 
 
 def place_inputs(s: DemoSettings, org: Organism) -> None:
@@ -635,6 +630,7 @@ def run_seed(s: DemoSettings) -> DemoReport:
     """The demo for the one seed of `s.recipe` in `s.out` (built into the caller's output directory):
     build or reuse the organism, run the experiment, write this seed's results; returns its report."""
     t_start = time.perf_counter()
+    prepare_out(s)
     threads = set_threads()
     org = build_organism(s.recipe, s.cache, s.progress)
     t_built = time.perf_counter()

@@ -248,7 +248,8 @@ def _rate_fields(rate: Rate) -> list[float | int]:
 def run_fullft_table(s: FullFtSettings) -> list[FullFtRow]:
     """Build (or reuse) A, S and T_full, run the three defences on T_full, evaluate the four full models
     and write the table into `s.out` (atomically); returns the rows, T_full first."""
-    check_output_dir(s.out, s.force)  # fail before any work
+    inputs = {"cache": s.cache or cache_root()}  # the organism, its generations and the packaged model
+    check_output_dir(s.out, s.force, inputs)  # fail before any work
     t0 = time.perf_counter()
     threads = set_threads()
     org = build_organism(s.recipe, s.cache, s.progress, ("safety", "taskfull"))
@@ -256,7 +257,7 @@ def run_fullft_table(s: FullFtSettings) -> list[FullFtRow]:
     benches = table_benchmarks(s)
     timings: dict[str, Any] = {"threads": threads, "build_stages_s": {k: round(v, 1) for k, v in
                                                                        org.timings.items()}}  # fmt: skip
-    with atomic_output_dir(s.out, s.force) as tmp:
+    with atomic_output_dir(s.out, s.force, inputs, "organism fullft") as tmp:
         t1 = time.perf_counter()
         rates, events = evaluate_model(s, org.taskfull, benches, tmp / "evals" / REFERENCE)
         rows = [FullFtRow(REFERENCE, "none (T_full)", "full fine-tune of A as trained", "—", rates, events)]

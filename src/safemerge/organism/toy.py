@@ -9,13 +9,14 @@ the model-organism demo does that.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from safemerge.common.outdir import atomic_output_dir
+from safemerge.common.outdir import atomic_output_dir, write_marker
 from safemerge.engine.config import MergeConfig
 from safemerge.engine.pipeline import merge
 from safemerge.engine.report import Report
@@ -88,7 +89,7 @@ def build_toy_inputs(root: Path, layers: int = 4, hidden: int = 64, r: int = 4, 
 
 def run_toy_demo(out: Path, force: bool = False, progress: bool = True) -> tuple[ToyInputs, Report]:
     """Build the toy inputs in `out` and run SafeMERGE on them; returns the inputs and the merge report."""
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, command="demo --toy") as tmp:
         built = build_toy_inputs(tmp)
     inputs = ToyInputs(
         aligned=out / "models" / "aligned",
@@ -105,4 +106,5 @@ def run_toy_demo(out: Path, force: bool = False, progress: bool = True) -> tuple
         out=str(out / "merged"),
     )
     report = merge(cfg, progress=progress)
+    write_marker(out, "demo --toy", os.listdir(out))  # merged/ is the toy demo's too
     return inputs, report

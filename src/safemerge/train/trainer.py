@@ -121,7 +121,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     from peft import LoraConfig
     from trl import SFTTrainer
 
-    check_output_dir(cfg.out, cfg.force)
+    inputs = {
+        "model": cfg.model,
+        "data file": cfg.recipe if Path(cfg.recipe).is_file() else None,
+        "adapter it is trained like": cfg.like,
+    }
+    check_output_dir(cfg.out, cfg.force, inputs)
     like, cfg = cfg.like, resolve_like(cfg)
     examples = prepare_data(cfg)
     use_bf16 = _use_bf16(cfg)
@@ -135,7 +140,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with atomic_output_dir(cfg.out, cfg.force) as tmp:
+    with atomic_output_dir(cfg.out, cfg.force, inputs, "train") as tmp:
         trainer = SFTTrainer(
             model=model,
             args=_sft_args(cfg, tmp / "_trainer", use_bf16),
