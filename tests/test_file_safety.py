@@ -352,3 +352,19 @@ def test_output_directories_get_the_umask_mode(inputs: dict[str, Path], tmp_path
     code, text = invoke(command("scan", inputs, tmp_path / "out", "--no-plot"))
     assert code == 0, text
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+
+
+@pytest.mark.usefixtures("restore_umask")
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_output_files_get_the_umask_mode(inputs: dict[str, Path], tmp_path: Path, mask: int) -> None:
+    """safetensors writes its files 0600: a merged adapter must be as readable as any file the user writes
+    (and no more), whatever wrote it; `--merge-into-base` adds a subdirectory."""
+    os.umask(mask)
+    out = tmp_path / "out"
+    code, text = invoke(command("merge", inputs, out, "--no-plot", "--merge-into-base"))
+    assert code == 0, text
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert "adapter_model.safetensors" in modes and "full_model" in modes
+    for name, mode in modes.items():
+        want = 0o777 & ~mask if (out / name).is_dir() else 0o666 & ~mask
+        assert mode == want, (name, oct(mode), oct(want))

@@ -11,7 +11,8 @@ Every command writes its output directory through this module (docs/engine.md, "
   entries written) is written into every output directory; it is how safemerge recognises its own output.
 - An output directory equal to, inside, or containing an input (compared as resolved real paths) is
   refused, with or without `force`.
-- Directories get the mode of the umask (a temporary directory would otherwise stay 0700).
+- Directories and files get the mode of the umask (a temporary directory would otherwise stay 0700,
+  safetensors files 0600).
 """
 
 from __future__ import annotations
@@ -130,6 +131,22 @@ def umask_mode() -> int:
     return 0o777 & ~mask
 
 
+def apply_umask(folder: Path) -> None:
+    """Give every file and directory under `folder` the mode a plain write would give it under the
+    umask (0o666 & ~umask for files, 0o777 & ~umask for directories): some writers (safetensors'
+    `save_file`, `tempfile`) create theirs 0600 / 0700, which would hide a shared output from its group."""
+    dir_mode = umask_mode()
+    file_mode = dir_mode & 0o666
+    folder.chmod(dir_mode)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dir_mode, follow_symlinks=False)
+        for f in files:
+            path = os.path.join(root, f)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 def write_marker(folder: Path, command: str, entries: Sequence[str] | None) -> None:
     """Mark `folder` as safemerge's: the command, and the entries it wrote (None: all of them, for a
     directory written over time). Deterministic bytes, so outputs stay byte-identical across runs."""
@@ -157,6 +174,7 @@ def atomic_output_dir(
         tmp.chmod(umask_mode())
         yield tmp
         write_marker(tmp, command, os.listdir(tmp))
+        apply_umask(tmp)
         check_output_dir(out, force, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
