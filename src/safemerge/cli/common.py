@@ -31,7 +31,8 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
             warnings.showwarning = _warning_printer(warnings.showwarning)
             return fn()
     except InputError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # `[ray]` as written
+        # escape: `[ray]` as written; soft_wrap: one line per message, so a log can be grepped
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
@@ -55,7 +56,7 @@ def _warning_printer(library: Callable[..., None]) -> Callable[..., None]:
         text = str(message)
         if text not in shown:
             shown.add(text)
-            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+            console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
     return show
 

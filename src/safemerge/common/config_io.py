@@ -40,10 +40,12 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def validation_message(exc: ValidationError, cls: type[BaseModel] | None = None) -> str:
-    """pydantic's errors as one line, each naming its key: `top_k: Input should be ...; extra: ...`."""
+    """pydantic's errors as one line, each naming its key: `top_k: Input should be ...; extra: ...`.
+    Our own validators' messages lose pydantic's "Value error, " prefix: they are written for users."""
     flat = cls.flat_loc if cls is not None and issubclass(cls, FlatConfig) else None
     return "; ".join(
-        f"{flat(e['loc']) if flat else '.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}"
+        f"{flat(e['loc']) if flat else '.'.join(map(str, e['loc'])) or 'config'}: "
+        + e["msg"].removeprefix("Value error, ")
         for e in exc.errors()
     )
 

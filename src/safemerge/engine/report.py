@@ -291,12 +291,13 @@ The per-module similarities and decisions are in `safemerge_report.md`; the reso
 
 
 def _selection_sentence(report: Report) -> str:
-    """ "N of T modules were selected (selection: …); M of them were" — the two numbers of a merge, never
-    one for the other (a partial merge merges fewer modules than it selects)."""
+    """ "N of T modules were selected (selection: …) and M of them were" ("was" for one): the two numbers
+    of a merge, never one for the other (a partial merge merges fewer modules than it selects)."""
     s = report.summary
     return (
         f"{s['selected']} of its {s['modules']} modules were selected (selection: "
-        f"{report.options.get('selection_policy')}) and {s['merged']} of them were"
+        f"{report.options.get('selection_policy')}) and {s['merged']} of them "
+        f"{'was' if s['merged'] == 1 else 'were'}"
     )
 
 
