@@ -128,7 +128,8 @@ DeviceOpt = Annotated[
     str | None, typer.Option(help="Where the math runs: cpu, cuda or auto (cuda when present). Default cpu.")
 ]
 ForceOpt = Annotated[
-    bool | None, typer.Option("--force", help="Replace an earlier safemerge output (never other files).")
+    bool | None,
+    typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
 ]
 PickleOpt = Annotated[
     bool | None,

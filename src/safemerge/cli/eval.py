@@ -93,7 +93,8 @@ def eval_command(
     ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     force: Annotated[
-        bool | None, typer.Option(help="replace an earlier safemerge output at --out (never other files)")
+        bool | None,
+        typer.Option(help="replace an earlier safemerge output at --out, never other files (default: off)"),
     ] = None,
 ) -> None:
     """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.

@@ -70,7 +70,8 @@ def fullft_command(
         bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an earlier safemerge output (never other files).")
+        bool,
+        typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
     ] = False,
     cache: Annotated[
         Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")

@@ -75,7 +75,8 @@ def train_command(
     ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     force: Annotated[
-        bool | None, typer.Option(help="replace an earlier safemerge output at --out (never other files)")
+        bool | None,
+        typer.Option(help="replace an earlier safemerge output at --out, never other files (default: off)"),
     ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter (task or safety) with the model's chat template, loss on responses only."""
