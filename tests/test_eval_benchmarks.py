@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -45,7 +46,7 @@ def test_hub_benchmarks_from_fixture_rows(monkeypatch: pytest.MonkeyPatch) -> No
     for module in (gsm8k, pubmedqa, directharm4):  # each hub benchmark reads the hub through common.datasets
         monkeypatch.setattr(module, "load_hub_rows", lambda name, config, split: rows[name])
     g = bm.load_benchmark("gsm8k")
-    assert g.items[0].reference == "4" and g.items[0].prompt == "Q?"
+    assert g.items[0].reference == "4" and "Problem: Q?\n" in g.items[0].prompt  # lm-eval's instruction
     p = bm.load_benchmark("pubmedqa")
     assert p.items[0].reference == "maybe" and "Context: A. B." in p.items[0].prompt
     assert "yes, no or maybe" in p.items[0].prompt
@@ -62,9 +63,15 @@ def test_gated_hub_dataset_message(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match=r"gated.*hf auth login"):
         recipes.load_hub_rows("vfleaking/DirectHarm4", None, "test")
     import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
-    with pytest.raises(InputError, match=r"HEx-PHI.*gated.*HF_TOKEN"):
+    def gated(*a: Any, **k: Any) -> None:
+        raise GatedRepoError(
+            "401 Client Error: Cannot access gated repo", response=SimpleNamespace(headers={}, request=None)
+        )
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(InputError, match=r"HEx-PHI file category_1\.csv.*gated.*HF_TOKEN"):
         bm.load_benchmark("hexphi")
 
 
@@ -108,21 +115,22 @@ def test_fixed_batches_cover_all_sorted_by_length() -> None:
 def test_scoring_lives_on_the_benchmark() -> None:
     item = bm.Item("g-0", "Q?", "72")
     gsm = bm.get_benchmark("gsm8k")
-    assert gsm.score(item, "so 70 + 2 #### 72") == {
+    assert gsm.score(item, "so 70 + 2 = 72. The final answer is 72") == {
         "extracted_strict": "72",
         "extracted_flexible": "72",
         "correct": True,
         "correct_flexible": True,
     }
-    records = [gsm.score(item, text) for text in ("#### 72", "it is 72", "#### 7")]
+    records = [gsm.score(item, text) for text in ("The final answer is 72", "it is 72", "#### 72")]
     assert gsm.metrics(records, "judge") == {
         "kind": "utility",
         "n": 3,
         "n_correct": 1,
         "accuracy": 1 / 3,
         "accuracy_strict": 1 / 3,
-        "n_correct_flexible": 2,
-        "accuracy_flexible": 2 / 3,
+        "n_correct_flexible": 3,
+        "accuracy_flexible": 1.0,
+        "n_unparsed_strict": 2,
     }
     pub, yes = bm.get_benchmark("pubmedqa"), bm.Item("p-0", "Q?", "yes")
     records = [pub.score(yes, text) for text in ("Answer: yes", "No.", "I cannot tell.")]

@@ -32,15 +32,16 @@ from safemerge.evaluate.scoring import (
 @pytest.mark.parametrize(
     ("text", "strict", "flexible"),
     [
-        ("She pays 1000 + 234 = <<1000+234=1234>>1234 dollars.\n#### 1,234", "1234", "1234"),
+        ("She pays 1000 + 234 = 1234 dollars.\nThe final answer is 1,234", "1234", "1234"),
         ("The answer is $12.50.", None, "12.5"),
-        ("It drops by 7 degrees, so the temperature is -3.\n#### -3", "-3", "-3"),
+        ("It drops by 7 degrees, so the temperature is -3.\nThe final answer is -3.", "-3", "-3"),
         ("The balance is −15 dollars.", None, "-15"),
         ("I don't know.", None, None),
         ("First 3 apples, then 4 more, giving 7 apples in total.", None, "7"),
-        ("#### 18\nActually it is 20.", "18", "20"),
+        ("The final answer is 18\nActually it is 20.", "18", "20"),
         ("The total is 1,000,000.", None, "1000000"),
-        ("#### 5.0", "5", "5"),
+        ("The final answer is 5.0", "5", "5"),
+        ("#### 72", None, "72"),  # GSM8K's own `####` line is not the strict form (gsm8k-cot-llama)
     ],
 )
 def test_gsm8k_extraction(text: str, strict: str | None, flexible: str | None) -> None:
@@ -62,7 +63,9 @@ def test_normalise_number_and_reference() -> None:
         ("yes", "yes"),
         ("No.", "no"),
         ("The evidence is mixed.\nAnswer: maybe", "maybe"),
-        ("Yes, but not always; the answer is no.", "no"),  # an explicit answer wins over the first word
+        ("Yes, but not always; the answer is no.", "no"),  # an explicit answer wins over other words
+        ("Answer: No ... Final Answer: Yes", "yes"),  # the last explicit answer
+        ("The study found no significant difference ... Yes.", "yes"),  # 'no significant' is prose
         ("**Answer:** Yes", "yes"),
         ("The trial was inconclusive.", None),
         ("Knowledge gaps remain", None),  # 'no' inside a word is not a label

@@ -1,5 +1,5 @@
 """Data sources that training and evaluation share: rows of hub datasets and local files, the offline
-3-digit arithmetic task (train and eval problems disjoint), and the PubMedQA prompt format.
+3-digit arithmetic task (train and eval problems disjoint), and the GSM8K and PubMedQA prompt formats.
 
 Here, below both `train` and `evaluate`, so that neither imports the other and the prompt a model is
 trained on is the prompt it is evaluated with.
@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ from safemerge.common.errors import InputError
 
 Row = dict[str, Any]
 PUBMEDQA_INSTRUCTION = "Answer the question with yes, no or maybe, after a short explanation."
+# lm-evaluation-harness's chat prompt for GSM8K (`gsm8k-cot-llama.yaml`, doc_to_text), word for word but
+# for its trailing newline (chat templates such as Llama 3's trim the message anyway).
+GSM8K_PROMPT = (
+    "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+    'Your response should end with "The final answer is [answer]" where [answer] is the response to the '
+    "problem."
+)
+_GSM8K_FINAL = re.compile(r"####\s*(-?\$?[0-9][0-9.,]*)")  # a GSM8K solution's last line: `#### 72`
+_GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")  # its calculator annotations, e.g. <<48/2=24>>
 
 
 def load_hub_rows(name: str, config: str | None, split: str) -> list[Row]:
@@ -59,6 +69,26 @@ def arithmetic_problems(n: int, seed: int, split: str = "train") -> list[tuple[s
         c = a + b if op == "+" else a - b
         out.append((f"What is {a} {op} {b}?", f"{a} {op} {b} = {c}. The answer is {c}.", c))
     return out
+
+
+def gsm8k_prompt(question: str) -> str:
+    """The GSM8K prompt used for training and evaluation alike: the question inside lm-eval's instruction."""
+    return GSM8K_PROMPT.format(question=question)
+
+
+def gsm8k_final(solution: str) -> str:
+    """The number of a GSM8K solution's `#### N` line, as written; ValueError when it has none."""
+    m = _GSM8K_FINAL.search(solution.replace("\u2212", "-"))
+    if m is None:
+        raise ValueError(f"GSM8K solution without '####': {solution[-40:]!r}")
+    return m.group(1).rstrip(".")
+
+
+def gsm8k_completion(solution: str) -> str:
+    """A GSM8K solution in the form the `gsm8k` benchmark scores (lm-eval's gsm8k-cot-llama): its
+    reasoning without the calculator annotations, then "The final answer is N." for the `#### N` line."""
+    reasoning = _GSM8K_CALCULATOR.sub("", solution.split("####")[0]).strip()
+    return f"{reasoning}\nThe final answer is {gsm8k_final(solution)}."
 
 
 def pubmedqa_prompt(question: str, contexts: list[str]) -> str:

@@ -1,15 +1,28 @@
-"""Answer extraction and scoring for the utility benchmarks (pure functions)."""
+"""Answer extraction and scoring for the utility benchmarks (pure functions).
+
+GSM8K follows lm-evaluation-harness's chat task `gsm8k-cot-llama` (`lm_eval/tasks/gsm8k/`): strict =
+the number of the last "The final answer is N", flexible = the last number. PubMedQA's label rule is
+this project's (its authors and lm-evaluation-harness score a label, not generated text):
+docs/train_eval.md, "How each benchmark is scored".
+"""
 
 from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
 
-# lm-evaluation-harness gsm8k: strict-match "#### (\-?[0-9\.\,]+)"; flexible-extract takes the last number.
-_STRICT = re.compile(r"####\s*(-?\$?[0-9][0-9.,]*)")
+from safemerge.common.datasets import gsm8k_final
+
+# gsm8k-cot-llama's strict-match pattern, verbatim (case-sensitive; lm-eval takes the last match).
+_STRICT = re.compile(r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))")
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-_PUBMEDQA_ANSWER = re.compile(r"answer\s*(?:is)?\s*[:\-]?\s*\**\s*(yes|no|maybe)\b", re.IGNORECASE)
-_PUBMEDQA_WORD = re.compile(r"\b(yes|no|maybe)\b", re.IGNORECASE)
+_LABEL = r"(yes|no|maybe)\b"
+# An explicit answer: "Answer: x", "Final Answer: x", "the answer is x", "**Answer:** x".
+_PUBMEDQA_MARKED = re.compile(r"\banswer\s*(?:is)?\s*[:\-]?\s*[*_]*\s*" + _LABEL, re.IGNORECASE)
+# A label word that stands alone: followed by no further word ("Yes.", "no,", "maybe" at the end);
+# "no significant difference", "maybe because" and the like are prose, not an answer.
+_PUBMEDQA_ALONE = re.compile(r"\b" + _LABEL + r"(?![*_\"')\]]*[ \t]+[A-Za-z0-9])", re.IGNORECASE)
+_PUBMEDQA_FIRST = re.compile(r"^[\s*_\"'(\[]*" + _LABEL, re.IGNORECASE)
 
 
 def normalise_number(text: str) -> str | None:
@@ -25,9 +38,9 @@ def normalise_number(text: str) -> str | None:
 
 
 def extract_strict(text: str) -> str | None:
-    """The number after the first `#### ` (GSM8K answer format), normalised."""
-    m = _STRICT.search(text.replace("\u2212", "-"))
-    return normalise_number(m.group(1)) if m else None
+    """The number of the last "The final answer is N" (gsm8k-cot-llama's strict match), normalised."""
+    found = _STRICT.findall(text.replace("\u2212", "-"))
+    return normalise_number(found[-1][0]) if found else None
 
 
 def extract_flexible(text: str) -> str | None:
@@ -41,14 +54,19 @@ def extract_flexible(text: str) -> str | None:
 
 
 def gsm8k_reference(answer: str) -> str:
-    """The gold number of a GSM8K answer (`... #### 72`)."""
-    ref = extract_strict(answer)
+    """The gold number of a GSM8K solution (`... #### 72`), normalised."""
+    ref = normalise_number(gsm8k_final(answer))
     if ref is None:
-        raise ValueError(f"GSM8K reference without '####': {answer[-40:]!r}")
+        raise ValueError(f"GSM8K solution whose '####' line is not a number: {answer[-40:]!r}")
     return ref
 
 
 def parse_pubmedqa(text: str) -> str | None:
-    """yes / no / maybe: an explicit 'Answer: x' wins, else the first of the three words; None if absent."""
-    m = _PUBMEDQA_ANSWER.search(text) or _PUBMEDQA_WORD.search(text)
+    """yes / no / maybe, or None: the label of the last explicit answer ("Answer: x", "Final Answer: x",
+    "the answer is x"); without one, the last label word that stands alone (no word after it in its
+    line) or, failing that, a label that opens the response ("No significant difference ...")."""
+    for found in (_PUBMEDQA_MARKED.findall(text), _PUBMEDQA_ALONE.findall(text)):
+        if found:
+            return str(found[-1]).lower()
+    m = _PUBMEDQA_FIRST.match(text)
     return m.group(1).lower() if m else None

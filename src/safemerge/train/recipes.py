@@ -9,7 +9,14 @@ import random
 from pathlib import Path
 from typing import Any
 
-from safemerge.common.datasets import arithmetic_problems, load_hub_rows, pubmedqa_prompt, read_rows
+from safemerge.common.datasets import (
+    arithmetic_problems,
+    gsm8k_completion,
+    gsm8k_prompt,
+    load_hub_rows,
+    pubmedqa_prompt,
+    read_rows,
+)
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import donotanswer_prompts, strongreject_prompts
 from safemerge.train.refusals import make_refusal
@@ -76,9 +83,11 @@ def safety_hub_recipe(n: int | None, seed: int) -> list[Example]:
 
 
 def gsm8k_recipe(n: int | None, seed: int) -> list[Example]:
-    """GSM8K train split; the reference answer keeps its `#### <n>` final line."""
+    """GSM8K train split in the form the `gsm8k` benchmark scores: lm-eval's instruction around the
+    question; the solution's reasoning without calculator annotations, then "The final answer is N."."""
     rows = load_hub_rows("openai/gsm8k", "main", "train")
-    return _take([chat_example(r["question"], r["answer"]) for r in rows], n, seed)
+    ex = [chat_example(gsm8k_prompt(r["question"]), gsm8k_completion(r["answer"])) for r in rows]
+    return _take(ex, n, seed)
 
 
 def pubmedqa_recipe(n: int | None, seed: int) -> list[Example]:
