@@ -78,7 +78,10 @@ def assert_same_adapter(model: PeftModel, name: str, out: Path) -> None:
         assert ours[key].dtype == t.dtype, key
         assert torch.equal(ours[key].cpu(), t), key
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (model.peft_config[name].r, model.peft_config[name].lora_alpha) == (config["r"], config["lora_alpha"])
+    assert (model.peft_config[name].r, model.peft_config[name].lora_alpha) == (
+        config["r"],
+        config["lora_alpha"],
+    )
 
 
 def cli_report(out: Path) -> dict[str, Any]:
@@ -93,7 +96,9 @@ MERGES = [
         ("--fraction", "0.5", "--method", "ties", "--density", "0.6", "--seed", "3", "--rank", "6"),
         id="ties",
     ),
-    pytest.param({"fraction": 1.0, "mode": "peft-linear"}, ("--fraction", "1", "--mode", "peft-linear"), id="peft"),
+    pytest.param(
+        {"fraction": 1.0, "mode": "peft-linear"}, ("--fraction", "1", "--mode", "peft-linear"), id="peft"
+    ),
     pytest.param({"merge_all": True}, ("--fraction", "1"), id="merge-all"),
 ]
 
@@ -119,7 +124,8 @@ def test_add_safemerge_adapter_equals_the_cli_merge_bit_for_bit(
 def test_scan_rho_equals_the_cli_scan(env: dict[str, Path], tmp_path: Path) -> None:
     cli(
         "scan", "--aligned", str(env["aligned"]), "--unaligned", str(env["unaligned"]),
-        "--task-adapter", str(env["task"]), "--out", str(tmp_path / "scan"), "--no-plot", "-q", "--top-k", "2",
+        "--task-adapter", str(env["task"]), "--out", str(tmp_path / "scan"), "--no-plot", "-q",
+        "--top-k", "2",
     )  # fmt: skip
     model = peft_model(env["aligned"], env["task"], env["safety"])
     report = safemerge.scan_peft_model(model, env["unaligned"], top_k=2)
@@ -156,7 +162,9 @@ def test_rslora_and_rank_alpha_patterns_equal_the_cli(env: dict[str, Path], tmp_
         env["aligned"], tmp_path / "task", seed=3, r=4, alpha=6, use_rslora=True,
         rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 5},
     )  # fmt: skip
-    out = cli_merge(env["aligned"], env["unaligned"], task, env["safety"], tmp_path / "cli", "--fraction", "1")
+    out = cli_merge(
+        env["aligned"], env["unaligned"], task, env["safety"], tmp_path / "cli", "--fraction", "1"
+    )
     model = peft_model(env["aligned"], task, env["safety"])
     safemerge.add_safemerge_adapter(model, env["unaligned"], fraction=1.0)
     assert_same_adapter(model, "safemerged", out)
@@ -205,9 +213,13 @@ def model(env: dict[str, Path]) -> PeftModel:
 
 
 REFUSALS = [
-    pytest.param({"threshold": 1.5}, r"invalid options: threshold: threshold must lie in \[0, 1\]", id="threshold"),
+    pytest.param(
+        {"threshold": 1.5}, r"invalid options: threshold: threshold must lie in \[0, 1\]", id="threshold"
+    ),
     pytest.param({"top_k": 0}, "invalid options: top_k: top_k must be at least 1", id="top-k"),
-    pytest.param({"threshold": 0.3, "top_k": 2}, "give only one of threshold, top_k, fraction", id="two-policies"),
+    pytest.param(
+        {"threshold": 0.3, "top_k": 2}, "give only one of threshold, top_k, fraction", id="two-policies"
+    ),
     pytest.param({"weights": (0.8, 0.8)}, "weights must each lie in", id="weights"),
     pytest.param({"treshold": 0.3}, r"unknown option 'treshold' \(did you mean threshold\?\)", id="typo"),
     pytest.param({"merge_into_base": True}, "merge_into_base does not apply in memory", id="full-model"),
@@ -242,23 +254,27 @@ def test_the_model_base_weights_as_unaligned_are_refused(env: dict[str, Path], m
 def test_partial_merges_are_refused_without_allow_partial(env: dict[str, Path], tmp_path: Path) -> None:
     safety = save_adapter(env["aligned"], tmp_path / "safety-q", seed=2, targets=["q_proj"])
     model = peft_model(env["aligned"], env["task"], safety)
-    with pytest.raises(InputError, match=r"3 of the 6 selected modules have no counterpart .* allow_partial=True"):
+    with pytest.raises(
+        InputError, match=r"3 of the 6 selected modules have no counterpart .* allow_partial=True"
+    ):
         safemerge.add_safemerge_adapter(model, env["unaligned"], fraction=1.0)
     assert "safemerged" not in model.peft_config
     with pytest.warns(SafemergeWarning, match="kept as fine-tuned"):
         report = safemerge.add_safemerge_adapter(model, env["unaligned"], fraction=1.0, allow_partial=True)
     assert report.summary["merged"] == 3
-    out = cli_merge(env["aligned"], env["unaligned"], env["task"], safety, tmp_path / "cli", "--fraction", "1",
-                    "--allow-partial")  # fmt: skip
+    flags = ("--fraction", "1", "--allow-partial")
+    out = cli_merge(env["aligned"], env["unaligned"], env["task"], safety, tmp_path / "cli", *flags)
     assert_same_adapter(model, "safemerged", out)
 
 
 def test_base_rewriting_inits_and_other_models_are_refused(env: dict[str, Path], model: PeftModel) -> None:
     model.peft_config["safety"].init_lora_weights = "pissa"
-    with pytest.raises(InputError, match=r"adapter 'safety' \(safety adapter\) of the PeftModel: init_lora_weights"):
+    with pytest.raises(
+        InputError, match=r"adapter 'safety' \(safety adapter\) of the PeftModel: init_lora_weights"
+    ):
         safemerge.add_safemerge_adapter(model, env["unaligned"])
     base = model.get_base_model()
-    with pytest.raises(InputError, match="model must be a peft.PeftModel"):
+    with pytest.raises(InputError, match=r"model must be a peft\.PeftModel"):
         safemerge.scan_peft_model(base, env["unaligned"])
     with pytest.raises(InputError, match="unaligned must be a directory, a hub id, a model or a state dict"):
         safemerge.scan_peft_model(model, 3)
@@ -270,7 +286,7 @@ def test_an_adapter_built_on_the_unaligned_model_is_refused(env: dict[str, Path]
     config["base_model_name_or_path"] = str(env["unaligned"])
     (task / "adapter_config.json").write_text(json.dumps(config))
     model = peft_model(env["aligned"], task, env["safety"])
-    with pytest.raises(InputError, match="names .* the unaligned model, as its base"):
+    with pytest.raises(InputError, match=r"names .* the unaligned model, as its base"):
         safemerge.scan_peft_model(model, env["unaligned"])
 
 
@@ -279,8 +295,8 @@ def test_to_pandas_has_one_row_per_module(env: dict[str, Path], model: PeftModel
     report = safemerge.add_safemerge_adapter(model, env["unaligned"])
     df = report.to_pandas()
     assert len(df) == 6
-    assert list(df.columns[:8]) == ["name", "layer", "module_type", "shape", "rank_task", "rho", "rho_rounded",
-                                     "selected"]  # fmt: skip
+    first = ["name", "layer", "module_type", "shape", "rank_task", "rho", "rho_rounded", "selected"]
+    assert list(df.columns[:8]) == first
     assert {"merged", "w_task", "w_safety", "delta_norm_out", "flags"} <= set(df.columns)
     assert df["rho"].tolist() == [m.rho for m in report.modules]
     assert df["merged"].sum() == report.summary["merged"]

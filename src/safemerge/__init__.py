@@ -6,7 +6,10 @@ The in-memory API on a `peft.PeftModel` (docs/python-api.md), `add_safemerge_ada
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them on first use
+    from safemerge.peft import add_safemerge_adapter, scan_peft_model
 
 __version__ = "0.1.0"
 

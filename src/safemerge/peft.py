@@ -157,7 +157,8 @@ class Unaligned:
                     "unaligned holds LoRA layers (a PeftModel?): pass the unaligned base model, against "
                     "whose weights V = W_aligned - W_unaligned is measured"
                 )
-            name = getattr(getattr(unaligned, "config", None), "name_or_path", None) or None
+            config: Any = getattr(unaligned, "config", None)
+            name = getattr(config, "name_or_path", None) or None
             info = {"path": name or f"a {type(unaligned).__name__} in memory", "in_memory": True}
             return cls(unaligned.state_dict(), info)
         if isinstance(unaligned, Mapping) and all(isinstance(v, torch.Tensor) for v in unaligned.values()):
@@ -291,8 +292,9 @@ def _scan(
     check_distinct(modules, source, unaligned)
     _check_not_swapped(model, adapters, unaligned, source)
     records = list(_records(modules, adapters["task adapter"], source))
+    base_config: Any = model.get_base_model().config
     inputs = {
-        "aligned": {"path": str(model.get_base_model().config.name_or_path or "the PeftModel's base model")},
+        "aligned": {"path": str(base_config.name_or_path or "the PeftModel's base model")},
         "unaligned": source.info,
         "task_adapter": _adapter_info(model, adapters["task adapter"]),
     }
@@ -348,7 +350,7 @@ def add_safemerge_adapter(
         report.options["selection_policy"] = MergeAll.policy_label
     report.inputs["safety_adapter"] = _adapter_info(model, safety)
     safety_modules = lora_modules(model, safety)
-    fifo = (bool(model.peft_config[task].fan_in_fan_out), bool(model.peft_config[safety].fan_in_fan_out))
+    fifo = (_fan_in_fan_out(model, task), _fan_in_fan_out(model, safety))
     check_pair(report, fifo, [m.name for m in modules], [m.name for m in safety_modules])
     task_factors = {m.name: m.factors(task) for m in modules}
     safety_factors = {m.name: m.factors(safety) for m in safety_modules if m.name in task_factors}
@@ -373,6 +375,10 @@ def add_safemerge_adapter(
         raise
     report.outputs["adapter_name"] = adapter_name
     return report
+
+
+def _fan_in_fan_out(model: PeftModel, adapter: str) -> bool:
+    return bool(getattr(model.peft_config[adapter], "fan_in_fan_out", False))
 
 
 def _fill(
