@@ -280,6 +280,26 @@ def test_base_rewriting_inits_and_other_models_are_refused(env: dict[str, Path],
         safemerge.scan_peft_model(model, 3)
 
 
+def test_a_failure_after_add_adapter_removes_the_adapter(
+    env: dict[str, Path], model: PeftModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safemerge.peft
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(safemerge.peft, "_fill", broken)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        safemerge.add_safemerge_adapter(model, env["unaligned"])
+    assert list(model.peft_config) == ["default", "safety"]
+
+
+def test_merged_adapters_are_refused(env: dict[str, Path], model: PeftModel) -> None:
+    model.merge_adapter()  # the base weights are no longer the aligned model's
+    with pytest.raises(InputError, match="has adapters merged into its base weight"):
+        safemerge.scan_peft_model(model, env["unaligned"])
+
+
 def test_an_adapter_built_on_the_unaligned_model_is_refused(env: dict[str, Path], tmp_path: Path) -> None:
     task = save_adapter(env["aligned"], tmp_path / "task", seed=1)
     config = json.loads((task / "adapter_config.json").read_text())
