@@ -364,14 +364,15 @@ def add_safemerge_adapter(
         model.peft_config[task],
         **merged_adapter_settings(config_dict(model.peft_config[task]), result.rank, result.lora_alpha),
     )
-    model.add_adapter(adapter_name, config)
     try:
+        model.add_adapter(adapter_name, config)
         _fill(model, modules, task, adapter_name, result.factors, result.scaling)
         if extra := _copy_modules_to_save(model, task, adapter_name):
             msg = f"adapter {task!r} carries non-LoRA modules (modules_to_save): {extra}; they are copied"
             warn_in_report(report, msg + " unchanged")
     except BaseException:
-        model.delete_adapter(adapter_name)
+        if adapter_name in model.peft_config:  # no half-made adapter is left in the model
+            model.delete_adapter(adapter_name)
         raise
     report.outputs["adapter_name"] = adapter_name
     return report
