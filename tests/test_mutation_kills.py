@@ -950,7 +950,7 @@ def test_scan_header_refusals_are_worded(
 
 def test_unprefixed_keys_and_config_refusals(tmp_path: Path) -> None:
     """Kills _scan_header 13 (the PEFT prefix cut from every key), _read_config 7 (invalid JSON's message)
-    and 9 (the config's path in _check_config's message)."""
+    and 9 (the config's path in check_config's message)."""
     d = _raw_adapter(
         tmp_path / "a",
         {"layers.0.q.lora_A.weight": torch.ones(1, 2), "layers.0.q.lora_B.weight": torch.ones(3, 1)},
@@ -1012,10 +1012,10 @@ def test_find_key_message() -> None:
         ({}, None),  # no peft_type: LORA by default
     ],
 )
-def test_check_config_refusals_are_worded(
+def testcheck_config_refusals_are_worded(
     tmp_path: Path, config: dict[str, object], message: str | None
 ) -> None:
-    """Kills _check_config 5, 7, 10 (a config without peft_type is a LoRA one), 15-19 and the lora_bias /
+    """Kills check_config 5, 7, 10 (a config without peft_type is a LoRA one), 15-19 and the lora_bias /
     layer_replication mutants after them (each refusal and its message, written by hand)."""
     tensors = {"m.lora_A.weight": torch.ones(1, 2), "m.lora_B.weight": torch.ones(2, 1)}
     d = _raw_adapter(tmp_path / "a", tensors, config=json.dumps({"r": 1, "lora_alpha": 1, **config}))

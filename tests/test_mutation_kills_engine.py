@@ -704,7 +704,7 @@ def test_output_scaling_by_hand() -> None:
 
 
 def test_merge_refusals_are_worded(lora_env: dict[str, Path], tmp_path: Path) -> None:
-    """`pipeline._check_pair` 2 and `pipeline.merge_modules` 8-10: adapters of different layouts, and a
+    """`pipeline.check_pair` 2 and `pipeline.merge_modules` 8-10: adapters of different layouts, and a
     merge of nothing."""
     safety = tmp_path / "safety"
     save_adapter(lora_env["aligned"], safety, seed=2, r=4, alpha=8)

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,7 +212,7 @@ def _read_config(directory: Path, label: str) -> dict[str, Any]:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
-    _check_config(config, cfg_path)
+    check_config(config, cfg_path)
     return config
 
 
@@ -266,7 +266,10 @@ def _find_key(fh: Any, module: str, which: str) -> str:
     raise InputError(f"lora_{which} of {module} not found")
 
 
-def _check_config(config: dict[str, Any], path: Path) -> None:
+def check_config(config: dict[str, Any], path: Path | str) -> None:
+    """Refuse an adapter config safemerge cannot treat as ΔW = s·B·A per Linear module (another PEFT
+    type, DoRA, lora_bias, layer replication, trainable tokens, an init that rewrites the base weights),
+    naming `path` (the config file, or an adapter of a PeftModel in memory)."""
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(f"{path}: peft_type {peft_type} is not supported (only LORA adapters)")
@@ -281,7 +284,7 @@ def _check_config(config: dict[str, Any], path: Path) -> None:
     _check_init(config.get("init_lora_weights", True), path)
 
 
-def _check_init(init: Any, path: Path) -> None:
+def _check_init(init: Any, path: Path | str) -> None:
     """Refuse an `init_lora_weights` after which the saved factors are not the update to the base model:
     the merge would use s·B·A while PEFT loads something else (docs/engine.md, "Adapters and settings
     that are refused")."""
@@ -321,6 +324,25 @@ def adapter_key(module: str, which: str) -> str:
     return f"{PREFIX}{module}.lora_{which}.weight"
 
 
+def merged_adapter_settings(base_config: Mapping[str, Any], rank: int, lora_alpha: float) -> dict[str, Any]:
+    """The settings of a merged adapter that replace those of the task adapter's config it copies: one
+    rank and alpha for every module (no rsLoRA, no patterns), no dropout, inference mode, PEFT's default
+    init, and the settings of data-driven inits reset to PEFT's defaults. Written to disk by
+    `write_adapter`, and given to PEFT's `add_adapter` by `safemerge.peft`."""
+    settings = {k: v for k, v in _INIT_SETTINGS.items() if k in base_config}
+    settings.update(
+        r=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        lora_dropout=0.0,
+        inference_mode=True,
+        init_lora_weights=True,
+    )
+    return settings
+
+
 def write_adapter(
     directory: Path,
     base_config: dict[str, Any],
@@ -335,18 +357,7 @@ def write_adapter(
     PEFT's default True: a value that rewrites the base weight on load would make PEFT change the base
     under the merged factors, and the settings of data-driven inits (eva, ...) no longer apply."""
     config = dict(base_config)
-    config.update({k: v for k, v in _INIT_SETTINGS.items() if k in config})
-    config.update(
-        r=rank,
-        lora_alpha=lora_alpha,
-        use_rslora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        base_model_name_or_path=base_model,
-        lora_dropout=0.0,
-        inference_mode=True,
-        init_lora_weights=True,
-    )
+    config.update(merged_adapter_settings(config, rank, lora_alpha), base_model_name_or_path=base_model)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(factors, key=natural_key):
         a, b = factors[module]

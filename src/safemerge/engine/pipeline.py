@@ -73,6 +73,8 @@ from safemerge.engine.report import (
 from safemerge.engine.subspace import Sketch, load_sketch, measured_error, near_threshold
 from safemerge.engine.writer import write_merged_model
 
+ALLOW_PARTIAL_FLAG = "--allow-partial (YAML: allow_partial: true)"  # how the CLI and YAML spell it
+
 
 # --- tensor-level API ------------------------------------------------------------------------------
 def lora_delta_norm(factors: LoraFactors) -> float:
@@ -185,7 +187,7 @@ def _similarities(
                 _check_finite_inputs(inputs)
                 raise
             del w_al, w_un
-            records.append(_module_record(module, factors, sim))
+            records.append(module_record(module, factors, sim))
             bar.advance(job)
     return records
 
@@ -212,8 +214,10 @@ def _base_keys(
     return key_al, key_un
 
 
-def _module_record(module: str, factors: LoraFactors, sim: Similarity) -> ModuleRecord:
-    """The report row of a scanned module (not yet selected)."""
+def module_record(module: str, factors: LoraFactors, sim: Similarity) -> ModuleRecord:
+    """The report row of a scanned module (not yet selected): its name, layer, type, shape, rank, ρ and
+    ‖ΔW‖, with the degeneracy as a flag. The file-based scan and the in-memory one (`safemerge.peft`)
+    both build their rows here."""
     return ModuleRecord(
         name=module,
         layer=layer_index(module),
@@ -291,7 +295,7 @@ def _sketch_similarities(
                     f"{sketch.directory} holds {sketch.shape(module)}"
                 )
             sim = sketch.similarity(module, factors.A.to(device), factors.B.to(device))
-            records.append(_module_record(module, factors, sim))
+            records.append(module_record(module, factors, sim))
             records[-1].sketch_energy = sketch.energy(module)
             bar.advance(job)
     return records
@@ -316,7 +320,7 @@ def note_sketch(report: Report, src: ScanSources, cfg: ScanConfig) -> None:
         and near_threshold(r.rho, tau, measured_error(sketch.rank_of(r.name)))
     ]
     if close:
-        _warn(
+        warn_in_report(
             report,
             f"{len(close)} module(s) have rho within the measured sketch error of the threshold {tau}; the "
             f"exact criterion may decide them differently: {_listed(close)}",
@@ -348,7 +352,7 @@ def run_scan(
     report.warnings[:0] = task.warnings  # LoraAdapter.load has warned already
     note_sketch(report, src, cfg)
     for msg in role_warnings:
-        _warn(report, msg)
+        warn_in_report(report, msg)
     return report, task, src.aligned
 
 
@@ -374,7 +378,7 @@ def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report
     report = _selected_report(cfg, command, inputs, records)
     note_sketch(report, src, cfg)
     if task.missing_unaligned:
-        _warn(
+        warn_in_report(
             report,
             f"{len(task.missing_unaligned)} module(s) are not in the unaligned model and were not scanned: "
             f"{_listed(task.missing_unaligned)}",
@@ -385,16 +389,30 @@ def run_full_scan(cfg: ScanConfig, command: str, progress: bool) -> tuple[Report
 def _selected_report(
     cfg: ScanConfig, command: str, inputs: dict[str, Any], records: list[ModuleRecord]
 ) -> Report:
-    """The scan's report: the selection policy applied to the records, options and degeneracy warnings."""
-    chosen_all = select([r.rho for r in records], cfg.selection, ranked_last(records))
+    """The scan's report of a config: its options (less `force`: how to write, not what was computed)."""
+    return selected_report(command, inputs, plain_dump(cfg, exclude=("force",)), records, cfg.selection)
+
+
+def selected_report(
+    command: str,
+    inputs: dict[str, Any],
+    options: dict[str, Any],
+    records: list[ModuleRecord],
+    selection: SelectionConfig,
+) -> Report:
+    """The scan's report: the selection policy applied to the records (`select`, with `zero-V` modules
+    ranked last), the policy added to `options`, and a warning per degenerate module. Shared by the
+    file-based scan and the in-memory one (`safemerge.peft`)."""
+    chosen_all = select([r.rho for r in records], selection, ranked_last(records))
     for rec, chosen in zip(records, chosen_all, strict=True):
         rec.selected = chosen
-    options = plain_dump(cfg, exclude=("force",))  # how to write, not what was computed
-    options["selection_policy"] = cfg.selection.policy
+    options["selection_policy"] = selection.policy
     report = Report(command, inputs, options, records, library_versions())
     for rec in records:
         if rec.flags:
-            _warn(report, f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0")
+            warn_in_report(
+                report, f"{rec.name}: degenerate similarity ({', '.join(rec.flags)}), rho set to 0"
+            )
     return report
 
 
@@ -589,17 +607,46 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
     report.command = "merge"
     report.inputs["safety_adapter"] = _adapter_info(safety, cfg.safety_adapter)
     report.warnings.extend(safety.warnings)  # LoraAdapter.load has warned already
-    _check_pair(task, safety, report)
+    check_pair(report, (task.fan_in_fan_out, safety.fan_in_fan_out), task.lora_modules, safety.lora_modules)
     modules = set(task.lora_modules)
     fix = (
         "Train a safety adapter on the same modules: "
         f"`safemerge train --recipe safety --like {cfg.inputs.task_adapter} ...`"
     )
-    check_partial(report, set(safety.lora_modules).__contains__, cfg.merge.allow_partial, fix)
-    opts = cfg.merge
-    result = merge_modules(
+    safety_ranks = {m: safety.rank(m) for m in safety.lora_modules}
+    result = merge_and_record(
+        report,
         LazyFactors(task, modules),
         LazyFactors(safety, modules),
+        safety_ranks,
+        cfg.merge,
+        task.output_dtype(),
+        fix,
+    )
+    with atomic_output_dir(out, cfg.run.force, input_paths(cfg), "merge") as tmp:
+        _write_merge(cfg, report, result, task, aligned, tmp, progress)
+    return report
+
+
+def merge_and_record(
+    report: Report,
+    task: Mapping[str, LoraFactors],
+    safety: Mapping[str, LoraFactors],
+    safety_ranks: Mapping[str, int],
+    opts: MergeOptions,
+    dtype: torch.dtype,
+    fix: str,
+    allow_partial_hint: str = ALLOW_PARTIAL_FLAG,
+) -> MergedAdapter:
+    """The merge of a scanned report's selected modules, and the report's account of it: no partial
+    merge unless allowed (`check_partial`, with `fix` and `allow_partial_hint` in the message),
+    `merge_modules` with the options, then per-module ranks, weights, flags and ‖ΔW‖ out, the output
+    rank, scaling, alpha and dtype. Shared by `merge()` (factors read lazily from disk) and the
+    in-memory `safemerge.peft.add_safemerge_adapter` (factors of a PeftModel)."""
+    check_partial(report, safety_ranks.__contains__, opts.allow_partial, fix, allow_partial_hint)
+    result = merge_modules(
+        task,
+        safety,
         {r.name for r in report.modules if r.selected},
         weights=opts.weights,
         mode=opts.mode,
@@ -607,15 +654,13 @@ def merge(cfg: MergeConfig, progress: bool = False) -> Report:
         density=opts.density,
         seed=opts.seed,
         rank=opts.rank,
-        dtype=task.output_dtype(),
+        dtype=dtype,
         allow_partial=opts.allow_partial,
     )
-    _record_merge(report, result, safety, opts.weights)
-    report.options["output_dtype"] = dtype_name(task.output_dtype())
+    record_merge(report, result, safety_ranks, opts.weights)
+    report.options["output_dtype"] = dtype_name(dtype)
     note_dare_density(report, opts)
-    with atomic_output_dir(out, cfg.run.force, input_paths(cfg), "merge") as tmp:
-        _write_merge(cfg, report, result, task, aligned, tmp, progress)
-    return report
+    return result
 
 
 def _listed(names: list[str]) -> str:
@@ -635,10 +680,17 @@ def note_dare_density(report: Report, opts: MergeOptions) -> None:
         report.warnings.append(dare_no_pruning(opts.density))
 
 
-def check_partial(report: Report, covered: Callable[[str], bool], allow_partial: bool, fix: str) -> None:
+def check_partial(
+    report: Report,
+    covered: Callable[[str], bool],
+    allow_partial: bool,
+    fix: str,
+    allow_partial_hint: str = ALLOW_PARTIAL_FLAG,
+) -> None:
     """No partial merge by default (docs/engine.md, "Partial merges"): when selected modules have no
     counterpart in the safety update, refuse — before anything is written — naming how many and their
-    module types, with `fix` (how to get a safety update on the same modules) and `--allow-partial`."""
+    module types, with `fix` (how to get a safety update on the same modules) and how to allow it
+    (`allow_partial_hint`: the flag, or the Python keyword)."""
     selected = [r.name for r in report.modules if r.selected]
     missing = [m for m in selected if not covered(m)]
     if not missing or allow_partial:
@@ -653,49 +705,54 @@ def check_partial(report: Report, covered: Callable[[str], bool], allow_partial:
     raise InputError(
         f"{len(missing)} of the {len(selected)} selected modules {'has' if len(missing) == 1 else 'have'} "
         f"no counterpart in the safety adapter (types: {types}); they would stay as fine-tuned. {fix}, or "
-        f"pass --allow-partial (YAML: allow_partial: true) to {rest}"
+        f"pass {allow_partial_hint} to {rest}"
     )
 
 
 def warn_no_counterpart(report: Report, missing: list[str]) -> None:
     """Warn about selected modules that the safety update lacks (kept as fine-tuned: allow_partial)."""
     if missing:
-        _warn(
+        warn_in_report(
             report,
             f"{len(missing)} selected module(s) have no safety counterpart and are kept as fine-tuned "
             f"(allow_partial): {_listed(missing)}",
         )
 
 
-def _warn(report: Report, msg: str) -> None:
-    """A warning for the console (a Python warning: the CLI prints it once) and for the report."""
+def warn_in_report(report: Report, msg: str) -> None:
+    """A warning for the console (a Python warning: the CLI prints it once, a notebook shows it) and for
+    the report."""
     warnings.warn(msg, SafemergeWarning, stacklevel=3)
     report.warnings.append(msg)
 
 
-def _check_pair(task: LoraAdapter, safety: LoraAdapter, report: Report) -> None:
-    """The safety adapter must use the task's layout; modules only it targets are ignored (warned)."""
-    if task.fan_in_fan_out != safety.fan_in_fan_out:
-        raise InputError(
-            f"fan_in_fan_out differs: task adapter {task.fan_in_fan_out}, "
-            f"safety adapter {safety.fan_in_fan_out}"
-        )
-    task_set = set(task.lora_modules)
-    only_safety = [m for m in safety.lora_modules if m not in task_set]
+def check_pair(
+    report: Report,
+    fan_in_fan_out: tuple[bool, bool],
+    task_modules: Collection[str],
+    safety_modules: Collection[str],
+) -> None:
+    """The safety adapter must use the task's layout (`fan_in_fan_out` of the task and the safety
+    adapter); modules only it targets are ignored (warned)."""
+    task_fifo, safety_fifo = fan_in_fan_out
+    if task_fifo != safety_fifo:
+        raise InputError(f"fan_in_fan_out differs: task adapter {task_fifo}, safety adapter {safety_fifo}")
+    task_set = set(task_modules)
+    only_safety = [m for m in safety_modules if m not in task_set]
     if only_safety:
-        _warn(
+        warn_in_report(
             report,
             f"{len(only_safety)} module(s) targeted only by the safety adapter are ignored: "
             f"{_listed(only_safety)}",
         )
 
 
-def _record_merge(
-    report: Report, result: MergedAdapter, safety: LoraAdapter, weights: tuple[float, float]
+def record_merge(
+    report: Report, result: MergedAdapter, safety_ranks: Mapping[str, int], weights: tuple[float, float]
 ) -> None:
     """What the merge did, per module and in the options: ranks, weights, flags, ‖ΔW‖ out."""
     for rec in report.modules:
-        rec.rank_safety = safety.rank(rec.name) if rec.name in safety.lora_modules else None
+        rec.rank_safety = safety_ranks.get(rec.name)
         if rec.name in result.merged:
             rec.merged, rec.w_task, rec.w_safety = True, weights[0], weights[1]
         if rec.name in result.no_safety_counterpart:
@@ -793,11 +850,11 @@ def merge_full(cfg: MergeConfig, progress: bool = False) -> Report:
             local = Path(report.inputs["unaligned"]["local_dir"])
             check_not_swapped(safety.adapter, "safety adapter", (cfg.inputs.unaligned, local))
         if msg := role_warning(safety.adapter, "safety adapter"):
-            _warn(report, msg)
+            warn_in_report(report, msg)
     note_dare_density(report, cfg.merge)
     if isinstance(safety, LoraSafety) and (unused := safety.unused(task.modules)):
-        _warn(report, f"{len(unused)} module(s) of the safety adapter are not scanned and are ignored: "
-              f"{_listed(unused)}")  # fmt: skip
+        ignored = f"module(s) of the safety adapter are not scanned and are ignored: {_listed(unused)}"
+        warn_in_report(report, f"{len(unused)} {ignored}")
     opts = cfg.merge
     types = ",".join(dict.fromkeys(r.module_type for r in report.modules))
     fix = (

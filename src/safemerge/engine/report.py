@@ -4,13 +4,14 @@ the console summary."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -18,6 +19,9 @@ from rich.segment import Segment
 from rich.table import Table
 
 from safemerge import __version__
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPORT_JSON = "safemerge_report.json"
 REPORT_MD = "safemerge_report.md"
@@ -87,6 +91,18 @@ class Report:
             "rho_max": max(rhos) if rhos else None,
             "rho_mean": sum(rhos) / len(rhos) if rhos else None,
         }
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per module, the columns of the JSON report's `modules` (name, layer, module_type, rho,
+        selected, merged, ...; a column an optional field has only when some module sets it)."""
+        import pandas as pd  # lazy: pandas adds ~0.5 s to an import; only notebooks need it
+
+        columns = [f.name for f in fields(ModuleRecord) if f.name not in OPTIONAL_FIELDS]
+        return pd.DataFrame([record_dict(m) for m in self.modules], columns=None if self.modules else columns)
+
+    def _repr_html_(self) -> str:
+        """The notebook view: the headline and ρ range, the warnings, and one table row per module."""
+        return html_table(self)
 
 
 def library_versions() -> dict[str, str]:
@@ -207,6 +223,41 @@ def markdown(report: Report) -> str:
         row += f" {', '.join(m.flags)} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def html_table(report: Report) -> str:
+    """The report as HTML for a notebook: a summary line, the warnings, and the per-module table (the
+    columns of the Markdown report); every name and message is escaped."""
+    s = report.summary
+    merge = _has_merge(report)
+    head = ["module", "layer", "type", "ρ", "selected"]
+    head += ["merged", "‖ΔW‖ in", "‖ΔW‖ out"] if merge else ["‖ΔW‖"]
+    head.append("flags")
+    rows = []
+    for m in report.modules:
+        cells = [f"<code>{html.escape(m.name)}</code>", "" if m.layer is None else str(m.layer)]
+        cells += [html.escape(m.module_type), f"{m.rho:.5f}", "✔" if m.selected else ""]
+        if merge:
+            cells += ["✔" if m.merged else "", _fmt(m.delta_norm_in), _fmt(m.delta_norm_out)]
+        else:
+            cells.append(_fmt(m.delta_norm_in))
+        cells.append(html.escape(", ".join(m.flags)))
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    summary = (
+        f"<p><b>SafeMERGE {html.escape(report.command)}: {html.escape(headline(report))}</b>; "
+        f"selection: {html.escape(str(report.options.get('selection_policy')))}; ρ from "
+        f"{_fmt(s['rho_min'])} to {_fmt(s['rho_max'])} (mean {_fmt(s['rho_mean'])}).</p>"
+    )
+    warns = "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings)
+    return (
+        summary
+        + (f"<p>{len(report.warnings)} warning(s):</p><ul>{warns}</ul>" if warns else "")
+        + "<table><thead><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
 
 
 def plot_similarity(report: Report, path: Path) -> None:
