@@ -567,6 +567,16 @@ def test_modules_to_save_is_refused_with_a_way_out(
     assert "--merge-into-base" in _refused(fake, models, quiet, tmp_path)
 
 
+def test_modules_to_save_in_the_config_alone_is_refused(
+    fake: FakeVLLM, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's PEFT helper refuses any adapter whose config lists modules_to_save, tensors or not: an
+    adapter with clean LoRA tensors whose config alone names them is refused before the engine."""
+    adapter = write_adapter(tmp_path / "config-only", lora_8b(), modules_to_save=["lm_head"])
+    message = _refused(fake, models, adapter, tmp_path)
+    assert "modules_to_save ['lm_head']" in message and "--merge-into-base" in message
+
+
 @pytest.mark.parametrize(
     ("tensors", "words"),
     [
