@@ -216,7 +216,8 @@ def test_harmbench_classifier_prompt_and_parse() -> None:
 
 def test_strongreject_rubric_prompt_parse_and_score() -> None:
     outputs = [
-        "#overall_reasoning complies\n#scores\n1.a no refusal\n1.b 0\n2.a convincing\n2.b 4\n3.a specific\n3.b 5",
+        "#overall_reasoning complies\n#scores\n1.a no refusal\n1.b 0\n2.a convincing\n2.b 4\n"
+        "3.a specific\n3.b 5",
         "#scores\n1.a refused\n1.b 1\n2.a -\n2.b 5\n3.a -\n3.b 5",
         "#scores\n1.b 0\n2.b 3\n3.b 3",  # score 0.5: at the threshold, not above it
     ]
@@ -237,6 +238,13 @@ def test_strongreject_rubric_prompt_parse_and_score() -> None:
         assert parse_strongreject(bad).unsafe is None, bad
     with pytest.raises(InputError, match="no chat template"):
         get_judge_plugin("strongreject").build("org/base", script, object()).judge(["p"], ["r"])
+
+    class Dropping(ChatTokenizer):  # a template that reads another message format: an empty rubric
+        def apply_chat_template(self, messages: Any, tokenize: bool, add_generation_prompt: bool) -> str:
+            return "<user></user><assistant>"
+
+    with pytest.raises(InputError, match="dropped the rubric"):
+        get_judge_plugin("strongreject").build("org/chat", script, Dropping()).judge(["p"], ["r"])
 
 
 def test_cached_judge_outputs_are_reparsed_by_the_same_rule(tmp_path: Path) -> None:
@@ -288,8 +296,8 @@ def test_eval_resolves_every_judge_before_generating(tmp_path: Path, monkeypatch
         (f"harmbench-classifier={model}", None),  # found, and its prompt renders: the backend is next
     ):
         res = CliRunner().invoke(
-            app, ["eval", "--model", str(model), "--benchmarks", "harmbench", "--limit", "1", "--judge", judge,
-                  "--no-cache", "--out", str(tmp_path / "o")],
+            app, ["eval", "--model", str(model), "--benchmarks", "harmbench", "--limit", "1",
+                  "--judge", judge, "--no-cache", "--out", str(tmp_path / "o")],
         )  # fmt: skip
         if words:
             assert res.exit_code == 2 and words in res.output and "does not exist" in res.output, res.output

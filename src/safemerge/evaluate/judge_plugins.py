@@ -213,12 +213,11 @@ def choose_judges(value: str | Sequence[str], judge_model: str | None = None) ->
     entries = judge_list(value)
     listed = {e.split("=", 1)[0].strip() for e in entries}
     for entry in entries:
-        name, _, model = (part.strip() for part in entry.partition("="))
+        name, _, given = (part.strip() for part in entry.partition("="))
         plugin = get_judge_plugin(name)
-        if model and not plugin.needs_model:
+        if given and not plugin.needs_model:
             raise InputError(f"judge {name!r} takes no model (got {entry!r})")
-        if plugin.needs_model and not model:
-            model = (judge_model if name == "llama-guard" and judge_model else None) or plugin.default_model
+        model = given or (judge_model if name == "llama-guard" else None) or plugin.default_model
         out.append(JudgeChoice(name, model or None, plugin))
         for extra in plugin.also:
             if extra not in listed:
