@@ -133,8 +133,9 @@ def test_shipped_config_passes_the_dry_run(config: Path, hub: FakeHub, tmp_path:
 
 
 def _one_config(tmp_path: Path, **evaluation: Any) -> Path:
+    """The first shipped config on GSM8K and DirectHarm4 (HEx-PHI's file list is the shipped test's)."""
     data = yaml.safe_load(CONFIGS[0].read_text())
-    data["evaluation"].update(evaluation)
+    data["evaluation"].update({"benchmarks": ["gsm8k", "directharm4"], **evaluation})
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

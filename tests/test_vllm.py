@@ -302,11 +302,13 @@ def shaped_model(folder: Path, tokenizer_from: Path, **config: Any) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm")
     tiny = build_tiny_model(root / "tiny")
+    guard = shaped_model(root / "Llama-Guard-3-8B", tiny)
+    (guard / "model.safetensors").write_bytes(b"")  # the judge pre-flight looks for weight files by name
     return {
         "root": root,
         "tiny": tiny,
         "llama8b": shaped_model(root / "Llama-3.1-8B-Instruct", tiny),
-        "guard8b": shaped_model(root / "Llama-Guard-3-8B", tiny),
+        "guard8b": guard,
         "fp32": shaped_model(root / "fp32-8B", tiny, torch_dtype="float32"),
         "other": build_tiny_model(root / "other", hidden=48),
     }
