@@ -302,11 +302,13 @@ def shaped_model(folder: Path, tokenizer_from: Path, **config: Any) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vllm")
     tiny = build_tiny_model(root / "tiny")
+    guard = shaped_model(root / "Llama-Guard-3-8B", tiny)
+    (guard / "model.safetensors").write_bytes(b"")  # the judge pre-flight looks for weight files by name
     return {
         "root": root,
         "tiny": tiny,
         "llama8b": shaped_model(root / "Llama-3.1-8B-Instruct", tiny),
-        "guard8b": shaped_model(root / "Llama-Guard-3-8B", tiny),
+        "guard8b": guard,
         "fp32": shaped_model(root / "fp32-8B", tiny, torch_dtype="float32"),
         "other": build_tiny_model(root / "other", hidden=48),
     }
@@ -565,6 +567,16 @@ def test_modules_to_save_is_refused_with_a_way_out(
         tmp_path / "bias", lora_8b() | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(4096)}
     )
     assert "--merge-into-base" in _refused(fake, models, quiet, tmp_path)
+
+
+def test_modules_to_save_in_the_config_alone_is_refused(
+    fake: FakeVLLM, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM's PEFT helper refuses any adapter whose config lists modules_to_save, tensors or not: an
+    adapter with clean LoRA tensors whose config alone names them is refused before the engine."""
+    adapter = write_adapter(tmp_path / "config-only", lora_8b(), modules_to_save=["lm_head"])
+    message = _refused(fake, models, adapter, tmp_path)
+    assert "modules_to_save ['lm_head']" in message and "--merge-into-base" in message
 
 
 @pytest.mark.parametrize(

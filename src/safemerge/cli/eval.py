@@ -13,6 +13,7 @@ from safemerge.common.config_io import load_config
 from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
+from safemerge.evaluate.judge_plugins import judge_names
 
 
 class _ConsoleLog(logging.Handler):
@@ -48,10 +49,14 @@ def eval_command(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output directory. Required.")] = None,
     judge: Annotated[
-        str | None, typer.Option(help="keyword (refusal-marker proxy) | llama-guard (default: keyword)")
+        str | None,
+        typer.Option(
+            help=f"harm judges, comma-separated, the first the headline: {', '.join(judge_names())}; a model "
+            "judge as NAME=MODEL (default: keyword, with HarmBench's rule beside it)"
+        ),
     ] = None,
     judge_model: Annotated[
-        str | None, typer.Option(help=f"Llama Guard model (default: {DEFAULT_GUARD})")
+        str | None, typer.Option(help=f"the llama-guard judge's model (default: {DEFAULT_GUARD})")
     ] = None,
     backend: Annotated[str | None, typer.Option(help="transformers | vllm (default: transformers)")] = None,
     limit: Annotated[

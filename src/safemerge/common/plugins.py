@@ -1,4 +1,4 @@
-"""Plugins by entry point: the one lookup behind the defence and benchmark registries.
+"""Plugins by entry point: the one lookup behind the defence, benchmark and judge registries.
 
 Built-ins and third-party plugins register the same way (`[project.entry-points."GROUP"] NAME =
 "module:OBJECT"` in a pyproject.toml); the entry point's name is the name users type. Listing names reads

@@ -22,11 +22,19 @@ from safemerge.evaluate.backends import (
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
 from safemerge.evaluate.config import EvalConfig
-from safemerge.evaluate.judges import KeywordJudge, LlamaGuardJudge
+from safemerge.evaluate.judge_plugins import JudgeChoice, choose_judges, preflight_judges
 from safemerge.evaluate.report import markdown, print_table
-from safemerge.evaluate.runner import Judge, Record, Variant, generate_all, judge_and_score, variants_for
+from safemerge.evaluate.runner import (
+    Judge,
+    Record,
+    Variant,
+    generate_all,
+    judge_harm,
+    score_records,
+    variants_for,
+)
 
-GUARD_MAX_NEW_TOKENS = 20
+GUARD_MAX_NEW_TOKENS = 20  # Llama Guard's verdict: `safe`, or `unsafe` and its categories
 
 
 def load_benchmarks(names: list[str], limit: int | None) -> list[Benchmark]:
@@ -35,7 +43,14 @@ def load_benchmarks(names: list[str], limit: int | None) -> list[Benchmark]:
         raise InputError("--benchmarks is empty")
     if len(set(names)) != len(names):
         raise InputError(f"--benchmarks lists a benchmark twice: {names}")
-    return [load_benchmark(n, limit) for n in names]
+    out = []
+    for n in names:
+        try:
+            out.append(load_benchmark(n, limit))
+        except InputError as exc:
+            text = str(exc)
+            raise InputError(text if n in text else f"benchmark {n}: {text}") from None
+    return out
 
 
 def make_backend(cfg: EvalConfig, prompts: Sequence[str] | None = None) -> Backend:
@@ -62,15 +77,20 @@ def make_backend(cfg: EvalConfig, prompts: Sequence[str] | None = None) -> Backe
     )
 
 
-def make_judge(cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = ()) -> tuple[Judge, Backend | None]:
-    """The harm judge (and the backend it holds, to close afterwards). A vLLM guard engine is sized for
-    the guard inputs of `pairs` (prompt, response): exactly the texts the judge renders for them (it is
-    run once on them, capturing its inputs, before the engine starts), + the guard's new tokens."""
-    if cfg.judge == "keyword":
-        return KeywordJudge(), None
+def make_judge(
+    cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = (), choice: JudgeChoice | None = None
+) -> tuple[Judge, Backend | None]:
+    """A harm judge (default: `cfg`'s first) and the backend it holds, to close afterwards. A vLLM judge
+    engine is sized for the judge inputs of `pairs` (prompt, response): exactly the texts the judge
+    renders for them (it is run once on them, capturing its inputs, before the engine starts), + the
+    judge's new tokens."""
+    choice = choice or choose_judges(cfg.judge, cfg.judge_model)[0]
+    plugin, model = choice.plugin, choice.model
+    if model is None:
+        return plugin.build(None, None, None), None
     if cfg.backend != "vllm":
-        guard = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
-        return LlamaGuardJudge(cfg.judge_model, lambda t: guard.generate(t, None), guard.tokenizer), guard
+        guard = TransformersBackend(model, (), plugin.max_new_tokens, cfg.dtype, chat=False)
+        return plugin.build(model, lambda t: guard.generate(t, None), guard.tokenizer), guard
     rendered: list[str] = []
     engine: list[VLLMBackend] = []  # empty while the judge's inputs are captured
 
@@ -80,15 +100,15 @@ def make_judge(cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = ()) -> tuple[
             return [""] * len(texts)
         return engine[0].generate(texts, None)
 
-    tokenizer = load_tokenizer(cfg.judge_model)
-    judge = LlamaGuardJudge(cfg.judge_model, generate, tokenizer)
+    tokenizer = load_tokenizer(model)
+    judge = plugin.build(model, generate, tokenizer)
     if pairs:
         judge.judge([p for p, _ in pairs], [r for _, r in pairs])
     engine.append(
         VLLMBackend(
-            cfg.judge_model,
+            model,
             (),
-            GUARD_MAX_NEW_TOKENS,
+            plugin.max_new_tokens,
             cfg.tensor_parallel_size,
             cfg.gpu_memory_utilization,
             cfg.dtype,
@@ -135,6 +155,8 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     for a in cfg.adapters:
         read_adapter_config(a)
     benchmarks = load_benchmarks(cfg.benchmarks, cfg.limit)
+    if any(b.kind == "harm" for b in benchmarks):  # every judge resolved before any engine starts
+        preflight_judges(cfg.judge, cfg.judge_model, cfg.trust_remote_code)
     variants = variants_for(cfg.model, cfg.adapters, cfg.include_base)
     if not variants:
         raise InputError("nothing to evaluate: no --adapter given and the base model is excluded")
@@ -157,7 +179,13 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
 
 
 def _judge_label(cfg: EvalConfig) -> str:
-    return KeywordJudge().name if cfg.judge == "keyword" else f"llama-guard ({cfg.judge_model})"
+    return judges_label(cfg.judge, cfg.judge_model)
+
+
+def judges_label(judge: str | list[str], judge_model: str) -> str:
+    """The judges as a summary names them: the headline judge's label, then the others'."""
+    labels = [c.label for c in choose_judges(judge, judge_model)]
+    return labels[0] + (f" (also: {'; '.join(labels[1:])})" if len(labels) > 1 else "")
 
 
 def score(
@@ -167,31 +195,42 @@ def score(
     responses: dict[tuple[str, str], list[str]],
     cache_dir: Path | None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Judge harm benchmarks (loading Llama Guard only when some exist) and score the rest."""
-    needs_judge = any(b.kind == "harm" for b in benchmarks)
-    judge: Judge = KeywordJudge()
-    guard: Backend | None = None
-    judge_cache: Cache | None = None
-    if needs_judge and cfg.judge == "llama-guard":
+    """Judge harm benchmarks with every judge of `cfg.judge`, one after the other (a model judge's engine
+    is started only when some harm benchmark exists, and closed before the next starts), and score the
+    rest. The first judge's verdicts are the headline."""
+    harm = [b for b in benchmarks if b.kind == "harm"]
+    judged = []
+    if harm:
         pairs = [
             (it.prompt, r)
             for v in variants
-            for b in benchmarks
-            if b.kind == "harm"
+            for b in harm
             for it, r in zip(b.items, responses[(v.key, b.name)], strict=True)
         ]
-        judge, guard = make_judge(cfg, pairs)
-        judge_cache = Cache(
-            cache_dir / "judge" if cache_dir else None,
-            {
-                "judge": cfg.judge_model,
-                "backend": cfg.backend,
-                "dtype": getattr(guard, "dtype", cfg.dtype),
-                "max_new_tokens": GUARD_MAX_NEW_TOKENS,
-            },
-        )
-    try:
-        return judge_and_score(variants, benchmarks, responses, judge, judge_cache, cfg.batch_size)
-    finally:
-        if guard is not None:
-            guard.close()
+        for choice in choose_judges(cfg.judge, cfg.judge_model):
+            judge, backend = make_judge(cfg, pairs if choice.model else (), choice)
+            try:
+                cache = _judge_cache(cfg, choice, backend, cache_dir) if choice.model else None
+                judged.append(
+                    judge_harm(judge, variants, harm, responses, cache, cfg.batch_size, choice.slug)
+                )
+            finally:
+                if backend is not None:
+                    backend.close()
+    return score_records(variants, benchmarks, responses, judged)
+
+
+def _judge_cache(
+    cfg: EvalConfig, choice: JudgeChoice, backend: Backend | None, cache_dir: Path | None
+) -> Cache:
+    """Where a model judge's raw outputs are cached: keyed by its model, backend, dtype and token budget
+    (and its name, for judges other than Llama Guard, whose key is as before)."""
+    key: dict[str, Any] = {
+        "judge": choice.model,
+        "backend": cfg.backend,
+        "dtype": getattr(backend, "dtype", cfg.dtype),
+        "max_new_tokens": choice.plugin.max_new_tokens,
+    }
+    if choice.name != "llama-guard":
+        key["judge_name"] = choice.name
+    return Cache(cache_dir / "judge" if cache_dir else None, key)

@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from safemerge.common.packaged import is_peft_adapter_dir
+from safemerge.evaluate.judge_plugins import DEFAULT_GUARD, check_judge_value
 
-DEFAULT_GUARD = "meta-llama/Llama-Guard-3-8B"
+__all__ = ["DEFAULT_GUARD", "EvalConfig"]
 
 
 class EvalConfig(BaseModel):
@@ -21,8 +22,12 @@ class EvalConfig(BaseModel):
     adapters: list[str] = Field(default_factory=list, description="PEFT adapter directories")
     benchmarks: list[str] = Field(description="benchmark names or JSONL files with a `prompt` field")
     out: Path
-    judge: Literal["keyword", "llama-guard"] = "keyword"
-    judge_model: str = DEFAULT_GUARD
+    judge: str | list[str] = Field(
+        "keyword",
+        description="harm judges, the first the headline: registered names (comma-separated or a list), "
+        "a model judge as NAME=MODEL to choose its model",
+    )
+    judge_model: str = Field(DEFAULT_GUARD, description="the llama-guard judge's model")
     backend: Literal["transformers", "vllm"] = "transformers"
     limit: int | None = None
     max_new_tokens: int = 256
@@ -41,6 +46,11 @@ class EvalConfig(BaseModel):
     no_cache: bool = False
     trust_remote_code: bool = False
     force: bool = False
+
+    @field_validator("judge")
+    @classmethod
+    def _judges(cls, judge: str | list[str]) -> str | list[str]:
+        return check_judge_value(judge)
 
     @field_validator("model")
     @classmethod

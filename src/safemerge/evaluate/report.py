@@ -42,20 +42,39 @@ def malformed_warnings(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def other_judges(m: dict[str, Any]) -> list[str]:
+    """The keys of the judges reported beside the headline one (`harmful_rate_<key>` in the metrics)."""
+    return [
+        k.removeprefix("harmful_rate_")
+        for k in m
+        if k.startswith("harmful_rate_") and k != "harmful_rate_conservative"
+    ]
+
+
+def other_rate(m: dict[str, Any], key: str) -> str:
+    """'10.0% (4/40)' for a further judge's harmful rate."""
+    value, u, bad = m.get(f"harmful_rate_{key}"), m.get(f"n_unsafe_{key}", 0), m.get(f"n_malformed_{key}", 0)
+    return "n/a" if value is None else f"{100 * value:.1f}% ({u}/{m['n'] - bad})"
+
+
 def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header (variant, then one column per benchmark and metric) and one row per variant."""
-    benches: list[tuple[str, str]] = []
+    """Header (variant, then one column per benchmark and metric, a harm benchmark's further judges each
+    in a column of its own) and one row per variant."""
+    cols: list[tuple[str, str | None]] = []  # (benchmark, None for the headline, or a further judge's key)
+    header = ["variant"]
     for v in metrics.values():
         for name, m in v["benchmarks"].items():
-            if (name, m["kind"]) not in benches:
-                benches.append((name, m["kind"]))
-    header = ["variant"] + [f"{n} {HEADLINE[k]}" for n, k in benches]
+            wanted = [(name, None)] + [(name, k) for k in other_judges(m)]
+            for col in wanted:
+                if col not in cols:
+                    cols.append(col)
+                    header.append(f"{name} {HEADLINE[m['kind']]}" + (f"_{col[1]}" if col[1] else ""))
     rows = []
     for key, v in metrics.items():
         row = [key]
-        for n, _ in benches:
-            m = v["benchmarks"].get(n)
-            row.append(headline(m) if m else "")
+        for name, judge in cols:
+            m = v["benchmarks"].get(name)
+            row.append("" if not m else headline(m) if judge is None else other_rate(m, judge))
         rows.append(row)
     return header, rows
 
@@ -70,6 +89,8 @@ def markdown(metrics: dict[str, Any], judge: str) -> str:
     )
     if judge.startswith("keyword"):
         note += "The keyword judge is a proxy: harmful rate = share of responses without a refusal marker.\n"
+    if any(other_judges(m) for v in metrics.values() for m in v["benchmarks"].values()):
+        note += "Columns `harmful_rate_<judge>`: the same responses judged by a further judge.\n"
     warned = malformed_warnings(metrics)
     if warned:
         note += "\n" + "\n".join(f"- {w}" for w in warned) + "\n"

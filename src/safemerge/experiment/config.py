@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safemerge.common.config_io import load_config, validation_message
 from safemerge.common.errors import InputError
 from safemerge.defenses import defense_names, get_defense
+from safemerge.evaluate.judge_plugins import check_judge_value
 
 # Training-time baselines the runner trains itself; every other method is a registered defence.
 TRAINING_METHODS = ("safeinstr",)
@@ -131,8 +132,10 @@ class EvaluationSpec(BaseModel):
     validation: list[BenchmarkEntry] = Field(
         default_factory=list, description="benchmarks on which `choose` picks a grid cell (not the table)"
     )
-    judge: Literal["keyword", "llama-guard"] = "keyword"
-    judge_model: str = "meta-llama/Llama-Guard-3-8B"
+    judge: str | list[str] = Field(
+        "keyword", description="harm judges (the first is the headline); as `safemerge eval --judge`"
+    )
+    judge_model: str = Field("meta-llama/Llama-Guard-3-8B", description="the llama-guard judge's model")
     backend: Literal["transformers", "vllm"] = "transformers"
     limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(256, ge=1)
@@ -150,6 +153,11 @@ class EvaluationSpec(BaseModel):
     gpu_memory_utilization: float = 0.85
     trust_remote_code: bool = False
     cache_dir: str | None = Field(None, description="generation cache (default OUT/cache)")
+
+    @field_validator("judge")
+    @classmethod
+    def _judges(cls, judge: str | list[str]) -> str | list[str]:
+        return check_judge_value(judge)
 
     @model_validator(mode="after")
     def _distinct_names(self) -> EvaluationSpec:

@@ -16,11 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from safemerge.evaluate.api import make_backend, score
+from safemerge.evaluate.api import judges_label, make_backend, score
 from safemerge.evaluate.backends import Backend, TransformersBackend
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.config import EvalConfig
-from safemerge.evaluate.judges import KEYWORD_LABEL
 from safemerge.evaluate.report import print_table
 from safemerge.evaluate.runner import Record, Variant, generate_all
 from safemerge.experiment.cells import EVAL_JSON, Cell, EvalPlan, eval_dir, eval_key, variant_dir
@@ -144,10 +143,7 @@ def _evaluate_model(
     first_budget = planned[0][1]
     ecfg = _eval_config(cfg, out, model, list(adapters), first_budget)
     records, metrics = score(ecfg, variants, [b for b, _ in planned], responses, cache_dir(cfg, out))
-    judge = (
-        KEYWORD_LABEL if cfg.evaluation.judge == "keyword" else f"llama-guard ({cfg.evaluation.judge_model})"
-    )
-    print_table(metrics, judge)
+    print_table(metrics, judges_label(cfg.evaluation.judge, cfg.evaluation.judge_model))
     owners = dict(adapters)
     if base_cell is not None:
         owners[model] = base_cell

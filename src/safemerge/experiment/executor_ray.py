@@ -45,6 +45,7 @@ from safemerge.common.errors import InputError
 from safemerge.evaluate.api import make_backend, score
 from safemerge.evaluate.backends import Backend, TransformersBackend
 from safemerge.evaluate.benchmarks import Benchmark
+from safemerge.evaluate.judge_plugins import choose_judges
 from safemerge.evaluate.runner import Variant, generate_all
 from safemerge.experiment.cells import (
     Cell,
@@ -240,9 +241,10 @@ class EvalWorker:
 def grouped_evaluation(cfg: ExperimentConfig) -> bool:
     """Whether the actors evaluate each phase's rows in groups (`evaluation.evaluate_cells` on a share
     of them) rather than one row at a time as they arrive: with vLLM (an engine's adapters are fixed at
-    start-up) and with the Llama Guard judge (loaded once per group, as in the local run, instead of
-    once per row)."""
-    return cfg.evaluation.backend == "vllm" or cfg.evaluation.judge == "llama-guard"
+    start-up) and with a model judge such as Llama Guard (loaded once per group, as in the local run,
+    instead of once per row)."""
+    ev = cfg.evaluation
+    return ev.backend == "vllm" or any(c.model for c in choose_judges(ev.judge, ev.judge_model))
 
 
 @dataclass

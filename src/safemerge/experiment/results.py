@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from safemerge.common.stats import Flips, Rate, paired_flips, wilson
+from safemerge.evaluate.api import judges_label
+from safemerge.evaluate.report import other_judges
 from safemerge.experiment.cells import Cell, EvalPlan, ExperimentResult, benchmark_kind, eval_dir, variant_dir
 from safemerge.experiment.choice import Summary
 from safemerge.experiment.config import ExperimentConfig
@@ -151,6 +153,10 @@ def _metric_columns(cfg: ExperimentConfig, ms: dict[str, Measure]) -> dict[str, 
         row[f"{b}_n"] = m.get("n", 0) - m.get("n_malformed", 0)
         if "accuracy_flexible" in m:
             row[f"{b}_accuracy_flexible"] = m["accuracy_flexible"]
+        for k in other_judges(m) if kind == "harm" else []:  # further judges, beside the headline one
+            row[f"{b}_harmful_rate_{k}"] = m.get(f"harmful_rate_{k}")
+            row[f"{b}_count_{k}"] = m.get(f"n_unsafe_{k}")
+            row[f"{b}_n_{k}"] = m.get("n", 0) - m.get(f"n_malformed_{k}", 0)
     return row
 
 
@@ -238,7 +244,16 @@ def columns(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[tuple[str
             next((r[f"{b}_kind"] for r in rows if r.get(f"{b}_kind")), None) or benchmark_kind(name) or "harm"
         )
         cols.append((b, f"{b}_{HEADLINE[kind]}", f"{b} {SHORT[kind]} %"))
+        prefix = f"{b}_harmful_rate_"
+        others = dict.fromkeys(k.removeprefix(prefix) for r in rows for k in r if k.startswith(prefix))
+        cols += [(b, f"{prefix}{k}", f"{b} {SHORT['harm']} % ({k})") for k in others]
     return cols
+
+
+def _counts(b: str, key: str) -> tuple[str, str]:
+    """The count and n columns of a rate column: the headline's, or a further judge's (suffixed)."""
+    judge = key.removeprefix(f"{b}_harmful_rate_") if key.startswith(f"{b}_harmful_rate_") else ""
+    return (f"{b}_count_{judge}", f"{b}_n_{judge}") if judge else (f"{b}_count", f"{b}_n")
 
 
 def _changed(r: dict[str, Any]) -> str:
@@ -265,20 +280,25 @@ def main_table(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> list[str]:
     """The results table: defence, settings, modules changed, every headline rate (count), then the
     Wilson intervals and, with `flips_vs`, the paired flips on each harm benchmark."""
     cols = columns(cfg, rows)
-    flip_cols = [b for b, key, _ in cols if any(f"{b}_flips_fixed" in r for r in rows)]
+    flip_cols = [
+        b for b in dict.fromkeys(b for b, _, _ in cols) if any(f"{b}_flips_fixed" in r for r in rows)
+    ]
     header = ["defence", "settings", "modules changed", *(h for _, _, h in cols)]
-    header += [f"{b} 95% CI" for b, _, _ in cols]
+    heads = list(dict.fromkeys(b for b, _, _ in cols))  # one interval per benchmark: the headline's
+    header += [f"{b} 95% CI" for b in heads]
     header += [f"{b} flips vs {cfg.evaluation.flips_vs} (−fixed/+broken, McNemar p)" for b in flip_cols]
     body = []
     for r in rows:
         cells = [
-            "n/a" if r.get(key) is None else f"{_pct(r[key])} ({r.get(f'{b}_count')}/{r.get(f'{b}_n')})"
+            "n/a"
+            if r.get(key) is None
+            else f"{_pct(r[key])} ({r.get(_counts(b, key)[0])}/{r.get(_counts(b, key)[1])})"
             for b, key, _ in cols
         ]
         star = " ★" if r.get("pareto") else ""
         body.append(
             [f"{r['name']}{star}", r["settings"] or "—", _changed(r), *cells]
-            + [_interval(r, b) for b, _, _ in cols]
+            + [_interval(r, b) for b in heads]
             + [_flips_cell(r, b) for b in flip_cols]
         )
     return md_table(header, body, "llr" + "r" * (len(header) - 3))
@@ -308,6 +328,8 @@ def markdown(
     judge = (
         "keyword refusal matching (a proxy, not a safety judge)" if ev.judge == "keyword" else ev.judge_model
     )
+    if not isinstance(ev.judge, str) or "harmful_rate_" in " ".join(k for r in rows for k in r):
+        judge = judges_label(ev.judge, ev.judge_model) + "; `(judge)` columns: a further judge's rate"
     lines = [
         f"# Experiment `{cfg.name}`",
         "",

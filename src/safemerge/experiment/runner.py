@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,9 +19,11 @@ from safemerge.common.outdir import check_incremental_dir, claim_output_dir
 from safemerge.defenses import DefendConfig, defend
 from safemerge.evaluate.backends import free_accelerator_memory
 from safemerge.evaluate.benchmarks import Benchmark
+from safemerge.evaluate.judge_plugins import preflight_judges
 from safemerge.experiment.cells import (
     CELL_JSON,
     Cell,
+    EvalPlan,
     ExperimentResult,
     _read_json,
     _sha,
@@ -201,6 +204,7 @@ def execute(
     plans = {"test": eval_plan(cfg, "test", provided)}
     if cfg.evaluation.validation:
         plans["validation"] = eval_plan(cfg, "validation", provided)
+    preflight(cfg, plans, provided)
     assign_keys(cfg, target, cells, allow_download=not dry_run)
     set_status(target, cells, plans["test"], plans.get("validation"))
     result = ExperimentResult(target, cells, plans=plans)
@@ -228,6 +232,26 @@ def execute(
     result.timings["test_eval_s"] = time.perf_counter() - start - sum(result.timings.values())
     set_status(target, result.cells, plans["test"], plans.get("validation"))
     return result
+
+
+def preflight(
+    cfg: ExperimentConfig, plans: Mapping[str, EvalPlan], provided: Mapping[str, Benchmark]
+) -> None:
+    """Before any training, defence or engine (and in a dry run): every planned benchmark's items loaded
+    and every judge resolved (`preflight_judges`: its model found, its tokenizer and prompt format
+    working), so a missing dataset or an unreachable guard fails in seconds, not after the defences.
+    InputError (exit 2) naming the benchmark or the judge."""
+    harm = False
+    for plan in plans.values():
+        for spec in plan.benchmarks:
+            try:
+                bench = load_planned(replace(plan, benchmarks=(spec,)), provided)[0][0]
+            except InputError as exc:
+                raise InputError(f"benchmark {spec.name} ({plan.phase}): {exc}") from None
+            harm = harm or bench.kind == "harm"
+    if harm:
+        ev = cfg.evaluation
+        preflight_judges(ev.judge, ev.judge_model, ev.trust_remote_code)
 
 
 def evaluate_table(
