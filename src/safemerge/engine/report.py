@@ -303,7 +303,7 @@ def merged_model_card(
     body = f"""
 # SafeMERGE model (adapter merged into the base)
 
-`{name}`{_revision_note(report)} with {adapter} merged into its weights (W + s·B·A on every
+`{name}`{_revision_note(report)} with {adapter} added to its weights (W + s·B·A on every
 adapted module, in the base model's dtype), produced by [safemerge](https://arxiv.org/abs/2503.17239)
 from the task adapter `{display_name(report.inputs["task_adapter"])}`. The per-module decisions are in the
 parent directory's `safemerge_report.md`.
