@@ -8,7 +8,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx2
 import pytest
@@ -46,6 +46,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         snapshots[name] = shutil.copytree(
             src, root / "cache" / f"models--org--{name}" / "snapshots" / COMMIT[name]
         )
+    # a hub model's config may name anything (here nothing): the hub id comes from the input itself
+    (snapshots["aligned"] / "config.json").write_text(json.dumps({**config, "_name_or_path": ""}))
     return {
         "root": root,
         "aligned": al,
@@ -73,7 +75,8 @@ def merge_args(
     env: dict[str, Path], out: Path, aligned: str | None = None, unaligned: str | None = None
 ) -> list[str]:
     return [
-        "merge", "--aligned", aligned or str(env["aligned"]), "--unaligned", unaligned or str(env["unaligned"]),
+        "merge", "--aligned", aligned or str(env["aligned"]),
+        "--unaligned", unaligned or str(env["unaligned"]),
         "--task-adapter", str(env["task"]), "--safety-adapter", str(env["safety"]), "--out", str(out),
         "--no-plot", "-q",
     ]  # fmt: skip
@@ -121,7 +124,8 @@ def _http_error(cls: type[Exception]) -> Exception:
          "org/x@v9: no hub repository org/x (if it is private, log in: `hf auth login`, or set HF_TOKEN)"),
         (lambda: LocalEntryNotFoundError("cache miss"), True,
          "org/x@v9: org/x at revision v9 is not in the local hub cache and HF_HUB_OFFLINE=1 forbids "
-         "downloading it: download it once with network access (`hf download org/x`) or unset HF_HUB_OFFLINE"),
+         "downloading it: download it once with network access (`hf download org/x`) or unset "
+         "HF_HUB_OFFLINE"),
     ],
 )  # fmt: skip
 def test_a_failed_hub_lookup_says_why(
@@ -278,7 +282,7 @@ def test_every_defence_output_has_a_card(
 class FakeApi:
     """Records what `push` asks of the hub, and the bytes of every file uploaded."""
 
-    instances: list[FakeApi] = []
+    instances: ClassVar[list[FakeApi]] = []
 
     def __init__(self, token: str | None = None) -> None:
         self.token = token
@@ -391,7 +395,8 @@ def test_push_refuses_what_it_must_not_upload(
     (evals / "metrics.json").write_text(json.dumps({"base": {"adapter": None, "benchmarks": {}}}))
     cases = [
         (["push", str(foreign), "me/x"],
-         f"{foreign} was not written by safemerge (no {MARKER} marker): push uploads safemerge's outputs only"),
+         f"{foreign} was not written by safemerge (no {MARKER} marker): push uploads safemerge's "
+         "outputs only"),
         (["push", str(scanned), "me/x"],
          f"{scanned} has no model card (README.md): push uploads the outputs of merge, defend and "
          "subspace, which have one (this is a `scan` output)"),

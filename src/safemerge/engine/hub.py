@@ -145,14 +145,18 @@ def card_metadata(kind: Kind, base: str | None, license_fields: Mapping[str, str
     tags = ["safemerge", "safety", *(["lora"] if kind == "adapter" else [])]
     if base:
         tags.append(f"base_model:{relation}:{base}")
-    return ModelCardData(
+    data = ModelCardData(
         base_model=base,
-        base_model_relation=relation if base else None,
+        license=license_fields.get("license"),
+        license_name=license_fields.get("license_name"),
+        license_link=license_fields.get("license_link"),
         library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        **dict(license_fields),
     )
+    if base:  # the Hub's key, not a typed field of ModelCardData: an extra key, as its kwargs are kept
+        vars(data).update(base_model_relation=relation)
+    return data
 
 
 def render_card(data: ModelCardData, body: str) -> str:

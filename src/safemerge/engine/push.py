@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, get_token
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub import constants as hub_constants
 
 from safemerge.common.errors import InputError
@@ -120,7 +120,7 @@ def replacer(names: Mapping[str, str]) -> Callable[[str], str]:
         if text in names:
             return names[text]
         for pattern, public in patterns:
-            text = pattern.sub(lambda _m, p=public: p, text)
+            text = pattern.sub(public.replace("\\", "\\\\"), text)
         return text
 
     return replace
@@ -191,6 +191,7 @@ def pushed_card(text: str, repo_id: str, subfolder: str, results: list[EvalResul
     if not results:
         return text
     card = ModelCard(text)
+    assert isinstance(card.data, ModelCardData)  # a ModelCard's data (typed as the generic CardData)
     card.data.model_name = repo_id.split("/")[-1]
     card.data.eval_results = results
     return str(card)
@@ -206,7 +207,7 @@ def operations(
     ops, rewritten = [], {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out)
-        if rel.name == MARKER or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):  # the marker, hidden files
             continue
         name = rel.as_posix()
         if path.suffix in TEXT_SUFFIXES and not NEVER_TEXT.match(path.name):
