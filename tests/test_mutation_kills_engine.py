@@ -465,7 +465,16 @@ def test_resolve_local_dir_aliases_and_hub_patterns(tmp_path: Path, monkeypatch:
     assert calls == []
     assert resolve_local_dir("owner/name") == (snapshot, "abc123")
     resolve_local_dir("owner/name", revision="v2", allow_pickle=True)
-    patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+    patterns = [
+        "*.safetensors",
+        "*.json",
+        "tokenizer*",
+        "*.model",
+        "*.txt",
+        "*.tiktoken",
+        "*.jinja",
+        "README.md",
+    ]
     assert calls == [
         {"repo_id": "owner/name", "revision": None, "allow_patterns": patterns},
         {"repo_id": "owner/name", "revision": "v2", "allow_patterns": [*patterns, "*.bin", "*.pt"]},
@@ -625,8 +634,10 @@ def test_a_merge_without_the_aligned_model(lora_env: dict[str, Path], tmp_path: 
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     given = json.loads((lora_env["task"] / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == given["base_model_name_or_path"] == str(lora_env["aligned"])
-    # a real bug: the model card read the aligned model's path from the report and crashed (KeyError)
-    assert f"base_model: {lora_env['aligned']}" in (tmp_path / "out" / "README.md").read_text()
+    # a real bug: the model card read the aligned model's path from the report and crashed (KeyError);
+    # the base named there is a local path, which a card leaves out
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model:" not in card and "A LoRA adapter for `BASE_MODEL`" in card
     with pytest.raises(InputError) as info:
         merge(MergeConfig.from_flat(**kw, out=str(tmp_path / "full"), merge_into_base=True))
     assert str(info.value) == "merge_into_base needs aligned (the base weights the merged update is added to)"

@@ -290,11 +290,14 @@ def test_safety_lora_rank_and_unused_modules_of_a_full_merge(bf16_sketched: dict
     raw = (tmp_path / "out" / "safemerge_report.json").read_text()
     assert raw == json.dumps(json.loads(raw), indent=2) + "\n"
     # `report.full_model_card` 1-26: the merged full model's card has the hub's front matter as written
-    # here and names the aligned model, the task model and the safety adapter it was made from
+    # here (local models whose configs name no hub id: no base_model) and names the task model and the
+    # safety adapter it was made from by their basenames (a card never shows a local path)
     card = (tmp_path / "out" / "README.md").read_text()
-    front = f"---\nbase_model: {env['aligned']}\ntags:\n- safemerge\n- safety\n---\n"
+    front = (
+        "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- safemerge\n- safety\n---\n"
+    )
     assert card.startswith(front)
-    assert f"the task\nmodel `{env['task']}`" in card and f"safety update of `{env['safety']}`" in card
+    assert f"model `{env['task'].name}`" in card and f"safety update of `{env['safety'].name}`" in card
     policy, merged = report.options["selection_policy"], report.summary["merged"]
     assert f"(selection: {policy}) and {merged} of them were set to" in card
     assert "The other 3 selected modules have no counterpart in the safety update" in card
@@ -506,7 +509,7 @@ def test_a_full_merge_of_pickle_checkpoints_equals_the_safetensors_one(
     for f in a.glob("*.safetensors"):
         assert f.read_bytes() == (b / f.name).read_bytes(), f.name
     # `report.full_model_card` 8, 13-15: with a full safety model the card names it as the safety update
-    assert f"safety update of `{safety}`" in (a / "README.md").read_text()
+    assert f"safety update of `{safety.name}`" in (a / "README.md").read_text()
 
 
 def test_a_safety_lora_module_the_aligned_model_lacks_names_it(bf16_sketched: dict, tmp_path: Path) -> None:

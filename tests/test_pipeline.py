@@ -275,7 +275,9 @@ def test_report_files_and_fields(llama: dict[str, Path], tmp_path: Path) -> None
     assert len(data["inputs"]["task_adapter"]["sha256"]) == 64
     assert data["options"]["threshold"] == 0.35 and data["versions"]["peft"]
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
+    # a local aligned model whose config names no hub id: the card leaves `base_model` out (no local path)
+    assert card.startswith("---\nlibrary_name: peft\npipeline_tag: text-generation\n")
+    assert str(llama["aligned"]) not in card
 
 
 def test_scan_writes_report_without_merge_fields(llama: dict[str, Path], tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from safemerge.cli.engine import merge_command, scan_command
 from safemerge.cli.eval import eval_command
 from safemerge.cli.experiment import experiment_command
 from safemerge.cli.organism import organism_app
+from safemerge.cli.push import push_command
 from safemerge.cli.subspace import subspace_command
 from safemerge.cli.train import train_command
 
@@ -31,6 +32,7 @@ app.command("eval")(eval_command)
 app.command("defend")(defend_command)
 app.command("experiment")(experiment_command)
 app.command("subspace")(subspace_command)
+app.command("push")(push_command)
 
 
 def main() -> None:

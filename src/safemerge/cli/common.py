@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from safemerge.common.errors import InputError, SafemergeWarning
+from safemerge.engine.hub import split_revision
 
 console = Console(stderr=True)
 
@@ -164,6 +165,17 @@ AllowPartialOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
+RevisionOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--revision",
+        help="Pin a hub input given as a flag to a branch, tag or commit: INPUT=REV (e.g. aligned=main, "
+        "task-adapter=1a2b3c4), repeatable; the same as writing the input as owner/name@REV (the form a "
+        "YAML config uses). The report records the commit each hub input resolved to.",
+    ),
+]
+# The model and adapter inputs a `--revision INPUT=REV` may pin (those a command has).
+HUB_INPUTS = ("aligned", "unaligned", "task_adapter", "task_model", "safety_adapter", "safety_model")
 
 
 def given_options(ctx: typer.Context, *skip: str) -> dict[str, Any]:
@@ -171,6 +183,34 @@ def given_options(ctx: typer.Context, *skip: str) -> dict[str, Any]:
     `skip` (options that steer the command rather than the config). Options left unset are None, so
     `load_config` lets the YAML file or the field default decide them."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k not in skip}
+
+
+def pin_revisions(options: dict[str, Any], pins: list[str] | None) -> dict[str, Any]:
+    """`--revision INPUT=REV` applied to the flags in `options`: the input becomes `ID@REV`
+    (`checkpoint.resolve_local_dir` reads that form), so the resolved config records the pin."""
+    options = {k: v for k, v in options.items() if k != "revision"}
+    inputs = [k for k in HUB_INPUTS if k in options]
+    for pin in pins or []:
+        name, sep, rev = pin.partition("=")
+        key = name.strip().lstrip("-").replace("-", "_")
+        flag = "--" + key.replace("_", "-")
+        if not sep or not rev.strip() or not key:
+            raise InputError(f"--revision {pin}: expected INPUT=REV, e.g. --revision aligned=main")
+        if key not in inputs:
+            known = ", ".join(k.replace("_", "-") for k in inputs)
+            raise InputError(f"--revision {pin}: no input {name!r} (this command's inputs: {known})")
+        value = options[key]
+        if value is None:
+            raise InputError(
+                f"--revision {pin}: give {flag} on the command line too (in a YAML config, write the "
+                "input as owner/name@REV)"
+            )
+        if Path(value).expanduser().exists():
+            raise InputError(f"--revision {pin}: {flag} {value} is a local directory; revisions pin hub ids")
+        if split_revision(value)[1] is not None:
+            raise InputError(f"--revision {pin}: {flag} {value} already names a revision")
+        options[key] = f"{value}@{rev.strip()}"
+    return options
 
 
 # --- train / eval ------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from safemerge.cli.common import (
     PlotOpt,
     QuietOpt,
     RankOpt,
+    RevisionOpt,
     SafetyModelOpt,
     SeedOpt,
     SubspaceOpt,
@@ -30,6 +31,7 @@ from safemerge.cli.common import (
     TaskOpt,
     UnalignedOpt,
     given_options,
+    pin_revisions,
     run_guarded,
 )
 from safemerge.common.config_io import load_config
@@ -133,12 +135,15 @@ def defend_command(
             "docs/extending.md). Default: none.",
         ),
     ] = None,
+    revision: RevisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Apply one post-fine-tuning defence to a task LoRA or full fine-tune (the defences: see --method)."""
 
     def body() -> None:
-        cfg = load_config(DefendConfig, config, given_options(ctx, "config", "quiet"))
+        cfg = load_config(
+            DefendConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision)
+        )
         result = defend(cfg, progress=not quiet)
         if not quiet:
             print_summary(result.report, Console())

@@ -24,6 +24,7 @@ from safemerge.cli.common import (
     PlotOpt,
     QuietOpt,
     RankOpt,
+    RevisionOpt,
     SafetyModelOpt,
     SeedOpt,
     SubspaceOpt,
@@ -33,6 +34,7 @@ from safemerge.cli.common import (
     TopKOpt,
     UnalignedOpt,
     given_options,
+    pin_revisions,
     run_guarded,
 )
 from safemerge.common.config_io import load_config
@@ -61,13 +63,14 @@ def scan_command(
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
     plot: PlotOpt = None,
+    revision: RevisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Compute ρ for every module of the task adapter (or full fine-tune) and show which modules SafeMERGE
     would merge."""
 
     def body() -> None:
-        cfg = load_config(ScanConfig, config, given_options(ctx, "config", "quiet"))
+        cfg = load_config(ScanConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision))
         report = scan(cfg, progress=not quiet)
         if not quiet:
             print_summary(report, Console())
@@ -123,13 +126,14 @@ def merge_command(
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
     plot: PlotOpt = None,
+    revision: RevisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Scan, then merge the selected modules with the safety update; write a PEFT adapter (a full model
     for --task-model) and a report."""
 
     def body() -> None:
-        cfg = load_config(MergeConfig, config, given_options(ctx, "config", "quiet"))
+        cfg = load_config(MergeConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision))
         report = merge(cfg, progress=not quiet)
         if not quiet:
             print_summary(report, Console())

@@ -16,8 +16,10 @@ from safemerge.cli.common import (
     ForceOpt,
     PickleOpt,
     QuietOpt,
+    RevisionOpt,
     UnalignedOpt,
     given_options,
+    pin_revisions,
     run_guarded,
 )
 from safemerge.common.config_io import load_config
@@ -62,13 +64,16 @@ def subspace_command(
     ] = None,
     allow_pickle: PickleOpt = None,
     force: ForceOpt = None,
+    revision: RevisionOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Sketch the safety subspace once per model pair: per module the top-K singular vectors and values of
     V = W_aligned − W_unaligned, so that ρ needs neither model afterwards."""
 
     def body() -> None:
-        cfg = load_config(SubspaceConfig, config, given_options(ctx, "config", "quiet"))
+        cfg = load_config(
+            SubspaceConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision)
+        )
         result = subspace(cfg, progress=not quiet)
         if not quiet:
             print_result(result, Console())

@@ -17,13 +17,16 @@ import yaml
 
 from safemerge.common.config_io import plain_dump
 from safemerge.defenses.registry import get_defense
+from safemerge.engine.hub import Kind, card_base, card_metadata, display_name, render_card
 from safemerge.engine.report import (
     REPORT_JSON,
     REPORT_MD,
     Report,
     _fmt,
     input_lines,
+    load_snippet,
     markdown,
+    merged_model_card,
     plot_similarity,
     report_dict,
 )
@@ -57,10 +60,46 @@ def write_defense_report(
     (directory / REPORT_MD).write_text(defense_markdown(report, cfg, edits))
     if cfg.run.plot and report.modules:
         plot_similarity(report, directory / "similarity.png")
+    write_defense_cards(report, directory, cfg)
     resolved = plain_dump(cfg, exclude=("force",))
     resolved["weights"] = list(cfg.merge.weights)
     header = "# resolved defence configuration (rerun: safemerge defend defense.yaml --out NEW_DIR)\n"
     (directory / DEFENSE_YAML).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+
+
+def write_defense_cards(report: Report, directory: Path, cfg: DefendConfig) -> None:
+    """README.md of a defence's output (and of its `full_model/`), unless the engine wrote them (the
+    merges of `safemerge` / `merge-all` carry the merge's cards)."""
+    if not (directory / "README.md").exists():
+        (directory / "README.md").write_text(defense_card(report, cfg))
+    full = directory / "full_model"
+    if "adapter" in report.outputs and full.is_dir() and not (full / "README.md").exists():
+        what = f"the {cfg.method} adapter of the parent directory"
+        (full / "README.md").write_text(merged_model_card(report, cfg.inputs.aligned, what))
+
+
+def defense_card(report: Report, cfg: DefendConfig) -> str:
+    """The model card of a defence's output: the Hub's front matter (engine/hub.py) and what was done."""
+    kind: Kind = "adapter" if "adapter" in report.outputs else "model"
+    task_key = "task_adapter" if "task_adapter" in report.inputs else "task_model"
+    base, license_fields = card_base(report.inputs)
+    name = base or "BASE_MODEL"
+    s = report.summary
+    what = "A LoRA adapter for" if kind == "adapter" else "A model derived from"
+    settings = ", ".join(f"{k}={v}" for k, v in cfg.settings().items() if k != "method")
+    body = f"""
+# safemerge defence `{cfg.method}`
+
+{what} `{name}`, the output of the `{cfg.method}` defence of [safemerge](https://arxiv.org/abs/2503.17239)
+({settings or "no settings"}) applied to the task {task_key.removeprefix("task_")}
+`{display_name(report.inputs[task_key])}`: {s["selected"]} of {s["modules"]} modules selected,
+{s["merged"]} {get_defense(cfg.method).changed_verb}.
+
+{load_snippet(kind, name)}
+The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
+`{DEFENSE_YAML}`.
+"""
+    return render_card(card_metadata(kind, base, license_fields), body)
 
 
 def _settings_line(cfg: DefendConfig) -> str:

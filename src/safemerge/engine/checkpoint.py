@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import is_packaged_alias, resolve_model
+from safemerge.engine.hub import hub_error, looks_like_hub_id, split_revision
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,8 +39,11 @@ SAFETENSORS_DTYPE = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-# Files worth fetching from the hub for a base model: weights, configs, tokenizer.
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+# Files worth fetching from the hub for a base model: weights, configs, tokenizer, and the model card
+# (README.md: its license is carried to the cards of safemerge's outputs, engine/hub.py).
+HUB_PATTERNS = [
+    "*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt", "*.tiktoken", "*.jinja", "README.md"
+]  # fmt: skip
 
 
 def resolve_local_dir(
@@ -47,9 +51,11 @@ def resolve_local_dir(
 ) -> tuple[Path, str | None]:
     """Return a local directory for a checkpoint and its hub revision (None for local directories).
 
-    A path that exists is used as it is. Anything else is treated as a hub id and resolved with
-    `huggingface_hub.snapshot_download`, fetching only safetensors, json and tokenizer files (and pickle
-    weights only when `allow_pickle`); with HF_HUB_OFFLINE=1 this reads the local cache.
+    A path that exists is used as it is (even one containing `@`). Anything else must be a hub id,
+    `owner/name` or `owner/name@revision` (a branch, tag or commit; `revision` is the same pin given
+    apart), resolved with `huggingface_hub.snapshot_download`, fetching only safetensors, json, tokenizer
+    files and the card (and pickle weights only when `allow_pickle`); with HF_HUB_OFFLINE=1 this reads
+    the local cache. The revision returned is the commit the snapshot holds.
     """
     if is_packaged_alias(str(name_or_path)):  # the model that ships inside a package (docs/method.md §8)
         name_or_path = resolve_model(str(name_or_path))
@@ -59,13 +65,17 @@ def resolve_local_dir(
             raise InputError(f"{path} is not a directory (expected a checkpoint or adapter directory)")
         return path, None
     text = str(name_or_path)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    repo_id, pinned = split_revision(text)
+    if not looks_like_hub_id(repo_id):
         raise InputError(f"{text}: no such directory, and it is not a hub id of the form owner/name")
+    if pinned and revision and pinned != revision:
+        raise InputError(f"{text} names revision {pinned!r}, but revision {revision!r} was asked for")
+    wanted = pinned or revision
     try:
         patterns = HUB_PATTERNS + (["*.bin", "*.pt"] if allow_pickle else [])
-        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns)
+        local = snapshot_download(repo_id=repo_id, revision=wanted, allow_patterns=patterns)
     except Exception as exc:  # network, auth, offline cache miss: all bad input from the user's side
-        raise InputError(f"could not resolve {text!r} on the hub or in the local cache: {exc}") from exc
+        raise hub_error(text, repo_id, wanted, exc) from exc
     local_path = Path(local)
     return local_path, local_path.name
 

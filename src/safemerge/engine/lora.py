@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.engine.checkpoint import _read_safetensors_header, resolve_local_dir
+from safemerge.engine.hub import split_revision
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -353,10 +354,15 @@ def write_adapter(
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a PEFT adapter (config + safetensors) whose modules all share `rank` and `lora_alpha`.
-    `base_model` None (no base known) is written as null, PEFT's own default. `init_lora_weights` is
-    PEFT's default True: a value that rewrites the base weight on load would make PEFT change the base
-    under the merged factors, and the settings of data-driven inits (eva, ...) no longer apply."""
+    `base_model` None (no base known) is written as null, PEFT's own default; a pinned hub id
+    (`owner/name@rev`) as PEFT spells it, `base_model_name_or_path` and `revision`. `init_lora_weights`
+    is PEFT's default True: a value that rewrites the base weight on load would make PEFT change the
+    base under the merged factors, and the settings of data-driven inits (eva, ...) no longer apply."""
     config = dict(base_config)
+    if base_model is not None:
+        base_model, revision = split_revision(base_model)
+        if revision:
+            config["revision"] = revision
     config.update(merged_adapter_settings(config, rank, lora_alpha), base_model_name_or_path=base_model)
     tensors: dict[str, torch.Tensor] = {}
     for module in sorted(factors, key=natural_key):

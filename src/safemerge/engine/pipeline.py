@@ -67,6 +67,7 @@ from safemerge.engine.report import (
     Report,
     full_model_card,
     library_versions,
+    merged_model_card,
     model_card,
     write_report,
 )
@@ -792,6 +793,9 @@ def _write_merge(
         extra = task.extra_for_base(aligned.keys())
         write_merged_model(
             aligned, deltas, task.fan_in_fan_out, full, cfg.merge.max_shard_size, progress, extra
+        )
+        (full / "README.md").write_text(
+            merged_model_card(report, base, "the merged adapter of the parent directory")
         )
         report.outputs["full_model"] = str(out / "full_model")
     report.outputs["adapter"] = str(out)

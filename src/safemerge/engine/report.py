@@ -19,6 +19,7 @@ from rich.segment import Segment
 from rich.table import Table
 
 from safemerge import __version__
+from safemerge.engine.hub import Kind, card_base, card_metadata, display_name, render_card
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,6 +29,7 @@ REPORT_MD = "safemerge_report.md"
 PLOT_PNG = "similarity.png"
 WIDEST_TABLE = 1000  # characters: the widest console table printed to a log (module names are long)
 NO_COUNTERPART = "no-safety-counterpart"  # the flag of a selected module the safety update lacks
+THIS_DIRECTORY = "PATH_TO_THIS_DIRECTORY"  # the cards' name for their own folder (`push` puts the repo id)
 
 
 @dataclass
@@ -297,48 +299,68 @@ def plot_similarity(report: Report, path: Path) -> None:
 
 
 def model_card(report: Report, base: str | None) -> str:
-    """README.md of a merged adapter: YAML front matter for the hub, then what was done. `base` is the
-    base model the adapter loads on: the aligned model, or (merging with a sketch and no aligned model)
-    the task adapter's `base_model_name_or_path`; None when neither names one (the card then leaves the
-    hub's `base_model` out rather than write an empty name)."""
+    """README.md of a merged adapter: the Hub's front matter (engine/hub.py), then what was done. `base`
+    is the base model the adapter loads on as given: the aligned model, or (merging with a sketch and no
+    aligned model) the task adapter's `base_model_name_or_path`. The card names the base by its hub id
+    (a local aligned model's `_name_or_path` when that is one), never by a local path; unknown, it leaves
+    the Hub's `base_model` out rather than write a path."""
     o = report.options
-    name = base or "BASE_MODEL"
-    front = "\n".join(
-        [
-            "---",
-            *([f"base_model: {base}"] if base else []),
-            "library_name: peft",
-            "tags:",
-            "- safemerge",
-            "- lora",
-            "- safety",
-            "---",
-        ]
-    )
+    hub_base, license_fields = card_base(report.inputs, base)
+    name = hub_base or "BASE_MODEL"
     body = f"""
 # SafeMERGE adapter
 
-A LoRA adapter for `{name}` produced by [safemerge](https://arxiv.org/abs/2503.17239) from the task
-adapter `{report.inputs["task_adapter"]["path"]}`:
+A LoRA adapter for `{name}`{_revision_note(report)} produced by [safemerge](https://arxiv.org/abs/2503.17239)
+from the task adapter `{display_name(report.inputs["task_adapter"])}`:
 {_selection_sentence(report)} merged with the safety adapter
-`{report.inputs["safety_adapter"]["path"]}` (weights {tuple(o["weights"])}, mode `{o["mode"]}`, method
+`{display_name(report.inputs["safety_adapter"])}` (weights {tuple(o["weights"])}, mode `{o["mode"]}`, method
 `{o["method"]}`).{_kept_sentence(report, "the task adapter's")}
 All other modules are the task adapter's, unchanged.
 
-Load it with:
-
-```python
-from transformers import AutoModelForCausalLM
-from peft import PeftModel
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-model = PeftModel.from_pretrained(model, "PATH_TO_THIS_DIRECTORY")
-```
-
+{load_snippet("adapter", name)}
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
 `safemerge.yaml`.
 """
-    return front + "\n" + body
+    return render_card(card_metadata("adapter", hub_base, license_fields), body)
+
+
+def _revision_note(report: Report) -> str:
+    """` (revision <commit>)` when the aligned model came from the hub (the commit it resolved to)."""
+    revision = (report.inputs.get("aligned") or {}).get("revision")
+    return f" (revision `{revision}`)" if revision else ""
+
+
+def load_snippet(kind: Kind, base_name: str) -> str:
+    """The card's "Load it with" block for an adapter (on `base_name`) or a full model."""
+    if kind == "adapter":
+        code = f"""from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+model = AutoModelForCausalLM.from_pretrained("{base_name}")
+model = PeftModel.from_pretrained(model, "{THIS_DIRECTORY}")"""
+    else:
+        code = f"""from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{THIS_DIRECTORY}")"""
+    return f"Load it with:\n\n```python\n{code}\n```\n"
+
+
+def merged_model_card(
+    report: Report, base: str | None, adapter: str = "the adapter of the parent directory"
+) -> str:
+    """README.md of `full_model/` (`merge_into_base`): the base with `adapter` merged into its weights."""
+    hub_base, license_fields = card_base(report.inputs, base)
+    name = hub_base or "BASE_MODEL"
+    body = f"""
+# SafeMERGE model (adapter merged into the base)
+
+`{name}`{_revision_note(report)} with {adapter} added to its weights (W + s·B·A on every
+adapted module, in the base model's dtype), produced by [safemerge](https://arxiv.org/abs/2503.17239)
+from the task adapter `{display_name(report.inputs["task_adapter"])}`. The per-module decisions are in the
+parent directory's `safemerge_report.md`.
+
+{load_snippet("model", name)}"""
+    return render_card(card_metadata("model", hub_base, license_fields), body)
 
 
 def _selection_sentence(report: Report) -> str:
@@ -365,25 +387,26 @@ def _kept_sentence(report: Report, owner: str) -> str:
 
 def full_model_card(report: Report) -> str:
     """README.md of a merged full model (a full fine-tune merged with a safety update)."""
-    base = report.inputs["aligned"]["path"]
+    hub_base, license_fields = card_base(report.inputs)
+    base = hub_base or "BASE_MODEL"
     o = report.options
-    safety = report.inputs.get("safety_adapter") or report.inputs.get("safety_model") or {}
-    front = "\n".join(["---", f"base_model: {base}", "tags:", "- safemerge", "- safety", "---"])
-    task = report.inputs["task_model"]["path"]
+    safety = report.inputs.get("safety_adapter") or report.inputs.get("safety_model")
+    task = display_name(report.inputs["task_model"])
     body = f"""
 # SafeMERGE model
 
-A full fine-tune of `{base}` processed by [safemerge](https://arxiv.org/abs/2503.17239) from the task
-model `{task}`:
+A full fine-tune of `{base}`{_revision_note(report)} processed by [safemerge](https://arxiv.org/abs/2503.17239)
+from the task model `{task}`:
 {_selection_sentence(report)} set to W_aligned + w_task ΔW_task + w_safety ΔW_safety, with the
-safety update of `{safety.get("path")}` (weights {tuple(o["weights"])}, method
+safety update of `{display_name(safety) if safety else None}` (weights {tuple(o["weights"])}, method
 `{o["method"]}`).{_kept_sentence(report, "the task model's")}
-Every other tensor is the task model's, unchanged. Load it with `AutoModelForCausalLM.from_pretrained(PATH)`.
+Every other tensor is the task model's, unchanged.
 
+{load_snippet("model", base)}
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
 `safemerge.yaml`.
 """
-    return front + "\n" + body
+    return render_card(card_metadata("model", hub_base, license_fields), body)
 
 
 def warnings_line(report: Report) -> str:
