@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,19 @@ from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.evaluate.backends import (
     Backend,
+    Generation,
     TransformersBackend,
     VLLMBackend,
+    cuda_capability,
     load_tokenizer,
     read_adapter_config,
+    transformers_dtype,
 )
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
 from safemerge.evaluate.config import EvalConfig
 from safemerge.evaluate.judges import KeywordJudge, LlamaGuardJudge
+from safemerge.evaluate.preflight import model_config, resolve_vllm_dtype
 from safemerge.evaluate.report import markdown, print_table
 from safemerge.evaluate.runner import Judge, Record, Variant, generate_all, judge_and_score, variants_for
 
@@ -62,42 +66,83 @@ def make_backend(cfg: EvalConfig, prompts: Sequence[str] | None = None) -> Backe
     )
 
 
-def make_judge(cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = ()) -> tuple[Judge, Backend | None]:
-    """The harm judge (and the backend it holds, to close afterwards). A vLLM guard engine is sized for
-    the guard inputs of `pairs` (prompt, response): exactly the texts the judge renders for them (it is
-    run once on them, capturing its inputs, before the engine starts), + the guard's new tokens."""
+class LazyGuard:
+    """The Llama Guard backend of `cfg`, started on the judge's first generation and then kept: never
+    when every verdict is cached, once however many verdicts are missing. `before_start` runs just
+    before it starts (it frees a generation engine the caller keeps, so that the two never hold the GPU
+    at once). `dtype` is resolved before the start, as the backend will resolve it: it keys the judge
+    cache, which is read before anything starts."""
+
+    name = "llama-guard"
+
+    def __init__(
+        self, cfg: EvalConfig, sizing: Sequence[str] = (), before_start: Callable[[], None] | None = None
+    ) -> None:
+        self.cfg, self.sizing, self.before_start = cfg, list(sizing), before_start
+        self.backend: Backend | None = None
+        self.starts = 0
+        if cfg.backend == "vllm":
+            self.dtype = resolve_vllm_dtype(cfg.dtype, model_config(cfg.judge_model), cuda_capability())
+        else:
+            self.dtype = transformers_dtype(cfg.dtype)
+
+    def _start(self, tokenizer: Any) -> Backend:
+        if self.before_start is not None:
+            self.before_start()
+        cfg = self.cfg
+        backend: Backend
+        if cfg.backend == "vllm":
+            backend = VLLMBackend(
+                cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.tensor_parallel_size,
+                cfg.gpu_memory_utilization, cfg.dtype, chat=False, prompts=self.sizing, tokenizer=tokenizer,
+            )  # fmt: skip
+        else:
+            backend = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
+        self.starts += 1
+        if backend.dtype != self.dtype:
+            backend.close()
+            raise RuntimeError(
+                f"the guard {cfg.judge_model} runs in {backend.dtype}, its cache key says {self.dtype}"
+            )
+        return backend
+
+    def generate(self, texts: Sequence[str], tokenizer: Any = None) -> list[str]:
+        if self.backend is None:
+            self.backend = self._start(tokenizer)
+        return self.backend.generate(texts, None)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
+def make_judge(
+    cfg: EvalConfig,
+    pairs: Sequence[tuple[str, str]] = (),
+    before_start: Callable[[], None] | None = None,
+) -> tuple[Judge, LazyGuard | None]:
+    """The harm judge (and the guard it holds, to close afterwards). The guard's backend starts only when
+    the judge first generates (`LazyGuard`). A vLLM guard engine is sized for the guard inputs of `pairs`
+    (prompt, response): exactly the texts the judge renders for them (it is run once on them, capturing
+    its inputs, before anything starts), + the guard's new tokens."""
     if cfg.judge == "keyword":
         return KeywordJudge(), None
-    if cfg.backend != "vllm":
-        guard = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
-        return LlamaGuardJudge(cfg.judge_model, lambda t: guard.generate(t, None), guard.tokenizer), guard
+    tokenizer = load_tokenizer(cfg.judge_model)
     rendered: list[str] = []
-    engine: list[VLLMBackend] = []  # empty while the judge's inputs are captured
+    guard: list[LazyGuard] = []  # empty while the judge's inputs are captured
 
     def generate(texts: list[str]) -> list[str]:
-        if not engine:
+        if not guard:
             rendered.extend(texts)
             return [""] * len(texts)
-        return engine[0].generate(texts, None)
+        return guard[0].generate(texts, tokenizer)
 
-    tokenizer = load_tokenizer(cfg.judge_model)
     judge = LlamaGuardJudge(cfg.judge_model, generate, tokenizer)
-    if pairs:
+    if pairs and cfg.backend == "vllm":
         judge.judge([p for p, _ in pairs], [r for _, r in pairs])
-    engine.append(
-        VLLMBackend(
-            cfg.judge_model,
-            (),
-            GUARD_MAX_NEW_TOKENS,
-            cfg.tensor_parallel_size,
-            cfg.gpu_memory_utilization,
-            cfg.dtype,
-            chat=False,
-            prompts=rendered,
-            tokenizer=tokenizer,
-        )
-    )
-    return judge, engine[0]
+    guard.append(LazyGuard(cfg, rendered, before_start))
+    return judge, guard[0]
 
 
 def write_outputs(
@@ -148,7 +193,10 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     finally:
         if own:
             backend.close()  # before the judge's engine starts: one engine at a time
-    records, metrics = score(cfg, variants, benchmarks, responses, cache_dir)
+    # a backend the caller keeps is released (not closed) before a guard starts: it starts again on its
+    # next generation
+    release = None if own else getattr(backend, "release", None)
+    records, metrics = score(cfg, variants, benchmarks, responses, cache_dir, release)
     judge_name = _judge_label(cfg)
     with atomic_output_dir(cfg.out, cfg.force, eval_inputs(cfg), "eval") as tmp:
         write_outputs(tmp, records, metrics, cfg, judge_name)
@@ -164,23 +212,26 @@ def score(
     cfg: EvalConfig,
     variants: list[Variant],
     benchmarks: list[Benchmark],
-    responses: dict[tuple[str, str], list[str]],
+    responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     cache_dir: Path | None,
+    before_guard: Callable[[], None] | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Judge harm benchmarks (loading Llama Guard only when some exist) and score the rest."""
+    """Judge harm benchmarks and score the rest. Llama Guard is started only where a harm benchmark has
+    an answer whose verdict is not cached, once for all of them, after `before_guard` (which frees the
+    caller's generation engine)."""
     needs_judge = any(b.kind == "harm" for b in benchmarks)
     judge: Judge = KeywordJudge()
-    guard: Backend | None = None
+    guard: LazyGuard | None = None
     judge_cache: Cache | None = None
     if needs_judge and cfg.judge == "llama-guard":
         pairs = [
-            (it.prompt, r)
+            (it.prompt, r if isinstance(r, str) else r.text)
             for v in variants
             for b in benchmarks
             if b.kind == "harm"
             for it, r in zip(b.items, responses[(v.key, b.name)], strict=True)
         ]
-        judge, guard = make_judge(cfg, pairs)
+        judge, guard = make_judge(cfg, pairs, before_guard)
         judge_cache = Cache(
             cache_dir / "judge" if cache_dir else None,
             {
