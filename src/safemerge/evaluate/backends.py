@@ -127,7 +127,7 @@ def free_accelerator_memory(stage: str) -> int | None:
     else:
         memory = _nvml_query("memory")
         if memory is None:
-            log.debug("%s: CUDA not initialised here and no GPU visible to NVML, nothing to free", stage)
+            log.debug("%s: no CUDA device in use (CUDA not initialised here, none seen by NVML)", stage)
             return None
         free, total = memory
     log.info("%s: %.1f of %.1f GiB GPU memory free", stage, free / GIB, total / GIB)
