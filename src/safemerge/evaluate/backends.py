@@ -250,7 +250,7 @@ class TransformersBackend:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+                path, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
             )
         except OSError as exc:
             raise InputError(f"cannot load model {model!r}: {exc}") from None
