@@ -440,3 +440,5 @@ def test_context_limit_takes_the_tokenizers_model_max_length() -> None:
     for unset in (int(1e30), None, 0, True):  # transformers' "no limit" sentinel, or nonsense
         assert context_limit(cfg, SimpleNamespace(model_max_length=unset)) == 131072
     assert context_limit(cfg) == 131072
+    assert context_limit({}, SimpleNamespace(model_max_length=int(1e30))) is None  # unknown: vLLM decides
+    assert context_limit({}, SimpleNamespace(model_max_length=2048)) == 2048
