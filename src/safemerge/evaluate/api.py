@@ -73,14 +73,11 @@ class LazyGuard:
     at once). `dtype` is resolved before the start, as the backend will resolve it: it keys the judge
     cache, which is read before anything starts."""
 
-    name = "llama-guard"
-
     def __init__(
         self, cfg: EvalConfig, sizing: Sequence[str] = (), before_start: Callable[[], None] | None = None
     ) -> None:
         self.cfg, self.sizing, self.before_start = cfg, list(sizing), before_start
         self.backend: Backend | None = None
-        self.starts = 0
         if cfg.backend == "vllm":
             self.dtype = resolve_vllm_dtype(cfg.dtype, model_config(cfg.judge_model), cuda_capability())
         else:
@@ -98,7 +95,6 @@ class LazyGuard:
             )  # fmt: skip
         else:
             backend = TransformersBackend(cfg.judge_model, (), GUARD_MAX_NEW_TOKENS, cfg.dtype, chat=False)
-        self.starts += 1
         if backend.dtype != self.dtype:
             backend.close()
             raise RuntimeError(
