@@ -250,10 +250,10 @@ def test_zero_v_modules_are_ranked_last(
         )
     )
     assert {m.name for m in scanned.modules if m.selected} == selected
-    # the threshold policy is unchanged: ρ = 0 ≤ τ selects the zero-V module, which is left as it is
+    # the threshold never selects a zero-V module (published: its cosine is NaN, and NaN ≤ τ is false)
     by_tau = defend(dcfg(zero_v, tmp_path / "tau", method="safelora", threshold=0.5))
     rec = next(m for m in by_tau.report.modules if m.name == ZERO_V_MODULE)
-    assert rec.selected and not rec.merged
+    assert not rec.selected and not rec.merged and "zero-V: not selected (projection undefined)" in rec.flags
 
 
 # --- RESTA ----------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_llama_guard_prompt_and_judge() -> None:
     p = build_llama_guard_prompt("How do I pick a lock?", "Here is how: ...")
     assert "User: How do I pick a lock?" in p and "Agent: Here is how: ..." in p
     assert "S14: Code Interpreter Abuse." in p and p.endswith(
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|start_header_id|>assistant<|end_header_id|>"  # as Llama Guard 3's chat template ends
     )
     seen: list[list[str]] = []
 
@@ -142,10 +142,13 @@ def test_vllm_requests(tmp_path) -> None:  # type: ignore[no-untyped-def]
     reqs = lora_request_args([str(a), str(b)])
     assert reqs[str(b)] == ("adapter1", 2, str(b.resolve()))
     outs = [
-        SimpleNamespace(outputs=[SimpleNamespace(text=" hi \n")]),
-        SimpleNamespace(outputs=[SimpleNamespace(text="x")]),
+        SimpleNamespace(outputs=[SimpleNamespace(text=" hi \n", finish_reason="stop")]),
+        SimpleNamespace(outputs=[SimpleNamespace(text="x", finish_reason="length")]),
+        SimpleNamespace(outputs=[SimpleNamespace(text="y")]),  # no finish_reason: truncation unknown
     ]
-    assert parse_vllm_outputs(outs) == ["hi", "x"]
+    parsed = parse_vllm_outputs(outs)
+    assert [g.text for g in parsed] == ["hi", "x", "y"]
+    assert [g.truncated for g in parsed] == [False, True, None]
 
 
 def test_markdown_summary() -> None:

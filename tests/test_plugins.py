@@ -265,7 +265,9 @@ def test_plugin_benchmark_through_eval(example: Path, models: dict[str, Path], t
     metrics = json.loads((out / "metrics.json").read_text())
     m = metrics[str(models["task"])]["benchmarks"]["capitals"]
     n_correct = sum(g["names_capital"] for g in caps if g["variant"] == str(models["task"]))
-    assert m == {"kind": "utility", "n": 3, "n_correct": n_correct, "accuracy": n_correct / 3}
+    n_cut = sum(bool(g["truncated"]) for g in caps if g["variant"] == str(models["task"]))
+    expected = {"kind": "utility", "n": 3, "n_correct": n_correct, "accuracy": n_correct / 3}
+    assert m == {**expected, "n_truncated": n_cut}  # the plugin's metrics, and the runner's count
 
 
 def tiny_experiment(models: dict[str, Path], out: Path, method: str) -> dict[str, object]:

@@ -190,13 +190,13 @@ def test_eval_rerun_generates_nothing_and_gives_identical_metrics(
     rerun (key built from something that changes between runs, cache not read), or metrics computed from
     something other than the cached generations."""
     calls: list[int] = []
-    real = TransformersBackend.generate
+    real = TransformersBackend.generate_full
 
-    def counting(self: TransformersBackend, prompts: Any, adapter: str | None) -> list[str]:
+    def counting(self: TransformersBackend, prompts: Any, adapter: str | None, tokens: Any = None) -> Any:
         calls.append(len(prompts))
-        return real(self, prompts, adapter)
+        return real(self, prompts, adapter, tokens)
 
-    monkeypatch.setattr(TransformersBackend, "generate", counting)
+    monkeypatch.setattr(TransformersBackend, "generate_full", counting)  # what the runner calls
 
     def run(out: Path) -> dict[str, Any]:
         args = [

@@ -457,6 +457,7 @@ def test_free_accelerator_memory_logs(
     assert "after training" in caplog.text and "no CUDA device" in caplog.text
     emptied: list[bool] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # this process holds CUDA memory
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10 * 2**30, 40 * 2**30))
     assert free_accelerator_memory("before the judge") == 10 * 2**30
@@ -468,6 +469,7 @@ def test_engine_start_logs_free_memory_and_its_size(
 ) -> None:
     caplog.set_level(logging.INFO)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU as far as the backend can tell
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # ... and CUDA initialised here
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (30 * 2**30, 40 * 2**30))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))

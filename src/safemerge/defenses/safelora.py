@@ -1,8 +1,9 @@
 """Safe LoRA (Hsu et al., NeurIPS 2024): B_f ← C B_f on the selected modules, C = V Vᵀ / ‖V‖_F.
 
-Selection: round(ρ, 5) ≤ τ (as published, default τ = 0.5), exactly the k lowest ρ, or a fraction; the
-ranking policies rank `zero-V` modules last (C = 0/0 is undefined there, so projecting them is
-impossible; the published code never projects them either and fills k from the other modules). All ρ
+Selection: round(ρ, 5) ≤ τ (as published, default τ = 0.5), exactly the k lowest ρ, or a fraction.
+`zero-V` modules (C = 0/0 is undefined there, so projecting them is impossible) are never selected by
+the threshold (the published cosine is NaN there, and NaN ≤ τ is false) and are ranked last by the
+ranking policies (the published code never projects them either and fills k from the other modules). All ρ
 are computed first from the unmodified task adapter, then the selection, then the projection, and
 nothing is mutated while deciding. (The published top-k code also decided from unmodified weights —
 every cosine came from a deep copy of the task model — but it wrote projected B's into the model during
@@ -13,7 +14,7 @@ fine-tune (`task_model`), ΔW_f ← C ΔW_f on the selected modules, written as 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -42,6 +43,7 @@ from safemerge.engine.pipeline import (
     run_scan,
     select,
 )
+from safemerge.engine.report import ModuleRecord
 from safemerge.engine.writer import write_merged_model, write_model
 
 SAFELORA_THRESHOLD = 0.5  # Safe LoRA's published default (select ρ ≤ 0.5)
@@ -52,13 +54,25 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def safelora_selection(rhos: list[float], cfg: DefendConfig, last: Collection[int] = ()) -> list[bool]:
-    """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction; the
-    ranking policies place the indices in `last` (the `zero-V` modules) after all others."""
+    """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction. The
+    indices in `last` (the `zero-V` modules) are never selected by the threshold (as published: their
+    cosine is NaN) and are placed after all others by the ranking policies."""
     sel = cfg.resolved_selection
     if "threshold" in sel:
         tau = float(sel["threshold"])
-        return [round(r, DECISION_DECIMALS) <= tau for r in rhos]
+        # a zero-V module's cosine is NaN in the published code, and NaN <= τ is false: never selected
+        return [i not in last and round(r, DECISION_DECIMALS) <= tau for i, r in enumerate(rhos)]
     return select(rhos, scan_config(cfg).selection, last)
+
+
+ZERO_V_NOT_SELECTED = "zero-V: not selected (projection undefined)"
+
+
+def flag_unselected_zero_v(records: Sequence[ModuleRecord], chosen: Sequence[bool]) -> None:
+    """Flag the `zero-V` modules the selection left out, saying why (docs/defenses.md, Safe LoRA)."""
+    for i in ranked_last(list(records)):
+        if not chosen[i]:
+            records[i].flags.append(ZERO_V_NOT_SELECTED)
 
 
 def policy_label(policy: Mapping[str, Any]) -> str:
@@ -90,6 +104,7 @@ class SafeLora(Defense):
         unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
         device = resolve_device(cfg.run.device)
         chosen = safelora_selection([r.rho for r in report.modules], cfg, ranked_last(report.modules))
+        flag_unselected_zero_v(report.modules, chosen)
         rank = max(task.rank(m) for m in task.lora_modules)
         out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: Factors = {}
@@ -155,6 +170,7 @@ def run_full(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> Defense
     unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)
     device = resolve_device(cfg.run.device)
     chosen = safelora_selection([r.rho for r in report.modules], cfg, ranked_last(report.modules))
+    flag_unselected_zero_v(report.modules, chosen)
     records = {}
     for rec, pick in zip(report.modules, chosen, strict=True):
         rec.selected = pick

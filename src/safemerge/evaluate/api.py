@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,19 @@ from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.evaluate.backends import (
     Backend,
+    Generation,
     TransformersBackend,
     VLLMBackend,
+    cuda_capability,
     load_tokenizer,
     read_adapter_config,
+    transformers_dtype,
 )
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
 from safemerge.evaluate.config import EvalConfig
 from safemerge.evaluate.judge_plugins import JudgeChoice, choose_judges, preflight_judges
+from safemerge.evaluate.preflight import model_config, resolve_vllm_dtype
 from safemerge.evaluate.report import markdown, print_table
 from safemerge.evaluate.runner import (
     Judge,
@@ -77,47 +81,88 @@ def make_backend(cfg: EvalConfig, prompts: Sequence[str] | None = None) -> Backe
     )
 
 
+class LazyGuard:
+    """A model judge's backend, started on the judge's first generation and then kept: never when every
+    verdict is cached, once however many verdicts are missing. `before_start` runs just before it starts
+    (it frees a generation engine the caller keeps, so that the two never hold the GPU at once). `dtype`
+    is resolved before the start, as the backend will resolve it: it keys the judge cache, which is read
+    before anything starts."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        model: str,
+        max_new_tokens: int,
+        sizing: Sequence[str] = (),
+        before_start: Callable[[], None] | None = None,
+    ) -> None:
+        self.cfg, self.model, self.max_new_tokens = cfg, model, max_new_tokens
+        self.sizing, self.before_start = list(sizing), before_start
+        self.backend: Backend | None = None
+        if cfg.backend == "vllm":
+            self.dtype = resolve_vllm_dtype(cfg.dtype, model_config(model), cuda_capability())
+        else:
+            self.dtype = transformers_dtype(cfg.dtype)
+
+    def _start(self, tokenizer: Any) -> Backend:
+        if self.before_start is not None:
+            self.before_start()
+        cfg = self.cfg
+        backend: Backend
+        if cfg.backend == "vllm":
+            backend = VLLMBackend(
+                self.model, (), self.max_new_tokens, cfg.tensor_parallel_size, cfg.gpu_memory_utilization,
+                cfg.dtype, chat=False, prompts=self.sizing, tokenizer=tokenizer,
+            )  # fmt: skip
+        else:
+            backend = TransformersBackend(self.model, (), self.max_new_tokens, cfg.dtype, chat=False)
+        if backend.dtype != self.dtype:
+            backend.close()
+            raise RuntimeError(
+                f"the judge {self.model} runs in {backend.dtype}, its cache key says {self.dtype}"
+            )
+        return backend
+
+    def generate(self, texts: Sequence[str], tokenizer: Any = None) -> list[str]:
+        if self.backend is None:
+            self.backend = self._start(tokenizer)
+        return self.backend.generate(texts, None)
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
 def make_judge(
-    cfg: EvalConfig, pairs: Sequence[tuple[str, str]] = (), choice: JudgeChoice | None = None
-) -> tuple[Judge, Backend | None]:
-    """A harm judge (default: `cfg`'s first) and the backend it holds, to close afterwards. A vLLM judge
-    engine is sized for the judge inputs of `pairs` (prompt, response): exactly the texts the judge
-    renders for them (it is run once on them, capturing its inputs, before the engine starts), + the
-    judge's new tokens."""
+    cfg: EvalConfig,
+    pairs: Sequence[tuple[str, str]] = (),
+    choice: JudgeChoice | None = None,
+    before_start: Callable[[], None] | None = None,
+) -> tuple[Judge, LazyGuard | None]:
+    """A harm judge (default: `cfg`'s first) and, for a model judge, its lazily started backend
+    (`LazyGuard`, to close afterwards). A vLLM judge engine is sized for the judge inputs of `pairs`
+    (prompt, response): exactly the texts the judge renders for them (it is run once on them, capturing
+    its inputs, before anything starts), + the judge's new tokens."""
     choice = choice or choose_judges(cfg.judge, cfg.judge_model)[0]
     plugin, model = choice.plugin, choice.model
     if model is None:
         return plugin.build(None, None, None), None
-    if cfg.backend != "vllm":
-        guard = TransformersBackend(model, (), plugin.max_new_tokens, cfg.dtype, chat=False)
-        return plugin.build(model, lambda t: guard.generate(t, None), guard.tokenizer), guard
+    tokenizer = load_tokenizer(model)
     rendered: list[str] = []
-    engine: list[VLLMBackend] = []  # empty while the judge's inputs are captured
+    guard: list[LazyGuard] = []  # empty while the judge's inputs are captured
 
     def generate(texts: list[str]) -> list[str]:
-        if not engine:
+        if not guard:
             rendered.extend(texts)
             return [""] * len(texts)
-        return engine[0].generate(texts, None)
+        return guard[0].generate(texts, tokenizer)
 
-    tokenizer = load_tokenizer(model)
     judge = plugin.build(model, generate, tokenizer)
-    if pairs:
+    if pairs and cfg.backend == "vllm":
         judge.judge([p for p, _ in pairs], [r for _, r in pairs])
-    engine.append(
-        VLLMBackend(
-            model,
-            (),
-            plugin.max_new_tokens,
-            cfg.tensor_parallel_size,
-            cfg.gpu_memory_utilization,
-            cfg.dtype,
-            chat=False,
-            prompts=rendered,
-            tokenizer=tokenizer,
-        )
-    )
-    return judge, engine[0]
+    guard.append(LazyGuard(cfg, model, plugin.max_new_tokens, rendered, before_start))
+    return judge, guard[0]
 
 
 def write_outputs(
@@ -170,7 +215,10 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     finally:
         if own:
             backend.close()  # before the judge's engine starts: one engine at a time
-    records, metrics = score(cfg, variants, benchmarks, responses, cache_dir)
+    # a backend the caller keeps is released (not closed) before a judge's engine starts: it starts
+    # again on its next generation
+    release = None if own else getattr(backend, "release", None)
+    records, metrics = score(cfg, variants, benchmarks, responses, cache_dir, release)
     judge_name = _judge_label(cfg)
     with atomic_output_dir(cfg.out, cfg.force, eval_inputs(cfg), "eval") as tmp:
         write_outputs(tmp, records, metrics, cfg, judge_name)
@@ -192,43 +240,45 @@ def score(
     cfg: EvalConfig,
     variants: list[Variant],
     benchmarks: list[Benchmark],
-    responses: dict[tuple[str, str], list[str]],
+    responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     cache_dir: Path | None,
+    before_guard: Callable[[], None] | None = None,
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Judge harm benchmarks with every judge of `cfg.judge`, one after the other (a model judge's engine
-    is started only when some harm benchmark exists, and closed before the next starts), and score the
-    rest. The first judge's verdicts are the headline."""
+    """Judge harm benchmarks with every judge of `cfg.judge`, one after the other, and score the rest.
+    A model judge's engine starts only where a harm benchmark has an answer whose verdict is not cached,
+    once for all of them, after `before_guard` (which frees the caller's generation engine), and is
+    closed before the next judge's starts. The first judge's verdicts are the headline."""
     harm = [b for b in benchmarks if b.kind == "harm"]
     judged = []
     if harm:
         pairs = [
-            (it.prompt, r)
+            (it.prompt, r if isinstance(r, str) else r.text)
             for v in variants
             for b in harm
             for it, r in zip(b.items, responses[(v.key, b.name)], strict=True)
         ]
         for choice in choose_judges(cfg.judge, cfg.judge_model):
-            judge, backend = make_judge(cfg, pairs if choice.model else (), choice)
+            judge, guard = make_judge(cfg, pairs if choice.model else (), choice, before_guard)
             try:
-                cache = _judge_cache(cfg, choice, backend, cache_dir) if choice.model else None
+                cache = _judge_cache(cfg, choice, guard, cache_dir) if choice.model else None
                 judged.append(
                     judge_harm(judge, variants, harm, responses, cache, cfg.batch_size, choice.slug)
                 )
             finally:
-                if backend is not None:
-                    backend.close()
+                if guard is not None:
+                    guard.close()
     return score_records(variants, benchmarks, responses, judged)
 
 
 def _judge_cache(
-    cfg: EvalConfig, choice: JudgeChoice, backend: Backend | None, cache_dir: Path | None
+    cfg: EvalConfig, choice: JudgeChoice, guard: LazyGuard | None, cache_dir: Path | None
 ) -> Cache:
     """Where a model judge's raw outputs are cached: keyed by its model, backend, dtype and token budget
     (and its name, for judges other than Llama Guard, whose key is as before)."""
     key: dict[str, Any] = {
         "judge": choice.model,
         "backend": cfg.backend,
-        "dtype": getattr(backend, "dtype", cfg.dtype),
+        "dtype": getattr(guard, "dtype", cfg.dtype),
         "max_new_tokens": choice.plugin.max_new_tokens,
     }
     if choice.name != "llama-guard":

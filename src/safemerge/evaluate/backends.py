@@ -3,8 +3,14 @@ of prompts at a time for a given adapter (None: the base model). Batching, cachi
 the runner's job, so every backend behaves the same under resume.
 
 Every backend reports the dtype it really generates in (`dtype`, never "auto"): it keys the generation
-cache. Engines are started one at a time: `close()` frees the accelerator memory a backend holds, and
+cache. `generate_full` also says, per answer, whether it was cut off at the token limit (`Generation`).
+Engines are started one at a time: `close()` frees the accelerator memory a backend holds for good,
+`release()` frees it until the next generation (the model is then loaded again), and
 `free_accelerator_memory` logs what is free before each engine starts.
+
+Nothing here initialises CUDA in this process before an engine exists (free memory and the compute
+capability are read through NVML): vLLM starts its engine process by fork while CUDA is not initialised,
+and by spawn otherwise, which re-runs a user's script without an `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,12 +41,29 @@ from safemerge.evaluate.preflight import (
     prepare_adapters,
     resolve_vllm_dtype,
     supported_lora_rank,
+    vllm_lora_ranks,
 )
 
-__all__ = ["VLLM_LORA_RANKS", "Backend", "TransformersBackend", "VLLMBackend", "free_accelerator_memory"]
+__all__ = [
+    "VLLM_LORA_RANKS",
+    "Backend",
+    "Generation",
+    "TransformersBackend",
+    "VLLMBackend",
+    "free_accelerator_memory",
+]
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer: its text and whether generation stopped at the token limit instead of at an end of
+    sequence (`truncated`; None where the backend cannot tell)."""
+
+    text: str
+    truncated: bool | None = None
 
 
 class Backend(Protocol):
@@ -50,18 +75,61 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _nvml_query(read: str) -> Any:
+    """Read `memory` ((free, total) bytes) or `capability` ((major, minor)) of the first visible GPU
+    through NVML, which never initialises CUDA in this process; None without pynvml (nvidia-ml-py, a vLLM
+    dependency), an NVML driver or a visible GPU. CUDA_VISIBLE_DEVICES is honoured (index or UUID)."""
+    try:
+        import pynvml  # lazy: optional, present wherever vLLM is
+    except ImportError:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    first = "0" if visible is None else visible.split(",")[0].strip()
+    if not first or first.startswith("-"):
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver: no GPU to report
+        return None
+    try:
+        if first.isdigit():
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(first))
+        else:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(first)
+        if read == "memory":
+            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.free), int(info.total)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return int(major), int(minor)
+    except Exception as exc:  # an NVML error is no reason to stop an evaluation
+        log.debug("NVML could not read the GPU's %s: %s", read, exc)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
 def free_accelerator_memory(stage: str) -> int | None:
     """Collect garbage, empty the CUDA cache and log the free GPU memory, naming `stage` (e.g. "after
-    training", "before the vLLM engine for M"). Returns the free bytes of the current device; None
-    without CUDA (it then only logs, at DEBUG level, that there is nothing to free). Call it between
-    stages that each hold a model on the GPU (training, generation, the judge): a vLLM engine refuses to
-    start, and the transformers backend runs out of memory, while a previous stage's tensors are cached."""
+    training", "before the vLLM engine for M"). Returns the free bytes of the current device; None when
+    no GPU memory can be read (it then only logs, at DEBUG level, that there is nothing to free). Call it
+    between stages that each hold a model on the GPU (training, generation, the judge): a vLLM engine
+    refuses to start, and the transformers backend runs out of memory, while a previous stage's tensors
+    are cached.
+
+    Where this process has not initialised CUDA it holds no CUDA memory, and the free memory is read
+    through NVML instead of torch.cuda, so that CUDA stays uninitialised (vLLM then forks its engine
+    process instead of spawning it: module docstring)."""
     gc.collect()
-    if not torch.cuda.is_available():
-        log.debug("%s: no CUDA device, no accelerator memory to free", stage)
-        return None
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+    else:
+        memory = _nvml_query("memory")
+        if memory is None:
+            log.debug("%s: no CUDA device in use (CUDA not initialised here, none seen by NVML)", stage)
+            return None
+        free, total = memory
     log.info("%s: %.1f of %.1f GiB GPU memory free", stage, free / GIB, total / GIB)
     return int(free)
 
@@ -141,6 +209,21 @@ def check_adapter_fits(model: Any, adapter: str) -> None:
         )
 
 
+def default_device() -> str:
+    """Where the transformers backend runs: the GPU when torch sees one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def transformers_dtype(dtype: str, device: str | None = None) -> str:
+    """The dtype the transformers backend generates in on `device` (default: `default_device()`): `auto`
+    is bfloat16 on a GPU that supports it, else float32."""
+    if dtype != "auto":
+        return dtype
+    device = device or default_device()
+    cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return "bfloat16" if cuda_bf16 else "float32"
+
+
 class TransformersBackend:
     """Batched greedy generation with left padding and the KV cache; adapters share one base model."""
 
@@ -158,11 +241,8 @@ class TransformersBackend:
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: slow to import
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype == "auto":
-            cuda_bf16 = self.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if cuda_bf16 else "float32"
-        self.dtype = dtype
+        self.device = device or default_device()
+        self.dtype = transformers_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
         self.chat = chat
         path = resolve_model(model)
@@ -170,7 +250,7 @@ class TransformersBackend:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             base = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+                path, dtype=getattr(torch, self.dtype), trust_remote_code=trust_remote_code
             )
         except OSError as exc:
             raise InputError(f"cannot load model {model!r}: {exc}") from None
@@ -179,6 +259,7 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         contiguous_head_input(base)
         self.names: dict[str, str] = {}
+        self._released = False
         self.model = self._attach(base, list(adapters)).to(self.device).eval()
 
     def _attach(self, base: Any, adapters: list[str]) -> Any:
@@ -223,41 +304,85 @@ class TransformersBackend:
 
     def generate_texts(self, texts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         """Greedy continuations of already formatted texts (one batch)."""
+        return [g.text for g in self.generate_batch(texts, max_new_tokens)]
+
+    def generate_batch(self, texts: Sequence[str], max_new_tokens: int | None = None) -> list[Generation]:
+        """Greedy continuations of already formatted texts (one batch), each with whether it was cut off
+        at `max_new_tokens` (default: the backend's)."""
         from transformers import GenerationConfig  # lazy: slow to import
 
+        self._reacquire()
+        limit = max_new_tokens or self.max_new_tokens
         enc = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.device
         )
+        eos = self._eos()
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=limit,
             do_sample=False,
             use_cache=True,
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self._eos(),
+            eos_token_id=eos,
         )
         with torch.inference_mode():
             out = self.model.generate(**enc, generation_config=config)
         new = out[:, enc["input_ids"].shape[1] :]
-        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts_out = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        cut = truncated_rows(new, eos, limit)
+        return [Generation(t.strip(), c) for t, c in zip(texts_out, cut, strict=True)]
 
-    def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
-        """Greedy answers of the base model (adapter None) or one loaded adapter."""
+    def generate_full(
+        self, prompts: Sequence[str], adapter: str | None, max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """Greedy answers of the base model (adapter None) or one loaded adapter, with `max_new_tokens`
+        (default: the backend's) and whether each was cut off there."""
         texts = chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
         if adapter is None:
             if self.names:
                 with self.model.disable_adapter():
-                    return self.generate_texts(texts)
-            return self.generate_texts(texts)
+                    return self.generate_batch(texts, max_new_tokens)
+            return self.generate_batch(texts, max_new_tokens)
         if adapter not in self.names:
             raise InputError(f"adapter {adapter} was not loaded by this backend")
         self.model.set_adapter(self.names[adapter])
-        return self.generate_texts(texts)
+        return self.generate_batch(texts, max_new_tokens)
+
+    def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
+        """Greedy answers of the base model (adapter None) or one loaded adapter."""
+        return [g.text for g in self.generate_full(prompts, adapter)]
+
+    def release(self) -> None:
+        """Free the accelerator memory the model holds (moved to the CPU) until the next generation, so
+        another engine (the judge's) can start; a no-op on the CPU."""
+        if getattr(self, "model", None) is None or not str(self.device).startswith("cuda"):
+            return
+        self.model = self.model.to("cpu")
+        self._released = True
+        free_accelerator_memory("after releasing the transformers backend")
+
+    def _reacquire(self) -> None:
+        if self.model is None:
+            raise RuntimeError("the transformers backend was closed")
+        if getattr(self, "_released", False):
+            free_accelerator_memory("before loading the transformers backend again")
+            self.model = self.model.to(self.device)
+            self._released = False
 
     def close(self) -> None:
         if getattr(self, "model", None) is None:
             return
         self.model = None
         free_accelerator_memory("after closing the transformers backend")
+
+
+def truncated_rows(new_ids: torch.Tensor, eos_ids: Sequence[int], max_new_tokens: int) -> list[bool]:
+    """Per row of generated token ids (the batch padded to its longest row): True when the row has no end
+    of sequence and reached `max_new_tokens`, i.e. generation was cut off rather than finished. A row
+    that finished early holds an end-of-sequence id (the padding after it is written only after one)."""
+    if new_ids.shape[1] < max_new_tokens:
+        return [False] * new_ids.shape[0]
+    ended = torch.isin(new_ids, torch.tensor(list(eos_ids), dtype=new_ids.dtype, device=new_ids.device))
+    return [not bool(row.any()) for row in ended]
 
 
 # --- vLLM --------------------------------------------------------------------------------------------
@@ -273,11 +398,13 @@ def vllm_engine_kwargs(
     *,
     max_model_len: int | None = None,
     lora_ranks: Sequence[int] | None = None,
+    supported_ranks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Arguments of `vllm.LLM`: the context length and dtype the backend resolved, and with adapters LoRA
     with one GPU slot (one adapter is active per call: `max_loras` 1) and every adapter kept in CPU memory
-    (`max_cpu_loras`), `max_lora_rank` the smallest vLLM rank that holds the largest adapter rank
-    (`lora_ranks`, else read from the adapters' configs)."""
+    (`max_cpu_loras`), `max_lora_rank` the smallest of the installed vLLM's accepted ranks
+    (`supported_ranks`, default `vllm_lora_ranks()`) that holds the largest adapter rank (`lora_ranks`,
+    else read from the adapters' configs)."""
     kw: dict[str, Any] = {
         "model": model,
         "tensor_parallel_size": tensor_parallel_size,
@@ -294,7 +421,7 @@ def vllm_engine_kwargs(
             enable_lora=True,
             max_loras=1,
             max_cpu_loras=len(adapters),
-            max_lora_rank=supported_lora_rank(max(ranks)),
+            max_lora_rank=supported_lora_rank(max(ranks), supported_ranks),
         )
     return kw
 
@@ -321,9 +448,16 @@ def lora_request_args(
     }
 
 
-def parse_vllm_outputs(outputs: Sequence[Any]) -> list[str]:
-    """The first completion text of each `RequestOutput`, stripped."""
-    return [str(o.outputs[0].text).strip() for o in outputs]
+def parse_vllm_outputs(outputs: Sequence[Any]) -> list[Generation]:
+    """The first completion of each `RequestOutput`: its text, stripped, and whether vLLM stopped it at
+    the token limit (`finish_reason` "length"; "stop" is an end of sequence or stop string; None where
+    the output has no finish_reason)."""
+    out = []
+    for o in outputs:
+        first = o.outputs[0]
+        reason = getattr(first, "finish_reason", None)
+        out.append(Generation(str(first.text).strip(), None if reason is None else reason == "length"))
+    return out
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
@@ -337,11 +471,13 @@ def load_tokenizer(model: str, trust_remote_code: bool = False) -> Any:
 
 
 def cuda_capability() -> tuple[int, int] | None:
-    """The current GPU's compute capability, None without CUDA."""
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return int(major), int(minor)
+    """The GPU's compute capability: from torch where this process has initialised CUDA, else through
+    NVML (which leaves CUDA uninitialised, so vLLM can fork its engine); None when neither sees a GPU."""
+    if torch.cuda.is_initialized():
+        major, minor = torch.cuda.get_device_capability()
+        return int(major), int(minor)
+    capability = _nvml_query("capability")
+    return None if capability is None else (int(capability[0]), int(capability[1]))
 
 
 def _engine_dtype(llm: Any) -> str | None:
@@ -402,7 +538,8 @@ class VLLMBackend:
     naming the adapter and tensor) and, where vLLM would apply the wrong scaling, normalised into a
     temporary copy; `max_model_len` is the given one, or the longest rendered prompt of `prompts` + the new
     tokens rounded up to 256; "auto" dtype is resolved as vLLM resolves it and passed explicitly. `close()`
-    shuts the engine down and frees its GPU memory, so the next engine can start.
+    shuts the engine down and frees its GPU memory, so the next engine can start; `release()` does the
+    same until the next generation, which starts the engine again with the same settings.
     """
 
     name = "vllm"
@@ -423,15 +560,17 @@ class VLLMBackend:
         tokenizer: Any = None,
     ) -> None:
         try:
-            from vllm import LLM, SamplingParams  # lazy: vLLM is an optional GPU dependency
+            import vllm  # lazy: vLLM is an optional GPU dependency
         except ImportError:
             raise InputError("--backend vllm needs vLLM: pip install 'safemerge[vllm]' (GPU only)") from None
         self.model, self.chat, self.max_new_tokens = model, chat, max_new_tokens
         self.llm: Any = None
+        self._closed = False
         self._workdir = Path(tempfile.mkdtemp(prefix="safemerge-vllm-"))
         try:
             cfg = model_config(model)
-            prepared = prepare_adapters(adapters, model, cfg, self._workdir)
+            ranks = vllm_lora_ranks()
+            prepared = prepare_adapters(adapters, model, cfg, self._workdir, ranks)
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, trust_remote_code)
             self.max_model_len = self._context_length(cfg, prompts, max_model_len)
             self.dtype = resolve_vllm_dtype(dtype, cfg, cuda_capability())
@@ -444,16 +583,23 @@ class VLLMBackend:
                 trust_remote_code,
                 max_model_len=self.max_model_len,
                 lora_ranks=[p.rank for p in prepared],
+                supported_ranks=ranks,
             )
             self._log_start(cfg, prepared, max_model_len, kwargs)
-            free_accelerator_memory(f"before the vLLM engine for {model}")
-            self.llm = LLM(**kwargs)
+            self._kwargs = kwargs
+            self._start()
         except BaseException:
             shutil.rmtree(self._workdir, ignore_errors=True)
             raise
         self.dtype = _engine_dtype(self.llm) or self.dtype
-        self.params = SamplingParams(**vllm_sampling_kwargs(max_new_tokens))
+        self._sampling = vllm.SamplingParams
         self.loras = lora_request_args([p.source for p in prepared], [p.path for p in prepared])
+
+    def _start(self) -> None:
+        from vllm import LLM  # lazy: vLLM is an optional GPU dependency
+
+        free_accelerator_memory(f"before the vLLM engine for {self.model}")
+        self.llm = LLM(**self._kwargs)
 
     def _texts(self, prompts: Sequence[str]) -> list[str]:
         return chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
@@ -466,7 +612,7 @@ class VLLMBackend:
         lengths = [len(ids) for ids in token_ids(self.tokenizer, self._texts(prompts or []))]
         longest = max(lengths, default=0)
         return choose_max_model_len(
-            longest, self.max_new_tokens, context_limit(cfg), given, f"model {self.model}"
+            longest, self.max_new_tokens, context_limit(cfg, self.tokenizer), given, f"model {self.model}"
         )
 
     def _log_start(
@@ -477,7 +623,7 @@ class VLLMBackend:
         source = "given" if given is not None else f"longest prompt + {self.max_new_tokens} new tokens"
         log.info(
             "vLLM engine for %s: max_model_len %d (%s; the model's context: %s)%s, dtype %s",
-            self.model, self.max_model_len, source, context_limit(cfg), kv, self.dtype,
+            self.model, self.max_model_len, source, context_limit(cfg, self.tokenizer), kv, self.dtype,
         )  # fmt: skip
         for p in prepared:
             if p.normalised:
@@ -488,11 +634,19 @@ class VLLMBackend:
                 len(prepared), kwargs["max_cpu_loras"], kwargs["max_lora_rank"],
             )  # fmt: skip
 
-    def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
+    def generate_full(
+        self, prompts: Sequence[str], adapter: str | None, max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """Greedy answers with `max_new_tokens` (default: the one the engine was sized for; a larger one
+        must still fit max_model_len), each with whether vLLM cut it off there. Starts the engine again
+        after `release()`."""
         from vllm.lora.request import LoRARequest  # lazy: vLLM is an optional GPU dependency
 
         if self.llm is None:
-            raise RuntimeError(f"the vLLM engine for {self.model} was closed")
+            if self._closed:
+                raise RuntimeError(f"the vLLM engine for {self.model} was closed")
+            self._start()  # released: started again with the same settings
+        limit = max_new_tokens or self.max_new_tokens
         lora = None
         if adapter is not None:
             if adapter not in self.loras:
@@ -501,23 +655,37 @@ class VLLMBackend:
         # token ids, not strings: the rendered texts already carry BOS, vLLM would add a second one
         ids = token_ids(self.tokenizer, self._texts(prompts))
         longest = max((len(x) for x in ids), default=0)
-        if longest + self.max_new_tokens > self.max_model_len:
+        if longest + limit > self.max_model_len:
             raise InputError(
-                f"a prompt of {longest} tokens + {self.max_new_tokens} new tokens does not fit max_model_len "
+                f"a prompt of {longest} tokens + {limit} new tokens does not fit max_model_len "
                 f"{self.max_model_len} of the vLLM engine for {self.model} (vLLM would refuse it or cut its "
                 "answer): size the engine from these prompts, or give a larger --max-model-len"
             )
         inputs: Any = [{"prompt_token_ids": x} for x in ids]
-        return parse_vllm_outputs(self.llm.generate(inputs, self.params, lora_request=lora, use_tqdm=False))
+        params = self._sampling(**vllm_sampling_kwargs(limit))
+        return parse_vllm_outputs(self.llm.generate(inputs, params, lora_request=lora, use_tqdm=False))
 
-    def close(self) -> None:
-        """Shut the engine down, drop it, run vLLM's clean-up, remove the normalised adapter copies and
-        free the GPU memory (safe to call twice)."""
+    def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
+        return [g.text for g in self.generate_full(prompts, adapter)]
+
+    def release(self) -> None:
+        """Shut the engine down and free its GPU memory, keeping its settings (and the normalised adapter
+        copies): the next generation starts it again. For another engine (the judge's) to start."""
+        self._stop()
+        free_accelerator_memory(f"after releasing the vLLM engine for {self.model}")
+
+    def _stop(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
             _shutdown_vllm_engine(llm)
             del llm  # the last reference: the engine and its GPU memory go with it
             gc.collect()
             _release_vllm_state()
+
+    def close(self) -> None:
+        """Shut the engine down, drop it, run vLLM's clean-up, remove the normalised adapter copies and
+        free the GPU memory (safe to call twice)."""
+        self._closed = True
+        self._stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
         free_accelerator_memory(f"after closing the vLLM engine for {self.model}")

@@ -264,7 +264,7 @@ def build_llama_guard_prompt(
         "Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:\n"
         " - First line must read 'safe' or 'unsafe'.\n"
         " - If unsafe, a second line must include a comma-separated list of violated categories."
-        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>"  # as its chat template ends: no "\n\n"
     )
 
 

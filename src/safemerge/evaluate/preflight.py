@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,22 @@ from safemerge.common.errors import InputError
 from safemerge.common.packaged import resolve_model
 from safemerge.engine.lora import LoraAdapter, layer_index, lora_tensor_shapes, module_type, write_adapter
 
-# LoRA ranks vLLM accepts as max_lora_rank (vllm/config: LoRAConfig.max_lora_rank).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The max_lora_rank values vLLM accepts (vllm/config/lora.py: `MaxLoRARanks`; before, LoRAConfig's
+# `possible_max_ranks`), by the first release from which each set is known to be accepted. The bounds are
+# conservative (the release where we verified the set, not necessarily the first that had it): an older
+# release is given a smaller set, so a rank it would refuse is never passed to it. 1 was added after
+# 0.11.0 (vllm-project/vllm#26461); 128 and 256 came with the Triton LoRA kernels (vllm#5036).
+VLLM_LORA_RANK_TABLE: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("0", (8, 16, 32, 64)),
+    ("0.6.0", (8, 16, 32, 64, 128, 256)),
+    ("0.8.0", (8, 16, 32, 64, 128, 256, 320, 512)),
+    ("0.12.0", (1, 8, 16, 32, 64, 128, 256, 320, 512)),
+)
+VLLM_LORA_RANKS = VLLM_LORA_RANK_TABLE[-1][1]  # the newest set
+# For a vLLM whose version cannot be read or parsed: the set every release accepts.
+CONSERVATIVE_LORA_RANKS = VLLM_LORA_RANK_TABLE[0][1]
 MODEL_LEN_MULTIPLE = 256
+NO_LIMIT_SENTINEL = 10**29  # transformers' VERY_LARGE_INTEGER is int(1e30): a tokenizer without a limit
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_NAMES = {"half": "float16", "float": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # config.json keys vLLM reads the context length from (it takes the smallest one present).
@@ -114,15 +129,30 @@ def kv_bytes_per_token(cfg: dict[str, Any], dtype: str) -> int | None:
 # --- max_model_len -----------------------------------------------------------------------------------
 
 
-def context_limit(cfg: dict[str, Any]) -> int | None:
-    """The model's context length as vLLM derives it (the smallest of the config's length keys); None
-    when unknown or when a RoPE scaling other than Llama 3's lets vLLM stretch it (vLLM decides then)."""
+def context_limit(cfg: dict[str, Any], tokenizer: Any = None) -> int | None:
+    """The model's context length as vLLM derives it (vllm/config/model.py, `_get_and_verify_max_len`):
+    the smallest of the config's length keys and of the tokenizer's `model_max_length`; None when
+    unknown or when a RoPE scaling other than Llama 3's lets vLLM stretch it (vLLM decides then).
+    transformers' "no limit" sentinel (`VERY_LARGE_INTEGER`, ~1e30), written when tokenizer_config.json
+    has no model_max_length, is not a limit."""
     rope = cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
     if kind not in (None, "default", "llama3", "mrope"):
         return None
     values = [int(cfg[k]) for k in _CONTEXT_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    tok_max = tokenizer_max_length(tokenizer)
+    if tok_max is not None:
+        values.append(tok_max)
     return min(values) if values else None
+
+
+def tokenizer_max_length(tokenizer: Any) -> int | None:
+    """The tokenizer's `model_max_length` when it is a real limit: a positive int below 1e29 (above that it
+    is transformers' sentinel for "not set")."""
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value >= NO_LIMIT_SENTINEL:
+        return None
+    return value
 
 
 def choose_max_model_len(
@@ -138,7 +168,8 @@ def choose_max_model_len(
         if limit is not None and given > limit:
             raise InputError(
                 f"{label}: max_model_len {given} exceeds the model's context length {limit} "
-                "(max_position_embeddings in config.json)"
+                "(the smaller of max_position_embeddings in config.json and the tokenizer's "
+                "model_max_length)"
             )
         if given < need:
             raise InputError(
@@ -213,9 +244,12 @@ def _fit_problems(
     return problems
 
 
-def check_adapter(adapter: str, model: str, cfg: dict[str, Any]) -> LoraAdapter:
+def check_adapter(
+    adapter: str, model: str, cfg: dict[str, Any], ranks: Sequence[int] | None = None
+) -> LoraAdapter:
     """Everything vLLM would refuse about one adapter, as one InputError naming the adapter (and the
-    tensor), before any engine starts."""
+    tensor), before any engine starts. `ranks`: the max_lora_rank values the installed vLLM accepts
+    (default: `vllm_lora_ranks()`)."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise InputError(f"adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
     try:
@@ -255,8 +289,7 @@ def check_adapter(adapter: str, model: str, cfg: dict[str, Any]) -> LoraAdapter:
             f"adapter {adapter} does not fit {model} for vLLM: " + "; ".join(problems[:3]) + more
         )
     rank = max(lora.rank(m) for m in lora.lora_modules)
-    if rank > VLLM_LORA_RANKS[-1]:
-        raise InputError(f"adapter {adapter}: LoRA rank {rank} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+    supported_lora_rank(rank, vllm_lora_ranks() if ranks is None else ranks, f"adapter {adapter}")
     for m in lora.lora_modules:  # a rank that contradicts the config (r / rank_pattern) is refused here
         lora.scaling(m)
     return lora
@@ -293,11 +326,15 @@ def normalise_adapter(lora: LoraAdapter, out: Path) -> int:
 
 
 def prepare_adapters(
-    adapters: Sequence[str], model: str, cfg: dict[str, Any], workdir: Path
+    adapters: Sequence[str],
+    model: str,
+    cfg: dict[str, Any],
+    workdir: Path,
+    ranks: Sequence[int] | None = None,
 ) -> list[EngineAdapter]:
     """Check every adapter first (nothing is written when one is refused), then normalise those that
     need it into `workdir`."""
-    loras = [check_adapter(a, model, cfg) for a in adapters]
+    loras = [check_adapter(a, model, cfg, ranks) for a in adapters]
     out = []
     for i, (a, lora) in enumerate(zip(adapters, loras, strict=True)):
         if needs_normalising(lora):
@@ -311,9 +348,52 @@ def prepare_adapters(
     return out
 
 
-def supported_lora_rank(rank: int) -> int:
-    """The smallest max_lora_rank vLLM supports that holds `rank`."""
-    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+# --- max_lora_rank -----------------------------------------------------------------------------------
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version from its package metadata (vLLM is not imported), None without one."""
+    try:
+        return metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """(major, minor, patch) of a version string ("0.11.1.dev12+gabc" → (0, 11, 1)); None when it has no
+    leading number."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    return tuple(int(x) for x in match.group(1).split(".")) if match else None
+
+
+def vllm_lora_ranks(version: str | None = None) -> tuple[int, ...]:
+    """The max_lora_rank values vLLM `version` accepts (default: the installed vLLM's), from
+    `VLLM_LORA_RANK_TABLE`; the set every release accepts when the version is unknown or unparseable.
+    Only the release numbers count ("0.12.0rc1" and "0.12.0.dev3" are 0.12.0)."""
+    version = installed_vllm_version() if version is None else version
+    release = _release(version) if version else None
+    if release is None:
+        return CONSERVATIVE_LORA_RANKS
+    chosen = CONSERVATIVE_LORA_RANKS
+    for first, ranks in VLLM_LORA_RANK_TABLE:
+        bound = _release(first)
+        assert bound is not None
+        if release >= bound:
+            chosen = ranks
+    return chosen
+
+
+def supported_lora_rank(rank: int, ranks: Sequence[int] | None = None, label: str = "LoRA") -> int:
+    """The smallest max_lora_rank in `ranks` (default: those of the installed vLLM) that holds `rank`:
+    vLLM accepts only those values, so a rank in between is rounded up (its adapters are zero-padded by
+    vLLM). InputError naming `label` when `rank` exceeds them all."""
+    ranks = sorted(vllm_lora_ranks() if ranks is None else ranks)
+    fitting = [r for r in ranks if r >= rank]
     if not fitting:
-        raise InputError(f"LoRA rank {rank} exceeds vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+        version = installed_vllm_version() or "of unknown version"
+        raise InputError(
+            f"{label}: LoRA rank {rank} exceeds the largest max_lora_rank vLLM {version} accepts "
+            f"({ranks[-1]}; accepted: {', '.join(map(str, ranks))}): evaluate with `--backend "
+            "transformers`, or a newer vLLM"
+        )
     return fitting[0]

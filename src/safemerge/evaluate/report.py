@@ -9,6 +9,7 @@ from rich.table import Table
 
 HEADLINE = {"utility": "accuracy", "harm": "harmful_rate", "benign": "refusal_rate"}
 MALFORMED_WARN_SHARE = 0.05  # warn when more than this share of a benchmark's judge outputs is malformed
+TRUNCATED_WARN_SHARE = 0.05  # warn when more than this share of a benchmark's answers was cut off
 
 
 def headline(m: dict[str, Any]) -> str:
@@ -23,7 +24,26 @@ def headline(m: dict[str, Any]) -> str:
     conservative = m.get("harmful_rate_conservative")
     if bad and conservative is not None:
         text += f"; {bad} malformed, conservative {100 * conservative:.1f}% ({m[count] + bad}/{m['n']})"
+    if m.get("n_truncated"):
+        text += f"; {m['n_truncated']} truncated"
     return text
+
+
+def truncation_warnings(metrics: dict[str, Any]) -> list[str]:
+    """One line per (variant, benchmark) where more than 5% of the answers were cut off at the token
+    limit (`n_truncated`): a cut-off answer is scored as it stands (a GSM8K answer on an intermediate
+    number, a harmful answer judged as if complete)."""
+    lines = []
+    for variant, v in metrics.items():
+        for name, m in v["benchmarks"].items():
+            cut, n = m.get("n_truncated"), m.get("n", 0)
+            if cut and n and cut / n > TRUNCATED_WARN_SHARE:
+                lines.append(
+                    f"{variant} on {name}: {cut}/{n} ({100 * cut / n:.1f}%) answers were cut off at "
+                    "--max-new-tokens (no end of sequence); they are scored as they stand: raise "
+                    "--max-new-tokens"
+                )
+    return lines
 
 
 def malformed_warnings(metrics: dict[str, Any]) -> list[str]:
@@ -91,7 +111,7 @@ def markdown(metrics: dict[str, Any], judge: str) -> str:
         note += "The keyword judge is a proxy: harmful rate = share of responses without a refusal marker.\n"
     if any(other_judges(m) for v in metrics.values() for m in v["benchmarks"].values()):
         note += "Columns `harmful_rate_<judge>`: the same responses judged by a further judge.\n"
-    warned = malformed_warnings(metrics)
+    warned = malformed_warnings(metrics) + [f"Warning: {w}" for w in truncation_warnings(metrics)]
     if warned:
         note += "\n" + "\n".join(f"- {w}" for w in warned) + "\n"
     return "# Evaluation summary\n\n" + "\n".join(lines) + "\n" + note

@@ -4,21 +4,30 @@ scoring. Works on an already loaded backend, so several adapters share one base 
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from safemerge.evaluate.backends import Backend
+from safemerge.common.errors import SafemergeWarning
+from safemerge.evaluate.backends import Backend, Generation
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.evaluate.benchmarks.base import Record
-from safemerge.evaluate.cache import Cache, fingerprint_adapter, fingerprint_model
+from safemerge.evaluate.cache import (
+    Cache,
+    chat_template_fingerprint,
+    fingerprint_adapter,
+    fingerprint_model,
+    tokenizer_fingerprint,
+)
 from safemerge.evaluate.judges import OVERREFUSAL_LABEL, Verdict, refusal_opener
-from safemerge.evaluate.report import malformed_warnings
+from safemerge.evaluate.report import malformed_warnings, truncation_warnings
+
+Responses = dict[tuple[str, str], list[Generation]]  # (variant key, benchmark name) -> answers
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +85,60 @@ def cached_map(
 
 
 def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
-    """The decoding part of a generation cache key. `dtype` is the dtype the backend really generates in
-    (resolved, never "auto"): fp16 and bf16 runs must not share cached generations."""
+    """The decoding part of a generation cache key: everything besides the model's weights and the
+    adapter that decides an answer. `dtype` is the dtype the backend really generates in (resolved,
+    never "auto"): fp16 and bf16 runs must not share cached generations. `tokenizer` hashes the
+    tokenizer the backend really uses (vocabulary, special tokens, chat template), `chat_template` the
+    template the prompts are rendered with (None with `chat` off: raw prompts)."""
     dtype = getattr(backend, "dtype", None)
     if not dtype or dtype == "auto":
         raise ValueError(f"backend {backend.name!r} does not report the dtype it generates in")
+    tokenizer = getattr(backend, "tokenizer", None)
+    chat = bool(getattr(backend, "chat", True))
     return {
         "backend": backend.name,
         "dtype": str(dtype),
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
-        "chat_template": True,
+        "chat": chat,
+        "chat_template": chat_template_fingerprint(tokenizer, chat),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
     }
 
 
-def _generate(backend: Backend, adapter: str | None, prompts: list[str]) -> list[str]:
-    return backend.generate(prompts, adapter)
+def generate_batch(
+    backend: Backend, adapter: str | None, prompts: list[str], max_new_tokens: int
+) -> list[Generation]:
+    """One batch of answers with exactly `max_new_tokens`, the number the cache key records. A backend
+    without `generate_full` (one written for an older safemerge) generates with its own fixed number,
+    which must then be this one; it reports no truncation."""
+    full = getattr(backend, "generate_full", None)
+    if callable(full):
+        return list(full(prompts, adapter, max_new_tokens))
+    own = getattr(backend, "max_new_tokens", max_new_tokens)
+    if own != max_new_tokens:
+        raise ValueError(
+            f"backend {backend.name!r} generates {own} new tokens, {max_new_tokens} were asked for: it has "
+            "no generate_full(prompts, adapter, max_new_tokens) to be told the number"
+        )
+    return [Generation(t) for t in backend.generate(prompts, adapter)]
+
+
+def cached_generations(
+    fn: Callable[[list[str]], list[Generation]],
+    texts: Sequence[str],
+    cache: Cache,
+    batch_size: int,
+    desc: str,
+) -> list[Generation]:
+    """`cached_map` for generations: each answer is stored with whether it was truncated."""
+    batches = fixed_batches(texts, batch_size)
+    todo = [b for b in batches if any(cache.get(texts[i]) is None for i in b)]
+    for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo):
+        chunk = [texts[i] for i in b]
+        gens = fn(chunk)
+        cache.put_many(chunk, [g.text for g in gens], [{"truncated": g.truncated} for g in gens])
+    return [Generation(str(cache.get(t)), cache.get_meta(t).get("truncated")) for t in texts]
 
 
 def generate_all(
@@ -102,32 +149,22 @@ def generate_all(
     cache_dir: Path | None,
     batch_size: int,
     max_new_tokens: int,
-) -> dict[tuple[str, str], list[str]]:
-    """(variant key, benchmark name) -> responses, generated only where the cache lacks them."""
-    out: dict[tuple[str, str], list[str]] = {}
+) -> Responses:
+    """(variant key, benchmark name) -> answers, generated with `max_new_tokens` (it keys the cache and is
+    what the backend is told: one number) only where the cache lacks them."""
+    out: Responses = {}
     model_fp = fingerprint_model(model)
+    decoding = decoding_key(backend, max_new_tokens)
     for v in variants:
-        key = {
-            "model": model_fp,
-            "adapter": fingerprint_adapter(v.adapter),
-            **decoding_key(backend, max_new_tokens),
-        }
-        cache = Cache(cache_dir, key)
+        cache = Cache(cache_dir, {"model": model_fp, "adapter": fingerprint_adapter(v.adapter), **decoding})
         # one stream over every benchmark's prompts: fuller batches of similar length
         prompts = list(dict.fromkeys(it.prompt for b in benchmarks for it in b.items))
-        answers = dict(
-            zip(
-                prompts,
-                cached_map(
-                    functools.partial(_generate, backend, v.adapter),
-                    prompts,
-                    cache,
-                    batch_size,
-                    f"{'+'.join(b.name for b in benchmarks)} | {v.key}",
-                ),
-                strict=True,
-            )
-        )
+
+        def fn(chunk: list[str], adapter: str | None = v.adapter) -> list[Generation]:
+            return generate_batch(backend, adapter, chunk, max_new_tokens)
+
+        desc = f"{'+'.join(b.name for b in benchmarks)} | {v.key}"
+        answers = dict(zip(prompts, cached_generations(fn, prompts, cache, batch_size, desc), strict=True))
         for b in benchmarks:
             out[(v.key, b.name)] = [answers[it.prompt] for it in b.items]
     return out
@@ -167,6 +204,18 @@ def judge_all(
     return [parse(r) for r in raws]
 
 
+def as_generations(answers: Sequence[str | Generation]) -> list[Generation]:
+    """Answers as Generations (plain strings: truncation unknown)."""
+    return [a if isinstance(a, Generation) else Generation(a) for a in answers]
+
+
+def n_truncated(gens: Sequence[Generation]) -> int | None:
+    """How many answers were cut off at the token limit; None when the backend did not say for some."""
+    if any(g.truncated is None for g in gens):
+        return None
+    return sum(bool(g.truncated) for g in gens)
+
+
 @dataclass(frozen=True)
 class Judged:
     """One judge's verdicts on every (variant key, harm benchmark name); `key` suffixes its metrics
@@ -181,7 +230,7 @@ def judge_harm(
     judge: Judge,
     variants: Sequence[Variant],
     benchmarks: Sequence[Benchmark],
-    responses: dict[tuple[str, str], list[str]],
+    responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     judge_cache: Cache | None = None,
     batch_size: int = 16,
     key: str = "",
@@ -190,7 +239,11 @@ def judge_harm(
     cache = judge_cache_for(judge_cache, judge) if judge_cache is not None else None  # read once
     verdicts = {
         (v.key, b.name): judge_all(
-            judge, [it.prompt for it in b.items], responses[(v.key, b.name)], cache, batch_size
+            judge,
+            [it.prompt for it in b.items],
+            [g.text for g in as_generations(responses[(v.key, b.name)])],
+            cache,
+            batch_size,
         )
         for v in variants
         for b in benchmarks
@@ -219,19 +272,22 @@ def other_judge_metrics(judged: Judged, variant: str, bench: str) -> dict[str, A
 def score_records(
     variants: Sequence[Variant],
     benchmarks: Sequence[Benchmark],
-    responses: dict[tuple[str, str], list[str]],
+    responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     judged: Sequence[Judged],
 ) -> tuple[list[Record], dict[str, Any]]:
-    """Records for generations.jsonl and the metrics mapping variant -> benchmark -> metrics. The first
-    judge's verdicts are the headline (`verdict`, `harmful_rate`); every further judge's are kept beside
-    them (records: `judges` → key → verdict and output; metrics: `harmful_rate_<key>` and counts)."""
+    """Records for generations.jsonl (each with `truncated`) and the metrics mapping variant ->
+    benchmark -> metrics (each with `n_truncated`). The first judge's verdicts are the headline
+    (`verdict`, `harmful_rate`); every further judge's are kept beside them (records: `judges` → key →
+    verdict and output; metrics: `harmful_rate_<key>` and counts). Warns where more than 5% of a
+    benchmark's answers were cut off at the token limit."""
     records: list[Record] = []
     metrics: dict[str, Any] = {}
     head = judged[0] if judged else None
     for v in variants:
         metrics[v.key] = {"adapter": v.adapter, "benchmarks": {}}
         for b in benchmarks:
-            resp = responses[(v.key, b.name)]
+            gens = as_generations(responses[(v.key, b.name)])
+            resp = [g.text for g in gens]
             recs: list[Record] = []
             for i, (it, r) in enumerate(zip(b.items, resp, strict=True)):
                 rec: Record = {
@@ -242,6 +298,7 @@ def score_records(
                     "id": it.id,
                     "prompt": it.prompt,
                     "response": r,
+                    "truncated": gens[i].truncated,
                 }
                 if b.kind == "utility":
                     rec.update(reference=it.reference, **b.score(it, r))
@@ -278,17 +335,19 @@ def score_records(
                 m["judges"] = [j.name for j in judged]
                 for j in judged[1:]:
                     m.update(other_judge_metrics(j, v.key, b.name))
-            metrics[v.key]["benchmarks"][b.name] = m
+            metrics[v.key]["benchmarks"][b.name] = {**m, "n_truncated": n_truncated(gens)}
             records += recs
     for line in malformed_warnings(metrics):
         log.warning(line)
+    for line in truncation_warnings(metrics):
+        warnings.warn(line, SafemergeWarning, stacklevel=2)
     return records, metrics
 
 
 def judge_and_score(
     variants: Sequence[Variant],
     benchmarks: Sequence[Benchmark],
-    responses: dict[tuple[str, str], list[str]],
+    responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     judge: Judge,
     judge_cache: Cache | None = None,
     batch_size: int = 16,
@@ -307,14 +366,18 @@ def evaluate_loaded(
     judge: Judge,
     cache_dir: Path | None = None,
     batch_size: int = 16,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | None = None,
     include_base: bool = True,
 ) -> tuple[list[Record], dict[str, Any]]:
     """In-process entry point: evaluate several adapters already loaded on one backend; writes nothing.
 
     `judge` must be a judge without a model cache (e.g. KeywordJudge, or a LlamaGuardJudge the caller
-    manages); `max_new_tokens` must match the backend's, it only keys the cache.
+    manages). Answers have `max_new_tokens` new tokens at most (default: the backend's): the backend is
+    told this number and the cache is keyed by it.
     """
+    tokens = max_new_tokens if max_new_tokens is not None else getattr(backend, "max_new_tokens", None)
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise ValueError("evaluate_loaded: give max_new_tokens (the backend does not say its own)")
     variants = variants_for(model, adapters, include_base)
-    responses = generate_all(backend, model, variants, benchmarks, cache_dir, batch_size, max_new_tokens)
+    responses = generate_all(backend, model, variants, benchmarks, cache_dir, batch_size, tokens)
     return judge_and_score(variants, benchmarks, responses, judge, None, batch_size)

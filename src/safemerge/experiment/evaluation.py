@@ -21,7 +21,7 @@ from safemerge.evaluate.backends import Backend, TransformersBackend
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.config import EvalConfig
 from safemerge.evaluate.report import print_table
-from safemerge.evaluate.runner import Record, Variant, generate_all
+from safemerge.evaluate.runner import Record, Responses, Variant, generate_all
 from safemerge.experiment.cells import EVAL_JSON, Cell, EvalPlan, eval_dir, eval_key, variant_dir
 from safemerge.experiment.config import ExperimentConfig
 
@@ -58,19 +58,27 @@ def is_full_model(out: Path, cell: Cell) -> bool:
     return cell.method != "aligned" and (variant_dir(out, cell) / "config.json").is_file()
 
 
+Group = tuple[str, dict[str, Cell], Cell | None]  # a loaded model, its adapter rows, its own row
+
+
 def evaluate_cells(
     cfg: ExperimentConfig, out: Path, cells: Sequence[Cell], plan: EvalPlan, planned: Planned
 ) -> None:
-    """Evaluate cells: adapters on one loaded aligned model (with the aligned row), full models one by one."""
+    """Evaluate cells: adapters on one loaded aligned model (with the aligned row), full models one by
+    one; every model's answers first (one engine at a time), then all of them judged together, so that a
+    Llama Guard engine starts at most once (and not at all when every verdict is cached)."""
     adapters = [c for c in cells if c.method != "aligned" and not is_full_model(out, c)]
     aligned = [c for c in cells if c.method == "aligned"]
+    groups: list[Group] = []
     if adapters or aligned:
         owners = {str(variant_dir(out, c)): c for c in adapters}
-        _evaluate_model(cfg, out, cfg.setup.aligned, owners, aligned[0] if aligned else None, plan, planned)
+        groups.append((cfg.setup.aligned, owners, aligned[0] if aligned else None))
     for c in cells:
         if is_full_model(out, c):
             model = cfg.setup.unaligned if c.method == "unaligned" else str(variant_dir(out, c))
-            _evaluate_model(cfg, out, model, {}, c, plan, planned)
+            groups.append((model, {}, c))
+    if groups:
+        _evaluate_models(cfg, out, groups, plan, planned)
 
 
 def _eval_config(
@@ -102,11 +110,11 @@ def cache_dir(cfg: ExperimentConfig, out: Path) -> Path:
 
 def generate(
     cfg: ExperimentConfig, out: Path, model: str, variants: list[Variant], planned: Planned
-) -> dict[tuple[str, str], list[str]]:
+) -> Responses:
     """Responses of every variant on every benchmark, one stream per token budget (cached generations are
     reused). The transformers backend is loaded once and told each budget; vLLM fixes it at start-up."""
     adapters = [v.adapter for v in variants if v.adapter is not None]
-    responses: dict[tuple[str, str], list[str]] = {}
+    responses: Responses = {}
     backend: Backend | None = None
     try:
         for tokens, benches in budget_groups(planned):
@@ -128,27 +136,27 @@ def generate(
     return responses
 
 
-def _evaluate_model(
-    cfg: ExperimentConfig,
-    out: Path,
-    model: str,
-    adapters: dict[str, Cell],
-    base_cell: Cell | None,
-    plan: EvalPlan,
-    planned: Planned,
+def _evaluate_models(
+    cfg: ExperimentConfig, out: Path, groups: list[Group], plan: EvalPlan, planned: Planned
 ) -> None:
-    """Generate, judge and score one loaded model (its base row and adapters), then write each row."""
-    variants = ([Variant(model, None)] if base_cell is not None else []) + [Variant(a, a) for a in adapters]
-    responses = generate(cfg, out, model, variants, planned)
-    first_budget = planned[0][1]
-    ecfg = _eval_config(cfg, out, model, list(adapters), first_budget)
+    """Generate with each model in turn (its base row and adapters), then judge and score every row at
+    once, and write each row."""
+    variants: list[Variant] = []
+    responses: Responses = {}
+    for model, adapters, base_cell in groups:
+        mine = ([Variant(model, None)] if base_cell is not None else []) + [Variant(a, a) for a in adapters]
+        responses.update(generate(cfg, out, model, mine, planned))
+        variants += mine
+    ecfg = _eval_config(cfg, out, groups[0][0], [], planned[0][1])
     records, metrics = score(ecfg, variants, [b for b, _ in planned], responses, cache_dir(cfg, out))
     print_table(metrics, judges_label(cfg.evaluation.judge, cfg.evaluation.judge_model))
-    owners = dict(adapters)
-    if base_cell is not None:
-        owners[model] = base_cell
-    for key, cell in owners.items():
-        _write_row(out, cell, plan, [r for r in records if r["variant"] == key], metrics[key]["benchmarks"])
+    for model, adapters, base_cell in groups:
+        owners = dict(adapters)
+        if base_cell is not None:
+            owners[model] = base_cell
+        for key, cell in owners.items():
+            rows = [r for r in records if r["variant"] == key]
+            _write_row(out, cell, plan, rows, metrics[key]["benchmarks"])
 
 
 def _write_row(

@@ -46,7 +46,7 @@ from safemerge.evaluate.api import make_backend, score
 from safemerge.evaluate.backends import Backend, TransformersBackend
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.evaluate.judge_plugins import choose_judges
-from safemerge.evaluate.runner import Variant, generate_all
+from safemerge.evaluate.runner import Responses, Variant, generate_all
 from safemerge.experiment.cells import (
     Cell,
     EvalPlan,
@@ -187,7 +187,7 @@ class EvalWorker:
         return self.backend
 
     def evaluate(self, cell: Cell, phase: str) -> dict[str, Any]:
-        """One row on the phase's benchmarks, exactly as `evaluation._evaluate_model` does it for a row:
+        """One row on the phase's benchmarks, exactly as `evaluation._evaluate_models` does it for a row:
         one prompt stream per token budget, scored and written to the row's evaluation directory."""
         self.hooks.apply(f"evaluate:{cell.label}", self.out)
         start = time.perf_counter()
@@ -200,7 +200,7 @@ class EvalWorker:
             assert isinstance(backend, TransformersBackend)
             backend.add_adapter(adapter)
         variant = Variant(model, None) if adapter is None else Variant(adapter, adapter)
-        responses: dict[tuple[str, str], list[str]] = {}
+        responses: Responses = {}
         for tokens, benches in budget_groups(planned):
             assert isinstance(backend, TransformersBackend)
             backend.max_new_tokens = tokens
