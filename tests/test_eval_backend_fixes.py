@@ -45,11 +45,13 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeVLLM:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backend-fixes")
     tiny = build_tiny_model(root / "tiny")
+    guard = shaped_model(root / "Llama-Guard-3-8B", tiny)
+    (guard / "model.safetensors").write_bytes(b"")  # the judge pre-flight looks for weight files by name
     return {
         "root": root,
         "tiny": tiny,
         "llama8b": shaped_model(root / "Llama-3.1-8B-Instruct", tiny),
-        "guard8b": shaped_model(root / "Llama-Guard-3-8B", tiny),
+        "guard8b": guard,
     }
 
 
