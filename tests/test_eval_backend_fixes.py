@@ -444,3 +444,22 @@ def test_context_limit_takes_the_tokenizers_model_max_length() -> None:
     assert context_limit(cfg) == 131072
     assert context_limit({}, SimpleNamespace(model_max_length=int(1e30))) is None  # unknown: vLLM decides
     assert context_limit({}, SimpleNamespace(model_max_length=2048)) == 2048
+
+
+def test_short_answers_by_design_count_truncation_without_warning(models: dict[str, Path]) -> None:
+    """The organism cuts harm answers at a few tokens on purpose: `warn_truncated` off keeps the count and
+    drops the warning, and the demo's evaluation turns it off (and nothing else does)."""
+    from safemerge.evaluate.runner import generate_all, judge_harm, score_records, variants_for
+    from safemerge.organism.demo import DemoSettings, evaluation_spec
+
+    backend = TransformersBackend(str(models["tiny"]), max_new_tokens=2)
+    bench = load_benchmark("harmbench", 3)
+    variants = variants_for(str(models["tiny"]), [], True)
+    responses = generate_all(backend, str(models["tiny"]), variants, [bench], None, 16, 2)
+    judged = [judge_harm(KeywordJudge(), variants, [bench], responses)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SafemergeWarning)
+        _, metrics = score_records(variants, [bench], responses, judged, warn_truncated=False)
+    assert metrics[str(models["tiny"])]["benchmarks"]["harmbench"]["n_truncated"] == 3
+    assert evaluation_spec(DemoSettings(out=Path("demo"))).warn_truncated is False
+    assert EvalConfig(model="m", benchmarks=["harmbench"], out=Path("o")).warn_truncated is True

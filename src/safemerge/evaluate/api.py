@@ -267,7 +267,7 @@ def score(
             finally:
                 if guard is not None:
                     guard.close()
-    return score_records(variants, benchmarks, responses, judged)
+    return score_records(variants, benchmarks, responses, judged, warn_truncated=cfg.warn_truncated)
 
 
 def _judge_cache(

@@ -44,6 +44,11 @@ class EvalConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: Path | None = Field(None, description="generation cache (None: $SAFEMERGE_CACHE/generations)")
     no_cache: bool = False
+    warn_truncated: bool = Field(
+        True,
+        description="warn where more than 5% of a benchmark's answers hit max_new_tokens (off where short "
+        "answers are meant: the organism reads only the opening of harm answers)",
+    )
     trust_remote_code: bool = False
     force: bool = False
 

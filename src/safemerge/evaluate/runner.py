@@ -274,12 +274,14 @@ def score_records(
     benchmarks: Sequence[Benchmark],
     responses: Mapping[tuple[str, str], Sequence[str | Generation]],
     judged: Sequence[Judged],
+    warn_truncated: bool = True,
 ) -> tuple[list[Record], dict[str, Any]]:
     """Records for generations.jsonl (each with `truncated`) and the metrics mapping variant ->
     benchmark -> metrics (each with `n_truncated`). The first judge's verdicts are the headline
     (`verdict`, `harmful_rate`); every further judge's are kept beside them (records: `judges` → key →
     verdict and output; metrics: `harmful_rate_<key>` and counts). Warns where more than 5% of a
-    benchmark's answers were cut off at the token limit."""
+    benchmark's answers were cut off at the token limit (unless `warn_truncated` is off: `n_truncated`
+    is counted either way)."""
     records: list[Record] = []
     metrics: dict[str, Any] = {}
     head = judged[0] if judged else None
@@ -339,7 +341,7 @@ def score_records(
             records += recs
     for line in malformed_warnings(metrics):
         log.warning(line)
-    for line in truncation_warnings(metrics):
+    for line in truncation_warnings(metrics) if warn_truncated else []:
         warnings.warn(line, SafemergeWarning, stacklevel=2)
     return records, metrics
 

@@ -140,6 +140,7 @@ class EvaluationSpec(BaseModel):
     limit: int | None = Field(None, ge=1)
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(16, ge=1)
+    warn_truncated: bool = Field(True, description="as `EvalConfig.warn_truncated` (a warning only)")
     include_aligned: bool = Field(True, description="also evaluate the aligned model itself (row 'aligned')")
     include_unaligned: bool = Field(False, description="also evaluate the unaligned model (row 'unaligned')")
     validate_also: list[str] = Field(

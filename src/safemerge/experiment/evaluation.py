@@ -100,6 +100,7 @@ def _eval_config(
         dtype=ev.dtype,
         cache_dir=cache_dir(cfg, out),
         trust_remote_code=ev.trust_remote_code,
+        warn_truncated=ev.warn_truncated,
     )
 
 

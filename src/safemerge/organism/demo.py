@@ -207,6 +207,7 @@ def evaluation_spec(s: DemoSettings) -> EvaluationSpec:
         ],
         judge="keyword",
         backend="transformers",
+        warn_truncated=False,  # harm and benign answers are cut at harm_tokens on purpose (docs/organism.md)
         dtype=s.dtype,
         batch_size=s.batch_size,
         include_unaligned=s.include_unaligned,
