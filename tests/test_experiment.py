@@ -88,6 +88,8 @@ def test_experiment_end_to_end_cached_and_incremental(
         ):
             assert r[col] != "", (r["label"], col)
         assert r["arithmetic_n"] == r["harmbench_n"] == "3"
+        # 4 new tokens: each answer is cut off, and each row says how many (transformers: no end of sequence)
+        assert 0 <= int(r["harmbench_n_truncated"]) <= 3 and r["arithmetic_n_truncated"] != ""
     changed = {r["label"]: r["modules_changed"] for r in table}
     assert changed["none"] == "0" and changed["safemerge (fraction=0.5)"] == "2"
     assert (

@@ -153,6 +153,8 @@ def _metric_columns(cfg: ExperimentConfig, ms: dict[str, Measure]) -> dict[str, 
         row[f"{b}_n"] = m.get("n", 0) - m.get("n_malformed", 0)
         if "accuracy_flexible" in m:
             row[f"{b}_accuracy_flexible"] = m["accuracy_flexible"]
+        if "n_truncated" in m:  # answers cut off at the token budget (None: the backend did not say)
+            row[f"{b}_n_truncated"] = m["n_truncated"]
         for k in other_judges(m) if kind == "harm" else []:  # further judges, beside the headline one
             row[f"{b}_harmful_rate_{k}"] = m.get(f"harmful_rate_{k}")
             row[f"{b}_count_{k}"] = m.get(f"n_unsafe_{k}")
