@@ -159,7 +159,8 @@ def test_experiment_rows_are_judged_together(monkeypatch: pytest.MonkeyPatch, tm
     ev = SimpleNamespace(
         judge="llama-guard", judge_model="guard", backend="transformers", batch_size=2,
         tensor_parallel_size=1, gpu_memory_utilization=0.8, dtype="auto", trust_remote_code=False,
-        warn_truncated=True, cache_dir=str(tmp_path / "cache"), planned=lambda phase: [SimpleNamespace(name="harmbench")],
+        warn_truncated=True, cache_dir=str(tmp_path / "cache"),
+        planned=lambda phase: [SimpleNamespace(name="harmbench")],
     )  # fmt: skip
     cfg = SimpleNamespace(setup=SimpleNamespace(aligned="al", unaligned="un"), evaluation=ev)
     cells = [
