@@ -94,6 +94,21 @@ def save_adapter(
     return out
 
 
+def pair_with_adapters(
+    root: Path, task_targets: list[str] | None = None, safety_targets: list[str] | None = None
+) -> dict[str, Path]:
+    """The tiny Llama pair of `save_pair` (float32) and a task (seed 1) and a safety (seed 2) LoRA on its
+    aligned model, by role: the inputs of most command-line tests."""
+    al, un = save_pair(root, "llama", torch.float32)
+    return {
+        "root": root,
+        "aligned": al,
+        "unaligned": un,
+        "task": save_adapter(al, root / "task", seed=1, targets=task_targets),
+        "safety": save_adapter(al, root / "safety", seed=2, targets=safety_targets),
+    }
+
+
 def adapter_config(path: Path) -> dict[str, object]:
     return dict(json.loads((path / "adapter_config.json").read_text()))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import save_adapter, save_pair
+from builders import pair_with_adapters, save_adapter, save_pair
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -20,14 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
-    al, un = save_pair(root, "llama", torch.float32)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1),
-        "safety": save_adapter(al, root / "safety", seed=2),
-    }
+    return pair_with_adapters(root)
 
 
 def merge_args(env: dict[str, Path], out: Path, **over: object) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import adapter_config, save_adapter, save_pair, tiny_chat_setup
+from builders import adapter_config, pair_with_adapters, save_adapter, tiny_chat_setup
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -38,14 +38,7 @@ def flat(text: str) -> str:
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A task LoRA on all seven projections and a safety LoRA on q/v only (the safety recipe's default)."""
     root = tmp_path_factory.mktemp("partial")
-    al, un = save_pair(root, "llama", torch.float32)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1, targets=ALL7),
-        "safety": save_adapter(al, root / "safety", seed=2),
-    }
+    return pair_with_adapters(root, task_targets=ALL7)
 
 
 def merge_args(env: dict[str, Path], out: Path, *extra: str, command: str = "merge") -> list[str]:
@@ -182,10 +175,9 @@ def test_no_column_is_cut_in_a_log_80_columns_wide(env: dict[str, Path], tmp_pat
     assert f"report: {tmp_path / 'out' / 'safemerge_report.json'}\n" in text  # paths are not broken either
 
 
-def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
-    """`print_summary` on a non-terminal console 80 columns wide: every cell whole on its row; the
-    console's width is left as it was."""
-    mods = [
+def kept_modules() -> list[ModuleRecord]:
+    """Three selected gate_proj rows kept as fine-tuned (`no-safety-counterpart`), for the console tests."""
+    return [
         ModuleRecord(
             name=f"base_model.model.model.layers.{i}.mlp.gate_proj",
             layer=i,
@@ -201,6 +193,12 @@ def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
         )
         for i in range(3)
     ]
+
+
+def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
+    """`print_summary` on a non-terminal console 80 columns wide: every cell whole on its row; the
+    console's width is left as it was."""
+    mods = kept_modules()
     buffer = io.StringIO()
     console = Console(file=buffer, width=80, color_system=None)
     print_summary(Report("merge", {}, {}, mods, {}), console)
@@ -212,22 +210,7 @@ def test_print_summary_to_a_narrow_file_folds_and_cuts_nothing() -> None:
 def test_print_summary_in_a_narrow_terminal_ends_no_cell_in_an_ellipsis() -> None:
     """In a terminal 80 columns wide the cells fold instead of ending in "…": every letter of the flag is
     on the screen (split over two lines at most)."""
-    mods = [
-        ModuleRecord(
-            name=f"base_model.model.model.layers.{i}.mlp.gate_proj",
-            layer=i,
-            module_type="gate_proj",
-            shape=(4, 4),
-            rank_task=2,
-            rho=0.1 * i,
-            rho_rounded=0.1 * i,
-            selected=True,
-            delta_norm_in=1.0,
-            flags=["no-safety-counterpart"],
-            delta_norm_out=1.0,
-        )
-        for i in range(3)
-    ]
+    mods = kept_modules()
     buffer = io.StringIO()
     console = Console(file=buffer, width=80, force_terminal=True, color_system=None)
     print_summary(Report("merge", {}, {}, mods, {}), console)

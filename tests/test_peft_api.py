@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import save_adapter, save_pair
+from builders import pair_with_adapters, save_adapter, save_pair
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -31,14 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peftapi")
-    al, un = save_pair(root, "llama", torch.float32)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1),
-        "safety": save_adapter(al, root / "safety", seed=2),
-    }
+    return pair_with_adapters(root)
 
 
 def peft_model(aligned: Path, task: Path, safety: Path, dtype: torch.dtype = torch.float32) -> PeftModel:

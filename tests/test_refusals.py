@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import edited_copy, save_adapter, save_pair
+from builders import edited_copy, pair_with_adapters, save_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -34,14 +34,7 @@ PREFIX = "base_model.model."
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("refusals")
-    al, un = save_pair(root, "llama", torch.float32)
-    return {
-        "root": root,
-        "aligned": al,
-        "unaligned": un,
-        "task": save_adapter(al, root / "task", seed=1),
-        "safety": save_adapter(al, root / "safety", seed=2),
-    }
+    return pair_with_adapters(root)
 
 
 def invoke(args: list[str]) -> tuple[int, str]:
