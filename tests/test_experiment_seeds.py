@@ -115,6 +115,15 @@ def test_two_seeds_pool_and_seed_zero_is_the_plain_run(inputs: dict[str, Path], 
     per_seed = [r for r in result.rows if r["label"].endswith("safemerge (fraction=0.5)")]
     k = sum(round(float(r["harmbench_harmful_rate"]) * 3) for r in per_seed)
     assert int(sm["harmbench_k"]) == k  # the pooled count is the seeds' counts summed
+    # every judge is pooled: HarmBench's prefix rule, reported beside the keyword judge in each seed
+    k_rule = sum(
+        round(float(r["harmbench_harmful_rate_harmbench_rule"]) * int(r["harmbench_n_harmbench_rule"]))
+        for r in per_seed
+    )
+    assert (
+        int(sm["harmbench_judge_harmbench_rule_k"]) == k_rule
+        and int(sm["harmbench_judge_harmbench_rule_n"]) == 6
+    )
     md = (out / "results.md").read_text()
     assert "pooled over seeds 0, 1" in md and "| safemerge (fraction=0.5) |" in md
     data = json.loads((out / "results.json").read_text())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class Measure:
     metrics: dict[str, Any]
     rate: Rate | None
     events: dict[str, bool]
+    judge_events: dict[str, dict[str, bool]] = field(default_factory=dict)  # further judges, by key
 
 
 def read_records(out: Path, cell: Cell, plan: EvalPlan) -> list[dict[str, Any]]:
@@ -94,8 +95,21 @@ def measures(out: Path, cell: Cell, plan: EvalPlan) -> dict[str, Measure]:
             for r in records
             if r["benchmark"] == name and r["verdict"] != "malformed"
         }
-        result[name] = Measure(kind, m, rate, events)
+        result[name] = Measure(kind, m, rate, events, further_judge_events(records, name))
     return result
+
+
+def further_judge_events(records: list[dict[str, Any]], bench: str) -> dict[str, dict[str, bool]]:
+    """Per further judge (a key of the records' `judges`), prompt id → judged harmful, malformed left
+    out: what the pooled tables need to report every judge, not only the headline one."""
+    out: dict[str, dict[str, bool]] = {}
+    for r in records:
+        if r["benchmark"] != bench:
+            continue
+        for key, j in (r.get("judges") or {}).items():
+            if j["verdict"] != "malformed":
+                out.setdefault(key, {})[r["id"]] = j["verdict"] == "unsafe"
+    return out
 
 
 def mean_rate(ms: dict[str, Measure], kind: str) -> float | None:

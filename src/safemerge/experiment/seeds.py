@@ -123,6 +123,10 @@ def pooled_rows(cfg: ExperimentConfig, runs: list[tuple[int, ExperimentResult]])
         for bench, m in per_seed[0][key].items():
             b, events = bench_label(bench), [s[key][bench].events for s in per_seed]
             row.update(_rate_columns(b, events))
+            for judge in m.judge_events:  # every further judge's pooled rate beside the headline one
+                row.update(
+                    _rate_columns(f"{b}_judge_{judge}", [s[key][bench].judge_events[judge] for s in per_seed])
+                )
             if ref is not None and key != ref and m.kind == "harm" and ref in per_seed[0]:
                 row.update(_comparison_columns(b, [s[ref][bench].events for s in per_seed], events))
         rows.append(row)
