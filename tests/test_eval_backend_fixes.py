@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import torch
 from builders import save_adapter
-from test_vllm import PROMPTS, FakeVLLM, rendered_lengths, round_up, shaped_model
-from tinymodel import build_tiny_model
+from test_vllm import PROMPTS, FakeVLLM, rendered_lengths, round_up, shaped_models
 
 import safemerge.evaluate.api as api
 import safemerge.evaluate.preflight as preflight
@@ -43,16 +42,7 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> FakeVLLM:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("backend-fixes")
-    tiny = build_tiny_model(root / "tiny")
-    guard = shaped_model(root / "Llama-Guard-3-8B", tiny)
-    (guard / "model.safetensors").write_bytes(b"")  # the judge pre-flight looks for weight files by name
-    return {
-        "root": root,
-        "tiny": tiny,
-        "llama8b": shaped_model(root / "Llama-3.1-8B-Instruct", tiny),
-        "guard8b": guard,
-    }
+    return shaped_models(tmp_path_factory.mktemp("backend-fixes"))
 
 
 def guard_cfg(models: dict[str, Path], out: Path, **kw: Any) -> EvalConfig:

@@ -298,17 +298,27 @@ def shaped_model(folder: Path, tokenizer_from: Path, **config: Any) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("vllm")
+def shaped_models(root: Path) -> dict[str, Path]:
+    """The tiny model and, shaped as 8B models sharing its tokenizer, Llama-3.1-8B-Instruct and
+    Llama-Guard-3-8B (with an empty weights file: the judge pre-flight looks for one by name)."""
     tiny = build_tiny_model(root / "tiny")
     guard = shaped_model(root / "Llama-Guard-3-8B", tiny)
-    (guard / "model.safetensors").write_bytes(b"")  # the judge pre-flight looks for weight files by name
+    (guard / "model.safetensors").write_bytes(b"")
     return {
         "root": root,
         "tiny": tiny,
         "llama8b": shaped_model(root / "Llama-3.1-8B-Instruct", tiny),
         "guard8b": guard,
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("vllm")
+    shaped = shaped_models(root)
+    tiny = shaped["tiny"]
+    return {
+        **shaped,
         "fp32": shaped_model(root / "fp32-8B", tiny, torch_dtype="float32"),
         "other": build_tiny_model(root / "other", hidden=48),
     }
