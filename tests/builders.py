@@ -109,6 +109,17 @@ def pair_with_adapters(
     }
 
 
+def merge_args(env: Mapping[str, Path], out: Path, **over: object) -> list[str]:
+    """`safemerge merge` of `env`'s four inputs (`pair_with_adapters`) into `out`, any of them replaced
+    by keyword (`task=other_dir`), without the plot."""
+    paths = {k: str(env[k]) for k in ("aligned", "unaligned", "task", "safety")}
+    paths.update({k: str(v) for k, v in over.items()})
+    return [
+        "merge", "--aligned", paths["aligned"], "--unaligned", paths["unaligned"],
+        "--task-adapter", paths["task"], "--safety-adapter", paths["safety"], "--out", str(out), "--no-plot",
+    ]  # fmt: skip
+
+
 def adapter_config(path: Path) -> dict[str, object]:
     return dict(json.loads((path / "adapter_config.json").read_text()))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import pair_with_adapters, save_adapter, save_pair
+from builders import merge_args, pair_with_adapters, save_adapter, save_pair
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -21,15 +21,6 @@ runner = CliRunner()
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cli")
     return pair_with_adapters(root)
-
-
-def merge_args(env: dict[str, Path], out: Path, **over: object) -> list[str]:
-    paths = {k: str(env[k]) for k in ("aligned", "unaligned", "task", "safety")}
-    paths.update({k: str(v) for k, v in over.items()})
-    return [
-        "merge", "--aligned", paths["aligned"], "--unaligned", paths["unaligned"],
-        "--task-adapter", paths["task"], "--safety-adapter", paths["safety"], "--out", str(out), "--no-plot",
-    ]  # fmt: skip
 
 
 def invoke(args: list[str]) -> tuple[int, str]:

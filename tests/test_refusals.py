@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import edited_copy, pair_with_adapters, save_adapter
+from builders import edited_copy, merge_args, pair_with_adapters, save_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -40,15 +40,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def invoke(args: list[str]) -> tuple[int, str]:
     result = runner.invoke(app, args, env={"COLUMNS": "400", "TERM": "dumb"})
     return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
-
-
-def merge_args(env: dict[str, Path], out: Path, **over: object) -> list[str]:
-    paths = {k: str(env[k]) for k in ("aligned", "unaligned", "task", "safety")}
-    paths.update({k: str(v) for k, v in over.items()})
-    return [
-        "merge", "--aligned", paths["aligned"], "--unaligned", paths["unaligned"],
-        "--task-adapter", paths["task"], "--safety-adapter", paths["safety"], "--out", str(out), "--no-plot",
-    ]  # fmt: skip
 
 
 def assert_refused(args: list[str], out: Path | None, *words: str) -> str:

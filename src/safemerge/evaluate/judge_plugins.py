@@ -25,11 +25,11 @@ from safemerge.common.plugins import clear_plugin_cache, entry_point, load_plugi
 from safemerge.evaluate.judges import (
     HARMBENCH_RULE_LABEL,
     KEYWORD_LABEL,
-    HarmBenchRuleJudge,
     KeywordJudge,
     LlamaGuardJudge,
     Verdict,
     guard_spec,
+    harmbench_rule_judge,
 )
 from safemerge.evaluate.model_judges import (
     HARMBENCH_CLASSIFIER,
@@ -92,7 +92,7 @@ class HarmBenchRulePlugin(JudgePlugin):
         return HARMBENCH_RULE_LABEL
 
     def build(self, model: str | None, generate: Generate | None, tokenizer: Any) -> Any:
-        return HarmBenchRuleJudge()
+        return harmbench_rule_judge()
 
 
 class LlamaGuardPlugin(JudgePlugin):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,12 +76,18 @@ def cached_map(
     desc: str,
 ) -> list[str]:
     """fn over fixed batches of texts, skipping batches already fully in the cache."""
+    for chunk in missing_batches(texts, cache, batch_size, desc):
+        cache.put_many(chunk, fn(chunk))
+    return [str(cache.get(t)) for t in texts]
+
+
+def missing_batches(texts: Sequence[str], cache: Cache, batch_size: int, desc: str) -> Iterator[list[str]]:
+    """The fixed batches of `texts` (`fixed_batches`) with some text not in `cache`, with a progress bar:
+    what an interrupted run still has to compute."""
     batches = fixed_batches(texts, batch_size)
     todo = [b for b in batches if any(cache.get(texts[i]) is None for i in b)]
     for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo):
-        chunk = [texts[i] for i in b]
-        cache.put_many(chunk, fn(chunk))
-    return [str(cache.get(t)) for t in texts]
+        yield [texts[i] for i in b]
 
 
 def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
@@ -132,10 +138,7 @@ def cached_generations(
     desc: str,
 ) -> list[Generation]:
     """`cached_map` for generations: each answer is stored with whether it was truncated."""
-    batches = fixed_batches(texts, batch_size)
-    todo = [b for b in batches if any(cache.get(texts[i]) is None for i in b)]
-    for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo):
-        chunk = [texts[i] for i in b]
+    for chunk in missing_batches(texts, cache, batch_size, desc):
         gens = fn(chunk)
         cache.put_many(chunk, [g.text for g in gens], [{"truncated": g.truncated} for g in gens])
     return [Generation(str(cache.get(t)), cache.get_meta(t).get("truncated")) for t in texts]
