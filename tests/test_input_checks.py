@@ -255,3 +255,16 @@ def test_trainable_tokens_are_refused(tied: dict[str, Path], tmp_path: Path) -> 
     (task / "adapter_config.json").write_text(json.dumps({**cfg, "trainable_token_indices": None}))
     code, out = invoke(["scan", "-a", tied["aligned"], "-u", tied["unaligned"], "-t", task])
     assert code == 2 and "token_adapter.trainable_tokens_delta" in out and "trainable tokens" in out, out
+
+
+def test_a_pinned_hub_input_is_still_recognised_as_the_adapters_base(tmp_path: Path) -> None:
+    """`--unaligned org/base@<commit>` names the same hub model as an adapter's `org/base`: the swap check
+    compares hub ids without their revision (and a local directory by its resolved path)."""
+    from safemerge.engine.inputs import names_model
+
+    elsewhere = tmp_path / "not-a-snapshot"
+    elsewhere.mkdir()
+    assert names_model("org/base", "org/base@" + "a" * 40, elsewhere)
+    assert names_model("Org/Base", "org/base@main", elsewhere)
+    assert not names_model("org/other", "org/base@main", elsewhere)
+    assert names_model(str(elsewhere), str(elsewhere), elsewhere)

@@ -22,6 +22,7 @@ import yaml
 
 from safemerge.common.errors import InputError
 from safemerge.engine.checkpoint import Checkpoint, candidate_keys
+from safemerge.engine.hub import split_revision
 from safemerge.engine.lora import LoraAdapter, lora_tensor_shapes, module_type
 
 # Recipes of `safemerge train` (train/recipes.py) whose adapter is a safety adapter; every other named
@@ -86,10 +87,10 @@ def check_some_v(flags: Iterable[list[str]], zero_v: str, aligned: str | None, u
 
 # --- swapped models ------------------------------------------------------------------------------------
 def hub_id(name: str, local_dir: Path) -> str | None:
-    """The hub id a model input stands for: the name as given when it is not a path, else the id of a
-    hub-cache snapshot directory; None for other local directories."""
+    """The hub id a model input stands for: the name as given (without its `@revision`) when it is not a
+    path, else the id of a hub-cache snapshot directory; None for other local directories."""
     if not Path(name).expanduser().exists():
-        return name
+        return split_revision(name)[0]
     m = _HUB_CACHE_DIR.search(local_dir.resolve().as_posix())
     return f"{m['owner']}/{m['name']}" if m else None
 
