@@ -38,8 +38,6 @@ from safemerge.evaluate.runner import (
     variants_for,
 )
 
-GUARD_MAX_NEW_TOKENS = 20  # Llama Guard's verdict: `safe`, or `unsafe` and its categories
-
 
 def load_benchmarks(names: list[str], limit: int | None) -> list[Benchmark]:
     """All benchmarks, loaded up front so a bad name or file fails before any generation."""
