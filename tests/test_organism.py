@@ -107,9 +107,9 @@ def test_busy_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @needs_packaged
 def test_prompt_splits_are_disjoint() -> None:
+    from safemerge.common.guard import find_leaks
     from safemerge.evaluate.benchmarks import load_benchmark
     from safemerge.organism.data import arithmetic_val, prompt_sets
-    from safemerge.train.guard import find_leaks
 
     ps = prompt_sets(0, 320, 320, 40, 40)
     assert not find_leaks(ps.harmful_train + ps.benign_train)  # the HarmBench guard

@@ -27,12 +27,12 @@ from builders import tiny_chat_setup
 from typer.testing import CliRunner
 
 from safemerge.cli import app
+from safemerge.common.guard import MIN_SUBSTRING, find_leaks
 from safemerge.common.packaged import harmbench_prompts
 from safemerge.common.stats import Rate
 from safemerge.evaluate.backends import TransformersBackend
 from safemerge.organism.demo import Row, organism_targets, safemerge_targets
 from safemerge.train import HarmBenchLeakError, TrainConfig, check_no_harmbench
-from safemerge.train.guard import MIN_SUBSTRING, find_leaks
 from safemerge.train.trainer import prepare_data
 
 # --- a. the HarmBench leak guard ---------------------------------------------------------------------

@@ -18,6 +18,9 @@ from typing import Any
 from safemerge.common.errors import InputError
 
 Row = dict[str, Any]
+# A prompt-completion chat example, the form TRL trains on and calibration data are read in:
+# {"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}]}
+Example = dict[str, list[dict[str, str]]]
 PUBMEDQA_INSTRUCTION = "Answer the question with yes, no or maybe, after a short explanation."
 # lm-evaluation-harness's chat prompt for GSM8K (`gsm8k-cot-llama.yaml`, doc_to_text), word for word but
 # for its trailing newline (chat templates such as Llama 3's trim the message anyway).
@@ -117,3 +120,46 @@ def read_rows(path: Path) -> list[Row]:
             raise InputError(f"dataset file {path}, line {i}: expected a JSON object")
         rows.append(row)
     return rows
+
+
+def chat_example(prompt: str, response: str) -> Example:
+    """A one-turn prompt-completion example."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": response}],
+    }
+
+
+def _messages_example(path: Path, i: int, messages: Any) -> Example:
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok or len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise InputError(
+            f"dataset file {path}, row {i}: `messages` must be a list of {{role, content}} ending with an "
+            "assistant turn"
+        )
+    return {"prompt": [dict(m) for m in messages[:-1]], "completion": [dict(messages[-1])]}
+
+
+def chat_rows(path: Path) -> list[Example]:
+    """The examples of a local JSONL/CSV with `prompt` and `response` columns, or a chat `messages`
+    column (ending with the assistant turn), in file order; InputError naming the file and row."""
+    rows = read_rows(path)
+    if not rows:
+        raise InputError(f"dataset file {path} has no rows")
+    out = []
+    for i, r in enumerate(rows):
+        if "messages" in r:
+            out.append(_messages_example(path, i, r["messages"]))
+        elif "prompt" in r and "response" in r:
+            if not str(r["prompt"]).strip() or not str(r["response"]).strip():
+                raise InputError(f"dataset file {path}, row {i}: empty `prompt` or `response`")
+            out.append(chat_example(str(r["prompt"]), str(r["response"])))
+        else:
+            raise InputError(
+                f"dataset file {path}, row {i}: needs columns `prompt` and `response`, or `messages` "
+                f"(found: {sorted(r)})"
+            )
+    return out

@@ -30,13 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from safemerge.common.errors import InputError
+from safemerge.common.guard import check_no_harmbench
 from safemerge.common.outdir import atomic_output_dir
 from safemerge.common.packaged import cache_root, smollm2_dir
 from safemerge.evaluate.backends import TransformersBackend, chat_texts
 from safemerge.evaluate.runner import fixed_batches
 from safemerge.organism.data import prompt_sets
 from safemerge.organism.recipe import FullTaskRecipe, LoraRecipe, OrganismRecipe
-from safemerge.train.guard import check_no_harmbench
 from safemerge.train.recipes import arithmetic_recipe
 from safemerge.train.refusals import OPENERS, REASONS
 

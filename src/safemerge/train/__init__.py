@@ -1,7 +1,7 @@
 """`safemerge train`: LoRA fine-tuning of task and safety adapters (TRL SFTTrainer + PEFT)."""
 
+from safemerge.common.guard import HarmBenchLeakError, check_no_harmbench
 from safemerge.train.config import TrainConfig
-from safemerge.train.guard import HarmBenchLeakError, check_no_harmbench
 from safemerge.train.recipes import RECIPES, build_examples
 from safemerge.train.trainer import TrainResult, train
 

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
 
 from safemerge.common.datasets import (
+    Example,
     arithmetic_problems,
+    chat_example,
+    chat_rows,
     gsm8k_completion,
     gsm8k_prompt,
     load_hub_rows,
     pubmedqa_prompt,
-    read_rows,
 )
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import donotanswer_prompts, strongreject_prompts
 from safemerge.train.refusals import make_refusal
-
-Example = dict[str, list[dict[str, str]]]
 
 RECIPES = ("gsm8k", "pubmedqa", "safety", "safety-hub", "arithmetic")
 DEFAULT_SAMPLES: dict[str, int | None] = {
@@ -31,14 +30,6 @@ DEFAULT_SAMPLES: dict[str, int | None] = {
     "safety-hub": 1000,
     "arithmetic": 2000,
 }
-
-
-def chat_example(prompt: str, response: str) -> Example:
-    """A one-turn prompt-completion example."""
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "completion": [{"role": "assistant", "content": response}],
-    }
 
 
 def _take(examples: list[Example], n: int | None, seed: int) -> list[Example]:
@@ -106,37 +97,9 @@ def pubmedqa_recipe(n: int | None, seed: int) -> list[Example]:
 # --- local files -------------------------------------------------------------------------------------
 
 
-def _messages_example(path: Path, i: int, messages: Any) -> Example:
-    ok = isinstance(messages, list) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
-    )
-    if not ok or len(messages) < 2 or messages[-1]["role"] != "assistant":
-        raise InputError(
-            f"dataset file {path}, row {i}: `messages` must be a list of {{role, content}} ending with an "
-            "assistant turn"
-        )
-    return {"prompt": [dict(m) for m in messages[:-1]], "completion": [dict(messages[-1])]}
-
-
 def file_recipe(path: Path, n: int | None, seed: int) -> list[Example]:
     """A local JSONL/CSV with `prompt` and `response` columns, or a chat `messages` column."""
-    rows = read_rows(path)
-    if not rows:
-        raise InputError(f"dataset file {path} has no rows")
-    out = []
-    for i, r in enumerate(rows):
-        if "messages" in r:
-            out.append(_messages_example(path, i, r["messages"]))
-        elif "prompt" in r and "response" in r:
-            if not str(r["prompt"]).strip() or not str(r["response"]).strip():
-                raise InputError(f"dataset file {path}, row {i}: empty `prompt` or `response`")
-            out.append(chat_example(str(r["prompt"]), str(r["response"])))
-        else:
-            raise InputError(
-                f"dataset file {path}, row {i}: needs columns `prompt` and `response`, or `messages` "
-                f"(found: {sorted(r)})"
-            )
+    out = chat_rows(path)
     return _take(out, n, seed) if n is not None else out
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from safemerge.common.config_io import dump_config
+from safemerge.common.datasets import Example
 from safemerge.common.errors import InputError
+from safemerge.common.guard import check_no_harmbench
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.common.packaged import resolve_model
 from safemerge.engine.lora import LoraAdapter, module_type
 from safemerge.train.config import ALL_LINEAR, TrainConfig
-from safemerge.train.guard import check_no_harmbench
-from safemerge.train.recipes import Example, build_examples, mix_in_safety, user_texts
+from safemerge.train.recipes import build_examples, mix_in_safety, user_texts
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The HarmBench guard: HarmBench prompts are reserved for evaluation and never enter training data."""
+"""The HarmBench guard: HarmBench prompts are reserved for evaluation and never enter training data, nor
+the calibration data of a data-dependent defence."""
 
 from __future__ import annotations
 
