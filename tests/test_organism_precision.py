@@ -117,7 +117,12 @@ def test_bad_precision_exits_2_before_any_work(monkeypatch: pytest.MonkeyPatch, 
     from typer.testing import CliRunner
 
     from safemerge.cli import app
+    from safemerge.organism import build
 
+    def no_build(*args: Any) -> Path:
+        raise AssertionError("the organism would be built")
+
+    monkeypatch.setattr(build, "smollm2_dir", no_build)  # a test that fails fails fast
     run = CliRunner().invoke
     for args in (["demo", "--out", str(tmp_path / "d")], ["organism", "build", "--cache", str(tmp_path)]):
         res = run(app, [*args, "--precision", "fp16"])

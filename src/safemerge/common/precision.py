@@ -134,7 +134,7 @@ def env_precision() -> str:
 def cpu_identity() -> tuple[str, tuple[str, ...]]:
     """(CPU model name, the bf16-relevant flags it has) from /proc/cpuinfo; the platform's processor
     name and no flags where that file is absent (not Linux)."""
-    name, flags = "", set()
+    name, flags = "", set[str]()
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
