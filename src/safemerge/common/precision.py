@@ -3,8 +3,8 @@ clearly faster than float32.
 
 On CPUs with native bfloat16 products (x86 AVX512-BF16 or AMX-BF16) a bfloat16 matrix product runs
 several times faster than a float32 one; on CPUs without them (AVX2-only x86: many laptops, older
-servers and cloud VMs) torch emulates bfloat16 and the same product runs ~9x slower (docs/organism.md,
-"Precision"). The CPU's flags alone do not settle it (torch's kernels and their dispatch do), so on the
+servers and cloud VMs) torch emulates bfloat16 and the same product runs 10x slower or worse
+(docs/organism.md, "Precision"). The CPU's flags alone do not settle it (torch's kernels and their dispatch do), so on the
 CPU a short probe times one product at the organism's shapes in both precisions and the rule
 `faster_precision` picks; the result is cached per machine in `$SAFEMERGE_CACHE/precision.json`.
 
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("float32", "bfloat16")
 CHOICES = (*PRECISIONS, "auto")
 ENV = "SAFEMERGE_DTYPE"
-# bfloat16 must beat float32 by this factor: the two differ by 4-10x either way on the CPUs measured
-# (docs/benchmarks.md), so a margin this size only keeps a noisy near-tie in float32, the exact one.
+# bfloat16 must beat float32 by this factor: at 1 thread bfloat16 measured 5-7x float32's speed with
+# native kernels and under 0.1x emulated (docs/benchmarks.md), so the margin only keeps a noisy near-tie
+# in float32, the exact one.
 MIN_SPEEDUP = 1.3
 # The probe's product: a batch of 8 sequences × 64 tokens (the organism's training batch at a typical
 # length) through SmolLM2-135M's MLP up-projection, hidden 576 → intermediate 1536.
