@@ -4,9 +4,10 @@ clearly faster than float32.
 On CPUs with native bfloat16 products (x86 AVX512-BF16 or AMX-BF16) a bfloat16 matrix product runs
 several times faster than a float32 one; on CPUs without them (AVX2-only x86: many laptops, older
 servers and cloud VMs) torch emulates bfloat16 and the same product runs 10x slower or worse
-(docs/organism.md, "Precision"). The CPU's flags alone do not settle it (torch's kernels and their dispatch do), so on the
-CPU a short probe times one product at the organism's shapes in both precisions and the rule
-`faster_precision` picks; the result is cached per machine in `$SAFEMERGE_CACHE/precision.json`.
+(docs/organism.md, "Precision"). The CPU's flags alone do not settle it (torch's kernels and their
+dispatch do), so on the CPU a short probe times one product at the organism's shapes in both
+precisions and the rule `faster_precision` picks; the result is cached per machine in
+`$SAFEMERGE_CACHE/precision.json`.
 
 `resolve_precision` decides in this order: an explicit request (float32 / bfloat16), then
 `$SAFEMERGE_DTYPE` (float32, bfloat16 or auto), then on a GPU bfloat16 where torch says the GPU supports
