@@ -13,6 +13,8 @@ text as written.
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +183,34 @@ def test_real_probe_times_both_products() -> None:
     t = probe_products(tokens=32, reps=2)
     assert t.float32_s > 0 and t.bfloat16_s > 0 and t.threads == torch.get_num_threads()
     assert t.gflops("float32") == pytest.approx(2 * 32 * 576 * 1536 / t.float32_s / 1e9)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap is x86's")
+def test_real_probe_picks_float32_where_bfloat16_is_emulated() -> None:
+    """The whole choice on real products: with oneDNN held to AVX2 (bfloat16 emulated, as on an AVX2-only
+    CPU; measured 0.03-0.06x float32's speed) the probe picks float32; on a CPU with native bfloat16
+    products (avx512_bf16 or amx_bf16; measured 5.5x or more here, even under load) it picks bfloat16."""
+    import subprocess
+    import sys
+
+    from safemerge.common.precision import cpu_identity, faster_precision, probe_products
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from safemerge.common.precision import faster_precision, probe_products\n"
+        "t = probe_products(); print(faster_precision(t.float32_s, t.bfloat16_s))"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "float32", out.stdout + out.stderr
+    if {"avx512_bf16", "amx_bf16"} & set(cpu_identity()[1]):
+        old = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            t = probe_products()
+        finally:
+            torch.set_num_threads(old)
+        assert faster_precision(t.float32_s, t.bfloat16_s) == "bfloat16", t
 
 
 # --- the organism: keys, settings, results ----------------------------------------------------------
