@@ -51,10 +51,11 @@ def settings(args: argparse.Namespace, out: Path) -> Any:
 def built_organism() -> Any:
     """The organism of the default recipe, only if every stage is already in the cache."""
     from safemerge.common.packaged import cache_root
-    from safemerge.organism.build import build_organism, organism_root
+    from safemerge.organism.build import build_organism, organism_root, resolve_recipe, set_threads
     from safemerge.organism.recipe import OrganismRecipe
 
-    recipe = OrganismRecipe()
+    set_threads()
+    recipe, _ = resolve_recipe(OrganismRecipe())  # the precision this machine builds the organism in
     root = organism_root(None)
     ku = recipe.stage_key("unaligned")
     ka = recipe.stage_key("aligned", ku)

@@ -9,8 +9,10 @@
    generating with a LoRA attached.
 3. `--demo`: the default demo from an empty cache (organism build included) and then again with the
    cache; prints the wall time of each stage, the thread count and the peak RSS.
+4. `--probe`: the precision probe (docs/organism.md, "Precision") at 1 and 2 threads: float32 and
+   bfloat16 GFLOP/s at the organism's shapes and the choice; nothing else runs.
 
-Usage: python benchmarks/bench_organism.py [--train-steps 8] [--precision] [--demo] [--threads N]
+Usage: python benchmarks/bench_organism.py [--train-steps 8] [--precision] [--demo] [--threads N] [--probe]
 The demo run takes minutes; the training comparison about one. Figures: docs/benchmarks.md.
 """
 
@@ -136,6 +138,32 @@ def precision_table(model_dir: Path, steps: int) -> None:
     )
 
 
+def probe_table(threads: list[int], reps: int) -> None:
+    """The precision probe (`safemerge.common.precision`) at each thread count, with `reps` timed products
+    per precision (the probe itself stops after 0.2 s): best times, GFLOP/s, bfloat16's speed-up over
+    float32, the choice, and the default probe's own wall time."""
+    import torch
+
+    from safemerge.common.precision import PROBE_IN, PROBE_OUT, PROBE_TOKENS, faster_precision, probe_products
+
+    print(
+        f"precision probe: F.linear [{PROBE_TOKENS} x {PROBE_IN}] x [{PROBE_OUT} x {PROBE_IN}]^T, "
+        f"best of {reps}:"
+    )
+    for n in threads:
+        torch.set_num_threads(n)
+        t = probe_products(reps=reps, budget_s=float("inf"))  # every rep, however long
+        t0 = time.perf_counter()
+        probe_products()
+        wall = time.perf_counter() - t0
+        print(
+            f"  {n} thread(s): float32 {t.float32_s * 1e3:.2f} ms ({t.gflops('float32'):.0f} GFLOP/s), "
+            f"bfloat16 {t.bfloat16_s * 1e3:.2f} ms ({t.gflops('bfloat16'):.0f} GFLOP/s), bfloat16 "
+            f"{t.speedup:.2f}x float32 -> {faster_precision(t.float32_s, t.bfloat16_s)}; "
+            f"the default probe took {wall:.2f} s"
+        )
+
+
 def trl_seconds(model_dir: Path, steps: int, folder: Path) -> float:
     """Seconds per step of `safemerge train` (TRL SFTTrainer), from its own runtime log, minus one
     step's worth of start-up measured on a one-step run."""
@@ -184,12 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, default=8, help="steps per training measurement (0: skip)")
     ap.add_argument("--precision", action="store_true", help="float32 vs bfloat16 training and generation")
     ap.add_argument("--demo", action="store_true", help="also time a first and a cached demo run")
+    ap.add_argument("--probe", action="store_true", help="the precision probe at 1 and 2 threads, 50 reps")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: automatic)")
     args = ap.parse_args(argv)
     if args.threads:
         os.environ["SAFEMERGE_THREADS"] = str(args.threads)
     from safemerge.organism.build import set_threads
 
+    if args.probe:
+        probe_table([1, 2], 50)
+        return 0
     print(f"threads: {set_threads()}")
     with tempfile.TemporaryDirectory(prefix="bench-organism-") as tmp:
         folder = Path(tmp)

@@ -28,8 +28,8 @@ from safemerge.common.stats import wilson
 from safemerge.evaluate.backends import TransformersBackend
 from safemerge.evaluate.judges import KeywordJudge
 from safemerge.evaluate.runner import evaluate_loaded
-from safemerge.organism.build import build_organism
-from safemerge.organism.demo import DemoSettings, validation_benchmarks
+from safemerge.organism.build import build_organism, set_threads
+from safemerge.organism.demo import DemoSettings, resolve_settings, validation_benchmarks
 from safemerge.organism.recipe import OrganismRecipe
 
 
@@ -91,12 +91,16 @@ def main() -> None:
     except InputError as exc:
         print(f"organism_search: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    set_threads()
     for text, recipe in zip(args.candidates, recipes, strict=True):
         overrides = json.loads(text)
-        s = DemoSettings(out=Path("."), recipe=recipe, cache=args.cache, val_task=args.val_task)
+        # the precision resolved once per candidate (the probe's answer is cached), generation in it too
+        s = resolve_settings(
+            DemoSettings(out=Path("."), recipe=recipe, cache=args.cache, val_task=args.val_task)
+        )
         t0 = time.perf_counter()
         stages = ("aligned", "task") if args.task else ("aligned",)
-        org = build_organism(recipe, args.cache, progress=False, stages=stages)
+        org = build_organism(s.recipe, args.cache, progress=False, stages=stages)
         build_s = time.perf_counter() - t0
         benches = validation_benchmarks(s, org)
         row: dict[str, Any] = {"overrides": overrides, "build_s": round(build_s, 1)}

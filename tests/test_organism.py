@@ -37,7 +37,8 @@ def test_toy_demo_still_reachable(tmp_path: Path) -> None:
 def test_recipe_keys_are_content_keys() -> None:
     from safemerge.organism.recipe import LoraRecipe, OrganismRecipe
 
-    a, b = OrganismRecipe(), OrganismRecipe(task=LoraRecipe(samples=600, steps=151))
+    a = OrganismRecipe().resolved("float32")
+    b = OrganismRecipe(task=LoraRecipe(samples=600, steps=151)).resolved("float32")
     ka = a.stage_key("aligned")
     assert ka == b.stage_key("aligned")  # changing T's steps keeps A
     assert a.stage_key("task", ka) != b.stage_key("task", ka)

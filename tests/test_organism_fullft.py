@@ -26,6 +26,7 @@ TRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _keys(r: OrganismRecipe) -> tuple[str, ...]:
+    r = r.resolved("bfloat16")  # recipe 5 was built in bfloat16: "auto" resolved so keys as before
     ku = r.stage_key("unaligned")
     ka = r.stage_key("aligned", ku)
     return (ku, ka, *(r.stage_key(s, ka) for s in ("task", "safety", "safeinstr")))
@@ -40,15 +41,15 @@ def test_existing_stage_keys_and_recipe_dump_unchanged() -> None:
 
 
 def test_taskfull_key_is_its_recipe_plus_task_data_plus_aligned() -> None:
-    r = OrganismRecipe()
+    r = OrganismRecipe().resolved("bfloat16")
     ka = r.stage_key("aligned", r.stage_key("unaligned"))
     k = r.stage_key("taskfull", ka)
     assert k != r.stage_key("task", ka)
     assert k != r.stage_key("taskfull", "another-aligned")
-    other_lr = r.model_copy(update={"taskfull": FullTaskRecipe(learning_rate=3e-5)})
+    other_lr = r.model_copy(update={"taskfull": FullTaskRecipe(learning_rate=3e-5, precision="bfloat16")})
     assert other_lr.stage_key("taskfull", ka) != k
     assert _keys(other_lr) == _keys(r)  # T_full's recipe moves no other stage
-    other_data = r.model_copy(update={"task": LoraRecipe(samples=256, steps=64)})
+    other_data = r.model_copy(update={"task": LoraRecipe(samples=256, steps=64, precision="bfloat16")})
     assert other_data.stage_key("taskfull", ka) != k  # T's data is T_full's data
 
 

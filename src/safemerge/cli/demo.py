@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from safemerge.cli.common import run_guarded
-from safemerge.cli.organism import run_organism_demo
+from safemerge.cli.organism import PrecisionOption, run_organism_demo
 from safemerge.engine.report import print_summary
 from safemerge.organism.toy import run_toy_demo
 
@@ -43,6 +43,7 @@ def demo_command(
             "organism demo resumes in its directory and never empties it.",
         ),
     ] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
     then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.
@@ -53,7 +54,7 @@ def demo_command(
 
     def body() -> None:
         if not toy:
-            run_organism_demo(out, full=full, force=force, reduced=reduced, seeds=seeds)
+            run_organism_demo(out, full=full, force=force, reduced=reduced, seeds=seeds, precision=precision)
             return
 
         inputs, report = run_toy_demo(out, force=force)

@@ -12,11 +12,21 @@ from rich.console import Console
 
 from safemerge.cli.common import run_guarded
 from safemerge.common.errors import InputError
+from safemerge.common.precision import check_precision
 from safemerge.organism.build import build_organism
 from safemerge.organism.demo import DemoSettings
 from safemerge.organism.fullft import FullFtSettings, run_fullft_table
 from safemerge.organism.recipe import OrganismRecipe, reduced_recipe
 from safemerge.organism.seeds import run_demo
+
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        "--precision",
+        help="Training and generation precision: float32, bfloat16, or auto (default: $SAFEMERGE_DTYPE, "
+        'else whichever is faster on this machine; docs/organism.md, "Precision").',
+    ),
+]
 
 organism_app = typer.Typer(
     help="The CPU model organism: SmolLM2-135M aligned, fine-tuned and repaired (see docs/organism.md).",
@@ -39,6 +49,7 @@ def build_command(
         Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T; with --full-ft
     also T_full (a full fine-tune of A on the task)."""
@@ -46,8 +57,13 @@ def build_command(
     def body() -> None:
         stages = ("aligned", "task", "safety") + (("safeinstr",) if mix_safety else ())
         stages += ("taskfull",) if full_ft else ()
-        org = build_organism(reduced_recipe() if reduced else OrganismRecipe(), cache, not quiet, stages)
+        recipe = (reduced_recipe() if reduced else OrganismRecipe()).with_precision(
+            check_precision(precision, "--precision")
+        )
+        org = build_organism(recipe, cache, not quiet, stages)
         con = Console()
+        if org.precision is not None:
+            con.print(f"precision   : {org.precision.describe()}")
         con.print(f"unaligned U : {org.unaligned}")
         con.print(f"aligned A   : {org.aligned}")
         con.print(f"task T      : {org.task}")
@@ -79,6 +95,7 @@ def fullft_command(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No training or defence progress bars.")
     ] = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """SafeMERGE (τ 0.35, w 0.8/0.2), its scale-only control and merge-all on T_full, the organism's full
     fine-tune (built if needed), evaluated like the demo's rows; writes results.{md,json,csv} to OUT."""
@@ -87,6 +104,7 @@ def fullft_command(
         s = FullFtSettings(out=out, cache=cache, force=force, progress=not quiet)
         if reduced:
             s = replace(s, recipe=reduced_recipe(), task_limit=4, harm_limit=4, benign_limit=4)
+        s = replace(s, recipe=s.recipe.with_precision(check_precision(precision, "--precision")))
         run_fullft_table(s)
         typer.echo((out / "results.md").read_text(encoding="utf-8"))
 
@@ -94,11 +112,18 @@ def fullft_command(
 
 
 def run_organism_demo(
-    out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None, seeds: int = 1
+    out: Path,
+    full: bool,
+    force: bool,
+    reduced: bool = False,
+    cache: Path | None = None,
+    seeds: int = 1,
+    precision: str = "auto",
 ) -> None:
     """Run the organism demo for training seeds 0 … seeds − 1 and print its answers, tables and targets."""
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}")
+    check_precision(precision, "--precision")
     if reduced:
         s = DemoSettings(
             out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),
@@ -109,7 +134,8 @@ def run_organism_demo(
         s = DemoSettings.full(out, cache=cache, force=force)
     else:
         s = DemoSettings(out=out, cache=cache, force=force)
-    result = run_demo(replace(s, seeds=tuple(range(seeds))))
+    result = run_demo(replace(s, seeds=tuple(range(seeds)), recipe=s.recipe.with_precision(precision)))
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     met = sum(t["met"] for t in result["targets"])
-    typer.echo(f"targets met: {met}/{len(result['targets'])}; files in {out}")
+    dtype = result["settings"]["precision"]["dtype"]
+    typer.echo(f"targets met: {met}/{len(result['targets'])} (precision {dtype}); files in {out}")

@@ -33,6 +33,7 @@ from safemerge.common.errors import InputError
 from safemerge.common.guard import check_no_harmbench
 from safemerge.common.outdir import atomic_output_dir
 from safemerge.common.packaged import cache_root, smollm2_dir
+from safemerge.common.precision import PrecisionChoice, env_precision, resolve_precision
 from safemerge.evaluate.backends import TransformersBackend, chat_texts
 from safemerge.evaluate.runner import fixed_batches
 from safemerge.organism.data import prompt_sets
@@ -57,6 +58,7 @@ class Organism:
     safeinstr: Path
     timings: dict[str, float] = field(default_factory=dict)
     taskfull: Path | None = None  # T_full's place in the cache (built only when asked for)
+    precision: PrecisionChoice | None = None  # how the recipe's "auto" precision was resolved
 
     def validation_sets(self) -> dict[str, list[str]]:
         """Validation prompts (harmful, benign) of this recipe, disjoint from training and test."""
@@ -113,6 +115,16 @@ def set_threads() -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(n)
     return n
+
+
+def resolve_recipe(recipe: OrganismRecipe) -> tuple[OrganismRecipe, PrecisionChoice]:
+    """The recipe with its "auto" precision resolved for this machine (`resolve_precision`: the stages'
+    explicit precision, else `$SAFEMERGE_DTYPE`, else bfloat16 on a GPU that supports it, else the CPU
+    probe's choice at the current thread count; call `set_threads` first), and how it was chosen."""
+    env_precision()  # a bad $SAFEMERGE_DTYPE is an error even where an explicit precision wins
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = resolve_precision(recipe.requested_precision(), device)
+    return recipe.resolved(choice.dtype), choice
 
 
 def short_refusal(rng: random.Random) -> str:
@@ -184,7 +196,9 @@ def step_precision(precision: str, device: torch.device) -> contextlib.AbstractC
     whole loop would train on the initial weights' copies (measured: the loss did not fall)."""
     if precision == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"training precision {precision!r}: resolve the recipe first (resolve_recipe)")
 
 
 def train_loop(
@@ -262,9 +276,8 @@ def write_train_files(out: Path, examples: list[Example], losses: list[float], r
     write_jsonl(
         out / "train_data.jsonl", [{"prompt": p, "response": r, "complete": c} for p, r, c in examples]
     )
-    (out / "train_log.json").write_text(
-        json.dumps({"losses": losses, "recipe": recipe.model_dump()}), encoding="utf-8"
-    )
+    record = {"losses": losses, "precision": recipe.precision, "recipe": recipe.model_dump()}
+    (out / "train_log.json").write_text(json.dumps(record), encoding="utf-8")
 
 
 def build_aligned(recipe: OrganismRecipe, unaligned: Path, out: Path, progress: bool) -> None:
@@ -381,9 +394,10 @@ def build_organism(
     progress: bool = True,
     stages: tuple[str, ...] = ("aligned", "task", "safety", "safeinstr"),
 ) -> Organism:
-    """Build (or reuse) every stage of the organism; returns the paths."""
-    recipe = recipe or OrganismRecipe()
+    """Build (or reuse) every stage of the organism; returns the paths. The recipe's precision is
+    resolved first (`resolve_recipe`), so every stage is keyed by the precision it is trained in."""
     set_threads()
+    recipe, choice = resolve_recipe(recipe or OrganismRecipe())
     root = organism_root(cache)
     timings: dict[str, float] = {}
     ku = recipe.stage_key("unaligned")
@@ -421,5 +435,5 @@ def build_organism(
         _stage(where[name], name, todo[name], timings)
     return Organism(
         recipe, unaligned, aligned, paths["task"], paths["safety"], paths["safeinstr"], timings,
-        paths["taskfull"],
+        paths["taskfull"], choice,
     )  # fmt: skip

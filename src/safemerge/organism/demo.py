@@ -23,13 +23,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from safemerge.common.outdir import claim_output_dir
 from safemerge.common.packaged import cache_root
+from safemerge.common.precision import PrecisionChoice
 from safemerge.common.stats import Rate, at_least, at_most, wilson
 from safemerge.evaluate.benchmarks import Benchmark, Item
 from safemerge.evaluate.judges import KEYWORD_LABEL
@@ -58,7 +59,7 @@ from safemerge.experiment.results import (
     report_modules,
 )
 from safemerge.experiment.runner import execute
-from safemerge.organism.build import Organism, build_organism, set_threads
+from safemerge.organism.build import Organism, build_organism, resolve_recipe, set_threads
 from safemerge.organism.data import arithmetic_val
 from safemerge.organism.recipe import OrganismRecipe
 
@@ -101,7 +102,8 @@ class DemoSettings:
     val_limit: int | None = None  # cut the validation harmful/benign sets (tests only)
     validate_aligned: bool = False  # A on the validation sets too (informative only; --full)
     batch_size: int = 200  # one batch per set and variant: a decoding step cost ~0.2 s at width 64 here
-    dtype: str = "bfloat16"  # generation; 2.8x float32's speed on this CPU (docs/organism.md, "Speed")
+    dtype: str = "auto"  # generation; "auto": the recipe's precision once resolved (docs/organism.md)
+    precision: PrecisionChoice | None = None  # how that was resolved, at the start (`resolve_settings`)
     include_unaligned: bool = False
     seeds: tuple[int, ...] = (0,)  # training seeds of T, S and SafeInstr's T (A is built once)
     force: bool = False
@@ -465,7 +467,8 @@ def results_markdown(s: DemoSettings, report: DemoReport) -> str:
         "SmolLM2-135M-Instruct: U (unaligned) → A (aligned by full fine-tune) → T (arithmetic LoRA on A) "
         "→ defences. Test set: HarmBench test standard behaviours, the packaged benign over-refusal "
         "set, 3-digit arithmetic. Generation: greedy, "
-        f"{s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for the task.",
+        f"{s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for the task. "
+        f"{precision_sentence(s)}",
         "",
         "## Test set",
         "",
@@ -512,6 +515,7 @@ def settings_dict(s: DemoSettings) -> dict[str, Any]:
         "task_tokens": s.task_tokens,
         "task_limit": s.task_limit,
         "dtype": s.dtype,
+        "precision": s.precision.as_dict() if s.precision else None,
         "taus": list(s.taus),
         "weights": [list(w) for w in s.weights],
         "recipe": s.recipe.model_dump(),
@@ -627,12 +631,28 @@ def demo_report(
     return DemoReport(rows, validation_rows(result), row_name(chosen), rule, targets, timings)
 
 
+def resolve_settings(s: DemoSettings) -> DemoSettings:
+    """`s` with the recipe's precision resolved for this machine (once: a resolved `s` is returned as it
+    is) and generation in the same precision when `s.dtype` is "auto"."""
+    if s.precision is not None:
+        return s
+    recipe, choice = resolve_recipe(s.recipe)
+    return replace(s, recipe=recipe, dtype=choice.dtype if s.dtype == "auto" else s.dtype, precision=choice)
+
+
+def precision_sentence(s: DemoSettings) -> str:
+    """The results' line on precision: the organism's numbers depend on it (docs/organism.md)."""
+    trained = s.precision.describe() if s.precision else s.recipe.requested_precision()
+    return f"Precision: training {trained}; generation {s.dtype}."
+
+
 def run_seed(s: DemoSettings) -> DemoReport:
     """The demo for the one seed of `s.recipe` in `s.out` (built into the caller's output directory):
     build or reuse the organism, run the experiment, write this seed's results; returns its report."""
     t_start = time.perf_counter()
     prepare_out(s)
     threads = set_threads()
+    s = resolve_settings(s)
     org = build_organism(s.recipe, s.cache, s.progress)
     t_built = time.perf_counter()
     place_inputs(s, org)

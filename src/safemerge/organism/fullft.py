@@ -20,12 +20,13 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.common.packaged import cache_root
+from safemerge.common.precision import PrecisionChoice
 from safemerge.common.stats import Rate, paired_flips, wilson
 from safemerge.defenses import DefendConfig, defend
 from safemerge.evaluate.backends import TransformersBackend
@@ -33,7 +34,7 @@ from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.judges import KEYWORD_LABEL, KeywordJudge
 from safemerge.evaluate.runner import evaluate_loaded
 from safemerge.experiment.results import md_table, rate_dict, report_modules
-from safemerge.organism.build import Organism, build_organism, set_threads
+from safemerge.organism.build import Organism, build_organism, resolve_recipe, set_threads
 from safemerge.organism.recipe import OrganismRecipe
 
 HARM, BENIGN, TASK = "harmbench", "overrefusal", "arithmetic"  # the demo's test sets
@@ -56,7 +57,8 @@ class FullFtSettings:
     harm_limit: int | None = None  # None: all 159 HarmBench test standard behaviours
     benign_limit: int | None = None  # None: all 40 benign prompts
     batch_size: int = 200
-    dtype: str = "bfloat16"  # generation, as in the demo
+    dtype: str = "auto"  # generation; "auto": the organism's resolved precision, as in the demo
+    precision: PrecisionChoice | None = None  # the recipe's precision as resolved at the start
     force: bool = False
     progress: bool = True
 
@@ -187,7 +189,8 @@ def results_markdown(s: FullFtSettings, rows: list[FullFtRow], timings: dict[str
         "T_full: the aligned model A fully fine-tuned (attention + MLP projections) on T's arithmetic "
         "data; the defences merge S (the safety LoRA) into T_full's modules (docs/method.md §3.7). "
         f"Generation: greedy, {s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for "
-        "the task.",
+        f"the task. Precision: training {s.precision.describe() if s.precision else '?'}; generation "
+        f"{s.dtype}.",
         "",
         *md_table(header, body),
         "",
@@ -227,6 +230,8 @@ def write_results(s: FullFtSettings, rows: list[FullFtRow], timings: dict[str, A
             "task_limit": s.task_limit,
             "harm_limit": s.harm_limit,
             "benign_limit": s.benign_limit,
+            "precision": s.precision.as_dict() if s.precision else None,
+            "dtype": s.dtype,
             "taskfull_recipe": s.recipe.taskfull.model_dump(),
             "task_data": {"samples": s.recipe.task.samples, "seed": s.recipe.task.seed},
         },
@@ -252,6 +257,8 @@ def run_fullft_table(s: FullFtSettings) -> list[FullFtRow]:
     check_output_dir(s.out, s.force, inputs)  # fail before any work
     t0 = time.perf_counter()
     threads = set_threads()
+    recipe, choice = resolve_recipe(s.recipe)
+    s = replace(s, recipe=recipe, dtype=choice.dtype if s.dtype == "auto" else s.dtype, precision=choice)
     org = build_organism(s.recipe, s.cache, s.progress, ("safety", "taskfull"))
     assert org.taskfull is not None
     benches = table_benchmarks(s)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from safemerge.common.precision import check_precision
 
 # Bump when the build code changes what a stage produces, and with each new default recipe (the docs
 # name organisms by it); every stage key hashes it, so a bump rebuilds every stage.
@@ -22,8 +25,10 @@ class StepRecipe(BaseModel):
 
     `precision`: "bfloat16" runs each step's forward and backward under bfloat16 autocast (weights,
     gradients and optimizer state stay float32; the stage is saved in float32); "float32" runs
-    everything in float32. On CPUs with AVX512-BF16 or AMX a bfloat16 matrix product is ~4x a float32
-    one, and a step ~2x (docs/organism.md, "Speed"); on CPUs without them bfloat16 is emulated and slower.
+    everything in float32; "auto" is resolved once per run, before any stage is keyed, to the faster of
+    the two on this machine (`safemerge.common.precision`). On CPUs with AVX512-BF16 or AMX a bfloat16
+    step is ~2x a float32 one (docs/organism.md, "Speed"); on CPUs without them bfloat16 is emulated and
+    many times slower (docs/organism.md, "Precision").
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,7 +39,7 @@ class StepRecipe(BaseModel):
     warmup_steps: int
     schedule: Literal["constant", "linear"]
     max_length: int = 128
-    precision: Literal["bfloat16", "float32"] = "bfloat16"
+    precision: Literal["auto", "bfloat16", "float32"] = "auto"
     seed: int = 0
 
 
@@ -102,8 +107,41 @@ class OrganismRecipe(BaseModel):
             }
         )
 
+    def steps(self) -> tuple[StepRecipe, ...]:
+        """Every training stage's recipe: A's, T's, S's (SafeInstr trains with T's) and T_full's."""
+        return (self.aligned, self.task, self.safety, self.taskfull)
+
+    def requested_precision(self) -> str:
+        """The precision the stages ask for: their common value, or "auto" unless all agree."""
+        asked = {r.precision for r in self.steps()}
+        return asked.pop() if len(asked) == 1 else "auto"
+
+    def with_precision(self, precision: str) -> OrganismRecipe:
+        """This recipe with every stage set to `precision` (float32, bfloat16 or auto)."""
+        check_precision(precision, "precision")
+        return self._replace_steps(lambda r: precision)
+
+    def resolved(self, dtype: str) -> OrganismRecipe:
+        """This recipe with every stage's "auto" precision set to `dtype` (explicit ones kept): the form
+        stages are keyed and built by. With bfloat16 its keys are the bfloat16 recipe's keys as before
+        "auto" existed, so organisms built then are reused."""
+        if check_precision(dtype, "precision") == "auto":
+            raise ValueError("resolved() needs float32 or bfloat16, not 'auto'")
+        return self._replace_steps(lambda r: dtype if r.precision == "auto" else r.precision)
+
+    def _replace_steps(self, precision: Callable[[StepRecipe], str]) -> OrganismRecipe:
+        names = ("aligned", "task", "safety", "taskfull")
+        update = {
+            n: r.model_copy(update={"precision": precision(r)})
+            for n, r in zip(names, self.steps(), strict=True)
+        }
+        return self.model_copy(update=update)
+
     def stage_key(self, stage: str, upstream: str = "") -> str:
-        """Content key of one stage (12 hex digits)."""
+        """Content key of one stage (12 hex digits). The recipe must be `resolved`: the precision a stage
+        is trained in is part of its key, so bfloat16 and float32 stages never mix."""
+        if any(r.precision == "auto" for r in self.steps()):
+            raise ValueError("stage_key of a recipe whose precision is still 'auto': call resolved() first")
         part: dict[str, Any] = {"version": RECIPE_VERSION, "stage": stage, "upstream": upstream}
         if stage == "unaligned":
             pass  # the packaged model with an empty default system message

@@ -32,7 +32,9 @@ from safemerge.organism.demo import (
     Row,
     Target,
     organism_targets,
+    precision_sentence,
     prepare_out,
+    resolve_settings,
     results_table,
     run_seed,
     safemerge_targets,
@@ -267,7 +269,8 @@ def markdown(s: DemoSettings, rep: PooledReport) -> str:
         "",
         f"SmolLM2-135M-Instruct: U → A (aligned by full fine-tune) → T (arithmetic LoRA on A) → defences; "
         f"training seeds {seeds} (A is built once; T, S and SafeInstr's T per seed). Generation: greedy, "
-        f"{s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for the task.",
+        f"{s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for the task. "
+        f"{precision_sentence(s)}",
         "",
         "## The three questions (paired on the same prompts, pooled over seeds)",
         "",
@@ -395,6 +398,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     prepare_out(s)
     start = time.perf_counter()
     threads = set_threads()
+    s = resolve_settings(s)  # once, before any seed: every seed is trained and generated alike
     runs = [SeedRun(seed, run_seed(seed_settings(s, seed))) for seed in s.seeds]
     rows = pool_rows(runs)
     pooled = {r.key: r for r in rows}
