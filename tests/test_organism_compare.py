@@ -89,6 +89,8 @@ def test_pooling_and_pairing_against_safemerge_by_hand() -> None:
     assert c["task"].diff == pytest.approx(-3 / 8) and (c["task"].fixed, c["task"].broken) == (3, 0)
     assert c["refusal"].diff == pytest.approx(1 / 8)
     assert rows["resta"].met == "1/2" and rows["resta"].settings == "seed 0: resta-x0; seed 1: resta-x1"
+    runs[1].chosen["resta"] = "resta-x0"
+    assert pool(runs, ["resta"])[-1].settings == "resta-x0 (every seed)"
     assert winner(list(rows.values())).startswith("resta has the lowest pooled harmful rate")
     text = "\n".join(table(list(rows.values())))
     assert text.count("\n") == 5  # header, rule, four rows
@@ -98,6 +100,8 @@ def test_pooling_and_pairing_against_safemerge_by_hand() -> None:
 def test_safemerge_can_win() -> None:
     runs = [seed(0, {"aligned": ("0", "0", "1"), "task": ("1", "0", "1"), "safemerge": ("0", "0", "1"),
                      "resta": ("1", "0", "1")})]  # fmt: skip
+    assert winner(pool(runs, ["resta"])).startswith("SafeMERGE has the lowest")
+    runs[0].test["resta"]["harmful"] = events("0")  # a tie goes to SafeMERGE, the reference
     assert winner(pool(runs, ["resta"])).startswith("SafeMERGE has the lowest")
 
 

@@ -195,17 +195,30 @@ def pool(runs: list[SeedResult], names: list[str]) -> list[PooledDefence]:
                 )
                 for k in KINDS
             }
-        chosen = "; ".join(f"seed {r.seed}: {r.chosen[row]}" for r in runs) if row in runs[0].chosen else "—"
+        chosen = chosen_text(runs, row)
         met = f"{sum(r.met[row] for r in runs)}/{len(runs)}" if row in runs[0].met else "—"
         rows.append(PooledDefence(row, chosen, met, rates, paired))
     return rows
 
 
+def chosen_text(runs: list[SeedResult], row: str) -> str:
+    """The chosen setting: once when every seed chose it, else per seed ("—" for A and T)."""
+    if row not in runs[0].chosen:
+        return "—"
+    labels = [r.chosen[row] for r in runs]
+    if len(set(labels)) == 1:
+        return f"{labels[0]} (every seed)" if len(runs) > 1 else labels[0]
+    return "; ".join(f"seed {r.seed}: {label}" for r, label in zip(runs, labels, strict=True))
+
+
 def winner(rows: list[PooledDefence]) -> str:
     """The defence with the lowest pooled test harmful rate at matched utility, in words with its
-    pairing against SafeMERGE (ties: the higher task accuracy, then the name)."""
+    pairing against SafeMERGE (ties: the higher task accuracy, then SafeMERGE, then the name)."""
     defences = [r for r in rows if r.row not in FIXED_ROWS]
-    best = min(defences, key=lambda r: (r.rates["harmful"].rate.p, -r.rates["task"].rate.p, r.row))
+    best = min(
+        defences,
+        key=lambda r: (r.rates["harmful"].rate.p, -r.rates["task"].rate.p, r.row != REFERENCE_DEFENCE, r.row),
+    )
     h = best.rates["harmful"].rate
     if best.vs_safemerge is None:
         return f"SafeMERGE has the lowest pooled harmful rate at matched utility ({h.fmt()})."
