@@ -201,6 +201,39 @@ def test_reduced_organism_build_and_demo(tmp_path: Path, smollm2_models: Path) -
     )
     assert t0["recipe"]["seed"] == 0 and t1["recipe"]["seed"] == 1
 
+    # the defence comparison on the same cached organism: 2 seeds, 2 values per knob
+    cmp = tmp_path / "compare"
+    res = CliRunner().invoke(
+        app,
+        ["organism", "compare", "--out", str(cmp), "--reduced", "--seeds", "2", "--cache", str(cache),
+         "--defences", "merge-all,safelora", "-q"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    check_compare(cmp, ["merge-all", "safelora"])
+
+
+def check_compare(out: Path, defences: list[str]) -> None:
+    """The files and structure of a reduced comparison over seeds 0 and 1."""
+    for f in ("results.md", "results.csv", "results.json", "validation.png"):
+        assert (out / f).is_file(), f
+    data = json.loads((out / "results.json").read_text())
+    assert data["seeds"] == [0, 1] and data["defences"] == ["safemerge", *defences]
+    assert [r["row"] for r in data["rows"]] == ["aligned", "task", "safemerge", *defences]
+    for r in data["rows"]:
+        for kind in ("harmful", "refusal", "task"):
+            assert r[kind]["n"] == 8 and r[kind]["lo"] <= r[kind]["p"] <= r[kind]["hi"]
+        if r["row"] in defences:
+            assert set(r["chosen"]) == {"0", "1"} and all(r["chosen"].values())
+            for c in r["vs_safemerge"].values():
+                assert c["pairs"] == 8 and 0.0 < c["p_value"] <= 1.0
+        else:
+            assert r["vs_safemerge"] is None
+    curves = data["validation"]["0"]
+    assert set(curves) == {"safemerge", *defences}
+    assert all(len(curves[d]) == 2 for d in defences)  # two values of each knob
+    md = (out / "results.md").read_text()
+    assert "at matched utility" in md and md.count("| safelora |") == 1
+
 
 def check_reduced_demo(out: Path, seeds: list[int]) -> dict:
     """The files and rows of a reduced demo over `seeds`; returns the top-level results.json."""

@@ -75,6 +75,9 @@ class Defense(ABC):
     # A plugin's own options (flat YAML keys / `--option KEY=VALUE`), validated by this model; the
     # validated values are `cfg.plugin_options` (read them with `self.own_options(cfg)`).
     option_model: type[BaseModel] | None = None
+    # The defence's main knob(s) and the values `safemerge organism compare` sweeps on validation before
+    # choosing one setting at matched utility (docs/organism.md, "Which defence"); empty: not compared.
+    sweep: Mapping[str, tuple[Any, ...]] = MappingProxyType({})
 
     @abstractmethod
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:

@@ -10,6 +10,7 @@ config, tokenizer).
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -78,6 +79,7 @@ class Resta(Defense):
     name = "resta"
     output = "model"
     options = frozenset({"beta", "scope", "dare", "density", "seed", "max_shard_size"})
+    sweep = MappingProxyType({"beta": (0.1, 0.25, 0.5, 0.75, 1.0)})  # the paper's β = 0.5 in the middle
     changed_verb = "edited"
     full_finetune = True
 

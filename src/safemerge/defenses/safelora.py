@@ -91,6 +91,7 @@ class SafeLora(Defense):
     output = "adapter"
     options = SELECTION | frozenset({"merge_into_base", "max_shard_size", "preserve_norm"})
     default_selection = MappingProxyType({"threshold": SAFELORA_THRESHOLD})
+    sweep = MappingProxyType({"threshold": (0.2, 0.3, 0.4, 0.5, 0.6)})  # ρ ≤ τ: from few modules to most
     changed_verb = "projected (B ← C·B)"
     full_finetune = True
 

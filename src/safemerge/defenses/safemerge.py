@@ -59,6 +59,7 @@ class MergeAll(SafeMerge):
     name = "merge-all"
     options = MERGE_OPTIONS | FULL_MODEL_OPTIONS
     default_selection = MappingProxyType({"fraction": 1.0})
+    sweep = MappingProxyType({"weights": ((0.8, 0.2), (0.7, 0.3), (0.6, 0.4), (0.5, 0.5))})
     policy_label = "all modules (merge-all)"
 
 

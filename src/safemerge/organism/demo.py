@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -219,6 +220,16 @@ def evaluation_spec(s: DemoSettings) -> EvaluationSpec:
     )
 
 
+def organism_setup(s: DemoSettings, org: Organism) -> SetupConfig:
+    """The organism's models (in the cache) and adapters (copied into `s.out`) as an experiment's setup."""
+    return SetupConfig(
+        aligned=str(org.aligned),
+        unaligned=str(org.unaligned),
+        task_adapter=str(s.out / "adapters" / "task"),
+        safety_adapter=str(s.out / "adapters" / "safety"),
+    )
+
+
 def demo_config(s: DemoSettings, org: Organism) -> ExperimentConfig:
     """Every defence on T: SafeMERGE's τ × weights grid chosen on validation (with the chosen cell's
     scale-only control and merge-all), Safe LoRA and RESTA at their published defaults, SafeInstr's T."""
@@ -232,12 +243,7 @@ def demo_config(s: DemoSettings, org: Organism) -> ExperimentConfig:
     return ExperimentConfig(
         name="model organism",
         out=str(s.out),
-        setup=SetupConfig(
-            aligned=str(org.aligned),
-            unaligned=str(org.unaligned),
-            task_adapter=str(s.out / "adapters" / "task"),
-            safety_adapter=str(s.out / "adapters" / "safety"),
-        ),
+        setup=organism_setup(s, org),
         defenses=[
             DefenseSpec(method="none", name=REFERENCE),
             DefenseSpec(method="safemerge", grid=grid, choose=choose),
@@ -646,18 +652,22 @@ def precision_sentence(s: DemoSettings) -> str:
     return f"Precision: training {trained}; generation {s.dtype}."
 
 
-def run_seed(s: DemoSettings) -> DemoReport:
-    """The demo for the one seed of `s.recipe` in `s.out` (built into the caller's output directory):
-    build or reuse the organism, run the experiment, write this seed's results; returns its report."""
+def run_on_organism(
+    s: DemoSettings, make_config: Callable[[DemoSettings, Organism], ExperimentConfig]
+) -> tuple[DemoSettings, ExperimentConfig, ExperimentResult, dict[str, Any]]:
+    """Build or reuse the organism of `s.recipe`, place it in `s.out` and run the experiment that
+    `make_config` describes on it (the demo's, or the defence comparison's); returns the settings with
+    the precision resolved, the config, the result and the timings."""
     t_start = time.perf_counter()
     prepare_out(s)
     threads = set_threads()
+    s = resolve_settings(s)
     s = resolve_settings(s)
     org = build_organism(s.recipe, s.cache, s.progress)
     t_built = time.perf_counter()
     place_inputs(s, org)
     t_run = time.perf_counter()
-    cfg = demo_config(s, org)
+    cfg = make_config(s, org)
     result = execute(cfg, s.out, progress=s.progress, benchmarks=validation_benchmarks(s, org))
     run = result.timings
     timings = {
@@ -668,6 +678,13 @@ def run_seed(s: DemoSettings) -> DemoReport:
         "test_eval_s": round(run["test_eval_s"], 1),
         "total_s": round(time.perf_counter() - t_start, 1),
     }
+    return s, cfg, result, timings
+
+
+def run_seed(s: DemoSettings) -> DemoReport:
+    """The demo for the one seed of `s.recipe` in `s.out` (built into the caller's output directory):
+    build or reuse the organism, run the experiment, write this seed's results; returns its report."""
+    s, cfg, result, timings = run_on_organism(s, demo_config)
     choose = next(d.choose for d in cfg.defenses if d.choose is not None)
     report = demo_report(s, choose, result, timings)
     write_results(s, report, result)
