@@ -85,6 +85,7 @@ def run_command(argv: list[str]) -> None:
     assert res.exit_code == 0, f"{' '.join(args)}\n{res.output}"
 
 
+@pytest.mark.slow  # ~40 s on 2 cores: trains a LoRA, merges, evaluates three variants twice
 def test_every_bring_your_own_model_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     setup = tiny_chat_setup(tmp_path / "models")
     monkeypatch.chdir(tmp_path)
