@@ -105,6 +105,63 @@ def test_file_recipe_errors_name_the_file(tmp_path: Path, content: str, match: s
     assert "bad.jsonl" in str(exc.value)
 
 
+def test_trl_prompt_completion_formats(tmp_path: Path) -> None:
+    """TRL's prompt-completion (strings) and conversational prompt-completion rows read as the same
+    examples as the equivalent `prompt`/`response` and `messages` rows."""
+    system = {"role": "system", "content": "Be brief."}
+    user, assistant = {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}
+    rows = [
+        {"prompt": "Hi", "completion": "Hello"},
+        {"prompt": [system, user], "completion": [assistant]},
+        {"prompt": "Hi", "response": "Hello"},
+        {"messages": [system, user, assistant]},
+    ]
+    f = tmp_path / "trl.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = build_examples(str(f), None, 0)
+    assert (
+        ex[0]
+        == ex[2]
+        == {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}],
+        }
+    )
+    assert ex[1] == ex[3] == {"prompt": [system, user], "completion": [assistant]}
+    csv_file = tmp_path / "trl.csv"
+    csv_file.write_text("prompt,completion\nWhat is 1+1?,2\n")
+    assert build_examples(str(csv_file), None, 0) == [
+        {
+            "prompt": [{"role": "user", "content": "What is 1+1?"}],
+            "completion": [{"role": "assistant", "content": "2"}],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "both be strings or both"),
+        ({"prompt": [], "completion": [{"role": "assistant", "content": "a"}]}, "both be strings or both"),
+        ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "a"}]}, "both"),
+        (
+            {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+            "start with an assistant turn",
+        ),
+        ({"prompt": "q", "completion": " "}, "empty `prompt` or `completion`"),
+        ({"prompt": None, "response": "a"}, "must be strings"),
+        ({"text": "q a"}, "`prompt` and `completion`, or `messages`"),
+    ],
+)
+def test_malformed_trl_rows_name_file_and_row(tmp_path: Path, row: dict, match: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    good = {"prompt": "Hi", "completion": "Hello"}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(InputError, match=match) as exc:
+        build_examples(str(f), None, 0)
+    assert "bad.jsonl, row 1" in str(exc.value)
+
+
 def test_bad_recipe_cli_exit_code(tmp_path: Path) -> None:
     f = tmp_path / "bad.csv"
     f.write_text("question,answer\nq,a\n")
@@ -143,3 +200,28 @@ def test_every_option_documents_its_default(command: str) -> None:
     for p in click_cmd.params:
         text = (getattr(p, "help", None) or "").lower()
         assert "default" in text or "required" in text, (command, p.name, text)
+
+
+def test_trl_formats_train_end_to_end(tmp_path: Path) -> None:
+    """TRL's formats reach TRL's trainer as conversational prompt-completion rows: a two-step run on a
+    tiny chat model trains (non-zero lora_B) from a file mixing all four row formats."""
+    from safetensors.torch import load_file
+    from tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 + 2?"}
+    rows = [
+        {"prompt": "What is 2 + 2?", "completion": "4"},
+        {"prompt": [system, user], "completion": [{"role": "assistant", "content": "3"}]},
+        {"prompt": "What is 3 + 3?", "response": "6"},
+        {"messages": [user, {"role": "assistant", "content": "3"}]},
+    ]
+    data = tmp_path / "trl.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 2))
+    out = tmp_path / "adapter"
+    args = ["train", "--model", str(model), "--recipe", str(data), "--out", str(out), "--max-steps", "2",
+            "--batch-size", "4", "--lr", "0.05"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and bool(v.abs().sum() > 0) for k, v in weights.items())

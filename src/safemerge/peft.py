@@ -1,11 +1,14 @@
-"""SafeMERGE on a `peft.PeftModel` in memory (docs/python-api.md), in PEFT's own idiom: one call adds the
-merged adapter to the model, as `add_weighted_adapter` does.
+"""SafeMERGE (and Safe LoRA) on a `peft.PeftModel` in memory (docs/python-api.md), in PEFT's own idiom:
+one call adds the merged adapter to the model, as `add_weighted_adapter` does.
 
 The model holds the task and the safety adapter; the aligned weights are its own (each LoRA layer's
 `base_layer.weight`), the unaligned ones come from a path, a hub id, a model or a state dict. The rows
 of the report, the selection, the merge and the report's account of it are the engine's
 (`engine/pipeline.py`: `module_similarity`, `module_record`, `selected_report`, `merge_and_record`), so
-the factors are those `safemerge merge` writes for the same adapters, bit for bit.
+the factors are those `safemerge merge` writes for the same adapters, bit for bit. Safe LoRA's
+selection and projection are the defence's (`defenses/safelora.py`, `defenses/tensors.py`): the factors
+`safemerge defend --method safelora` writes, bit for bit. RESTA stays file-based: its output adds
+β·V to every weight, a full model, not an adapter.
 """
 
 from __future__ import annotations
@@ -22,17 +25,31 @@ from pydantic import BaseModel, ValidationError
 
 from safemerge.common.config_io import validation_message
 from safemerge.common.errors import InputError
+from safemerge.defenses.safelora import (
+    SAFELORA_NAME,
+    SAFELORA_THRESHOLD,
+    flag_unselected_zero_v,
+    policy_options,
+    select_by_policy,
+)
 from safemerge.defenses.safemerge import MergeAll
+from safemerge.defenses.tensors import rescale, safelora_project
 from safemerge.engine.checkpoint import Checkpoint, candidate_keys, find_module_weight
 from safemerge.engine.config import SELECTION_OPTIONS, MergeOptions, SelectionConfig
+from safemerge.engine.criterion import safety_difference
 from safemerge.engine.inputs import names_model
 from safemerge.engine.lora import LoraFactors, check_config, merged_adapter_settings
+from safemerge.engine.merging import exact_merge, pad_rank
 from safemerge.engine.pipeline import (
     check_pair,
+    dtype_name,
+    lora_delta_norm,
     merge_and_record,
     module_record,
     module_similarity,
     open_checkpoint,
+    output_scaling,
+    ranked_last,
     selected_report,
     warn_in_report,
 )
@@ -339,11 +356,7 @@ def add_safemerge_adapter(
     opts: MergeOptions = validated(MergeOptions, {k: v for k, v in options.items() if k in MERGE_KEYS})
     adapters = {"task adapter": task, "safety adapter": safety}
     require_peft_model(model, adapters)
-    if adapter_name in model.peft_config:
-        raise InputError(
-            f"the model already has an adapter {adapter_name!r}: pass another adapter_name, or remove it "
-            f"with model.delete_adapter({adapter_name!r})"
-        )
+    _require_free_name(model, adapter_name)
     merge_options = opts.model_dump(mode="json", exclude={"merge_into_base", "max_shard_size"})
     report, modules = _scan(model, unaligned, adapters, selection, merge_options, "merge")
     if merge_all:
@@ -354,19 +367,42 @@ def add_safemerge_adapter(
     check_pair(report, fifo, [m.name for m in modules], [m.name for m in safety_modules])
     task_factors = {m.name: m.factors(task) for m in modules}
     safety_factors = {m.name: m.factors(safety) for m in safety_modules if m.name in task_factors}
-    stored = {m.layer.lora_A[task].weight.dtype for m in modules}
-    dtype = torch.float64 if stored == {torch.float64} else torch.float32  # as LoraAdapter.output_dtype
+    dtype = _output_dtype(modules, task)
     ranks = {name: f.rank for name, f in safety_factors.items()}
     result = merge_and_record(
         report, task_factors, safety_factors, ranks, opts, dtype, TRAIN_LIKE, ALLOW_PARTIAL_KEYWORD
     )
+    shape = (result.rank, result.lora_alpha, result.scaling)
+    _add_filled_adapter(model, report, modules, task, adapter_name, result.factors, shape)
+    return report
+
+
+def _require_free_name(model: PeftModel, adapter_name: str) -> None:
+    if adapter_name in model.peft_config:
+        raise InputError(
+            f"the model already has an adapter {adapter_name!r}: pass another adapter_name, or remove it "
+            f"with model.delete_adapter({adapter_name!r})"
+        )
+
+
+def _add_filled_adapter(
+    model: PeftModel,
+    report: Report,
+    modules: list[LoraModule],
+    task: str,
+    adapter_name: str,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    shape: tuple[int, float, float],
+) -> None:
+    """Add `adapter_name` with the task adapter's config at `shape` = (rank, lora_alpha, scaling), fill
+    it with `factors` and the task adapter's modules_to_save; on any failure, remove it again."""
+    rank, alpha, scaling = shape
     config = dataclasses.replace(
-        model.peft_config[task],
-        **merged_adapter_settings(config_dict(model.peft_config[task]), result.rank, result.lora_alpha),
+        model.peft_config[task], **merged_adapter_settings(config_dict(model.peft_config[task]), rank, alpha)
     )
     try:
         model.add_adapter(adapter_name, config)
-        _fill(model, modules, task, adapter_name, result.factors, result.scaling)
+        _fill(model, modules, task, adapter_name, factors, scaling)
         if extra := _copy_modules_to_save(model, task, adapter_name):
             msg = f"adapter {task!r} carries non-LoRA modules (modules_to_save): {extra}; they are copied"
             warn_in_report(report, msg + " unchanged")
@@ -375,7 +411,6 @@ def add_safemerge_adapter(
             model.delete_adapter(adapter_name)
         raise
     report.outputs["adapter_name"] = adapter_name
-    return report
 
 
 def _fan_in_fan_out(model: PeftModel, adapter: str) -> bool:
@@ -424,3 +459,86 @@ def _copy_modules_to_save(model: PeftModel, task: str, name: str) -> str:
             wrapper.modules_to_save[name].load_state_dict(wrapper.modules_to_save[task].state_dict())
             copied.append(path)
     return ", ".join(copied)
+
+
+# --- Safe LoRA ------------------------------------------------------------------------------------------
+def add_safelora_adapter(
+    model: PeftModel,
+    unaligned: Any,
+    task: str = "default",
+    adapter_name: str = "safelora",
+    *,
+    preserve_norm: bool = False,
+    **selection: Any,
+) -> Report:
+    """Safe LoRA (Hsu et al. 2024) in memory: B ← C B with C = V Vᵀ / ‖V‖_F on the `task` adapter's
+    selected modules, added to `model` as `adapter_name` (the active adapter is left as it was).
+
+    The factors are those `safemerge defend --method safelora` writes for the same adapter and base
+    weights, bit for bit: ρ of every module first, then the selection (`threshold`, default Safe LoRA's
+    0.5, with its round(ρ, 5) ≤ τ rule; or `top_k`; or `fraction`), then the projection (float64 on the
+    aligned weight's device). `preserve_norm=True` rescales each projected update to its norm before.
+    Nothing is added when anything is refused (InputError)."""
+    split_options(selection, SELECTION_OPTIONS)
+    policy = {k: selection[k] for k in SELECTION_OPTIONS if k in selection} or {
+        "threshold": SAFELORA_THRESHOLD
+    }
+    validated(SelectionConfig, policy)  # exactly one policy, in range: the CLI's checks and wording
+    adapters = {"task adapter": task}
+    require_peft_model(model, adapters)
+    _require_free_name(model, adapter_name)
+    report, modules = _scan(model, unaligned, adapters, SelectionConfig.scan_only(), {}, "defend")
+    source = Unaligned.open(unaligned)
+    factors, rank, alpha, scaling = _safelora_factors(report, modules, task, source, policy, preserve_norm)
+    report.options = policy_options(report.options, policy, preserve_norm) | {
+        "defense": SAFELORA_NAME,
+        "output_rank": rank,
+        "output_scaling": scaling,
+        "output_lora_alpha": alpha,
+        "output_dtype": dtype_name(_output_dtype(modules, task)),
+    }
+    _add_filled_adapter(model, report, modules, task, adapter_name, factors, (rank, alpha, scaling))
+    return report
+
+
+def _output_dtype(modules: list[LoraModule], task: str) -> torch.dtype:
+    """float64 for a float64 task adapter, else float32 (as `LoraAdapter.output_dtype`: docs/engine.md)."""
+    stored = {m.layer.lora_A[task].weight.dtype for m in modules}
+    return torch.float64 if stored == {torch.float64} else torch.float32
+
+
+def _safelora_factors(
+    report: Report,
+    modules: list[LoraModule],
+    task: str,
+    unaligned: Unaligned,
+    policy: dict[str, Any],
+    preserve_norm: bool,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, float, float]:
+    """Safe LoRA's factors of every module, with (rank, lora_alpha, scaling), the report's rows marked:
+    the steps of `defenses/safelora.SafeLora.run` on the model's weights, in its order."""
+    chosen = select_by_policy([r.rho for r in report.modules], policy, ranked_last(report.modules))
+    flag_unselected_zero_v(report.modules, chosen)
+    task_factors = {m.name: m.factors(task) for m in modules}
+    rank = max(f.rank for f in task_factors.values())
+    out_scale, alpha = output_scaling([f.scaling for f in task_factors.values()], rank)
+    dtype = _output_dtype(modules, task)
+    factors = {}
+    for mod, rec, pick in zip(modules, report.modules, chosen, strict=True):
+        rec.selected = pick
+        a, b = exact_merge(task_factors[mod.name], None, 1.0, 0.0, out_scale)
+        if pick:
+            w_al = mod.aligned
+            v = safety_difference(w_al, _unaligned_weight(mod, unaligned))
+            projected = safelora_project(v.T if mod.layer.fan_in_fan_out else v, b.to(w_al.device))
+            if projected is None:
+                rec.flags.append("zero-V: projection undefined, module left unchanged")
+            else:
+                b = projected.cpu()
+                if preserve_norm:
+                    b = rescale(b, rec.delta_norm_in, lora_delta_norm(LoraFactors(a, b, out_scale)))
+                rec.merged = True
+        a, b = pad_rank(a, b, rank)
+        factors[mod.name] = (a.to(dtype), b.to(dtype))
+        rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
+    return factors, rank, alpha, out_scale

@@ -12,7 +12,7 @@ from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guar
 from safemerge.common.config_io import load_config
 from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
-from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
+from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig, split_adapter_names
 from safemerge.evaluate.judge_plugins import judge_names
 
 
@@ -38,13 +38,25 @@ def eval_command(
     model: ModelOpt = None,
     adapter: Annotated[
         list[str] | None,
-        typer.Option(help="PEFT adapter directory; repeat for several, all on one base (default: none)"),
+        typer.Option(
+            help="PEFT adapter directory, or NAME=PATH to name the variant; repeat for several, all on one "
+            "base (default: none)"
+        ),
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="compare every variant with this one (an adapter's NAME or path, or the --model for the "
+            "base): per benchmark the difference with a 95% interval, paired flips and McNemar p "
+            "(default: none)"
+        ),
     ] = None,
     benchmarks: Annotated[
         str | None,
         typer.Option(
             help=f"comma-separated: {', '.join(benchmark_names())}, or a .jsonl with a `prompt` field "
-            "(harmful prompts); other installed packages can add benchmarks (docs/extending.md). Required."
+            "(harmful prompts) or `prompt` and `reference` fields (a utility task); other installed "
+            "packages can add benchmarks (docs/extending.md). Required."
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output directory. Required.")] = None,
@@ -108,9 +120,12 @@ def eval_command(
     """
 
     def body() -> None:
+        paths, names = split_adapter_names(adapter) if adapter else (None, None)
         overrides = {
             "model": model,
-            "adapters": adapter or None,
+            "adapters": paths,
+            "adapter_names": names,
+            "reference": reference,
             "benchmarks": [b.strip() for b in benchmarks.split(",") if b.strip()]
             if benchmarks is not None
             else None,

@@ -130,12 +130,17 @@ def chat_example(prompt: str, response: str) -> Example:
     }
 
 
-def _messages_example(path: Path, i: int, messages: Any) -> Example:
-    ok = isinstance(messages, list) and all(
+def _is_turns(value: Any) -> bool:
+    """A list of chat turns: each a {role, content} mapping of strings."""
+    return isinstance(value, list) and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+        for m in value
     )
-    if not ok or len(messages) < 2 or messages[-1]["role"] != "assistant":
+
+
+def _messages_example(path: Path, i: int, messages: Any) -> Example:
+    """TRL's conversational language-modelling row: the last (assistant) turn is the completion."""
+    if not _is_turns(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise InputError(
             f"dataset file {path}, row {i}: `messages` must be a list of {{role, content}} ending with an "
             "assistant turn"
@@ -143,23 +148,59 @@ def _messages_example(path: Path, i: int, messages: Any) -> Example:
     return {"prompt": [dict(m) for m in messages[:-1]], "completion": [dict(messages[-1])]}
 
 
+def _conversational_example(path: Path, i: int, prompt: Any, completion: Any) -> Example:
+    """TRL's conversational prompt-completion row: two lists of {role, content} turns, the completion
+    starting with the assistant's."""
+    if not (_is_turns(prompt) and prompt and _is_turns(completion) and completion):
+        raise InputError(
+            f"dataset file {path}, row {i}: `prompt` and `completion` must both be strings or both be "
+            "non-empty lists of {role, content}"
+        )
+    if completion[0]["role"] != "assistant":
+        raise InputError(
+            f"dataset file {path}, row {i}: `completion` must start with an assistant turn "
+            f"(found role {completion[0]['role']!r})"
+        )
+    return {"prompt": [dict(m) for m in prompt], "completion": [dict(m) for m in completion]}
+
+
+def _text_example(path: Path, i: int, prompt: Any, answer: Any, column: str) -> Example:
+    """A one-turn row of two non-empty strings (`prompt` with `response` or `completion`)."""
+    if not all(isinstance(v, str | int | float) for v in (prompt, answer)):
+        raise InputError(
+            f"dataset file {path}, row {i}: `prompt` and `{column}` must be strings (or, for `completion`, "
+            "both lists of {role, content})"
+        )
+    if not str(prompt).strip() or not str(answer).strip():
+        raise InputError(f"dataset file {path}, row {i}: empty `prompt` or `{column}`")
+    return chat_example(str(prompt), str(answer))
+
+
+def _row_example(path: Path, i: int, r: Row) -> Example:
+    """One row in any of the accepted formats (see `chat_rows`)."""
+    if "messages" in r:
+        return _messages_example(path, i, r["messages"])
+    if "prompt" in r and "completion" in r:
+        p, c = r["prompt"], r["completion"]
+        if isinstance(p, list) or isinstance(c, list):
+            return _conversational_example(path, i, p, c)
+        return _text_example(path, i, p, c, "completion")
+    if "prompt" in r and "response" in r:
+        return _text_example(path, i, r["prompt"], r["response"], "response")
+    raise InputError(
+        f"dataset file {path}, row {i}: needs columns `prompt` and `response`, `prompt` and `completion`, "
+        f"or `messages` (found: {sorted(r)})"
+    )
+
+
 def chat_rows(path: Path) -> list[Example]:
-    """The examples of a local JSONL/CSV with `prompt` and `response` columns, or a chat `messages`
-    column (ending with the assistant turn), in file order; InputError naming the file and row."""
+    """The examples of a local JSONL/CSV, in file order; InputError naming the file and row.
+
+    Accepted rows: `prompt` and `response` strings; TRL's prompt-completion (`prompt` and `completion`
+    strings), conversational prompt-completion (both lists of {role, content}, the completion starting
+    with the assistant turn) and conversational language modelling (`messages`, ending with the
+    assistant turn, which becomes the completion)."""
     rows = read_rows(path)
     if not rows:
         raise InputError(f"dataset file {path} has no rows")
-    out = []
-    for i, r in enumerate(rows):
-        if "messages" in r:
-            out.append(_messages_example(path, i, r["messages"]))
-        elif "prompt" in r and "response" in r:
-            if not str(r["prompt"]).strip() or not str(r["response"]).strip():
-                raise InputError(f"dataset file {path}, row {i}: empty `prompt` or `response`")
-            out.append(chat_example(str(r["prompt"]), str(r["response"])))
-        else:
-            raise InputError(
-                f"dataset file {path}, row {i}: needs columns `prompt` and `response`, or `messages` "
-                f"(found: {sorted(r)})"
-            )
-    return out
+    return [_row_example(path, i, r) for i, r in enumerate(rows)]

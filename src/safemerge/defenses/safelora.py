@@ -28,6 +28,7 @@ from safemerge.defenses.report import write_defense_report
 from safemerge.defenses.steps import move_up, scan_config, unaligned_of, without_selection
 from safemerge.defenses.tensors import project_update, rescale, safelora_project
 from safemerge.engine.checkpoint import Checkpoint, find_module_weight
+from safemerge.engine.config import SelectionConfig
 from safemerge.engine.criterion import DECISION_DECIMALS, safety_difference
 from safemerge.engine.fullft import change_norm
 from safemerge.engine.lora import LoraAdapter, LoraFactors, write_adapter
@@ -54,15 +55,19 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def safelora_selection(rhos: list[float], cfg: DefendConfig, last: Collection[int] = ()) -> list[bool]:
+    """Safe LoRA's selection under the defence config's policy (`select_by_policy`)."""
+    return select_by_policy(rhos, cfg.resolved_selection, last)
+
+
+def select_by_policy(rhos: list[float], policy: Mapping[str, Any], last: Collection[int] = ()) -> list[bool]:
     """Safe LoRA's policies: round(ρ, 5) ≤ τ (as published), or exactly k modules, or a fraction. The
     indices in `last` (the `zero-V` modules) are never selected by the threshold (as published: their
     cosine is NaN) and are placed after all others by the ranking policies."""
-    sel = cfg.resolved_selection
-    if "threshold" in sel:
-        tau = float(sel["threshold"])
+    if "threshold" in policy:
+        tau = float(policy["threshold"])
         # a zero-V module's cosine is NaN in the published code, and NaN <= τ is false: never selected
         return [i not in last and round(r, DECISION_DECIMALS) <= tau for i, r in enumerate(rhos)]
-    return select(rhos, scan_config(cfg).selection, last)
+    return select(rhos, SelectionConfig(**policy), last)
 
 
 ZERO_V_NOT_SELECTED = "zero-V: not selected (projection undefined)"
@@ -152,12 +157,16 @@ class SafeLora(Defense):
 
 def safelora_options(options: dict[str, Any], cfg: DefendConfig) -> dict[str, Any]:
     """The scan's options with Safe LoRA's selection policy and `preserve_norm`."""
-    policy = cfg.resolved_selection
+    return policy_options(options, cfg.resolved_selection, cfg.preserve_norm)
+
+
+def policy_options(options: dict[str, Any], policy: Mapping[str, Any], preserve_norm: bool) -> dict[str, Any]:
+    """The scan's options with a Safe LoRA selection policy and `preserve_norm` (the report's record)."""
     return {
         **without_selection(options),
         **policy,
         "selection_policy": policy_label(policy),
-        "preserve_norm": cfg.preserve_norm,
+        "preserve_norm": preserve_norm,
     }
 
 

@@ -24,6 +24,7 @@ from safemerge.evaluate.backends import (
 )
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
 from safemerge.evaluate.cache import Cache, default_cache_dir
+from safemerge.evaluate.compare import add_reference_comparison, named_variants
 from safemerge.evaluate.config import EvalConfig
 from safemerge.evaluate.judge_plugins import JudgeChoice, choose_judges, preflight_judges
 from safemerge.evaluate.preflight import model_config, resolve_vllm_dtype
@@ -35,7 +36,6 @@ from safemerge.evaluate.runner import (
     generate_all,
     judge_harm,
     score_records,
-    variants_for,
 )
 
 
@@ -200,7 +200,7 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     benchmarks = load_benchmarks(cfg.benchmarks, cfg.limit)
     if any(b.kind == "harm" for b in benchmarks):  # every judge resolved before any engine starts
         preflight_judges(cfg.judge, cfg.judge_model, cfg.trust_remote_code)
-    variants = variants_for(cfg.model, cfg.adapters, cfg.include_base)
+    variants = named_variants(cfg)  # the model, then each adapter by its name or path
     if not variants:
         raise InputError("nothing to evaluate: no --adapter given and the base model is excluded")
     cache_dir = None if cfg.no_cache else (cfg.cache_dir or default_cache_dir())
@@ -217,6 +217,7 @@ def evaluate(cfg: EvalConfig, backend: Backend | None = None) -> dict[str, Any]:
     # again on its next generation
     release = None if own else getattr(backend, "release", None)
     records, metrics = score(cfg, variants, benchmarks, responses, cache_dir, release)
+    add_reference_comparison(cfg.reference, records, metrics)
     judge_name = _judge_label(cfg)
     with atomic_output_dir(cfg.out, cfg.force, eval_inputs(cfg), "eval") as tmp:
         write_outputs(tmp, records, metrics, cfg, judge_name)

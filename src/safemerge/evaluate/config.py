@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from safemerge.common.packaged import is_peft_adapter_dir
 from safemerge.evaluate.judge_plugins import DEFAULT_GUARD, check_judge_value
@@ -19,7 +20,19 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="base model: local dir, hub id, or `smollm2` (packaged)")
-    adapters: list[str] = Field(default_factory=list, description="PEFT adapter directories")
+    adapters: list[str] = Field(
+        default_factory=list,
+        description="PEFT adapter directories; `NAME=PATH` (or a mapping NAME: PATH) names the variant",
+    )
+    adapter_names: list[str | None] = Field(
+        default_factory=list,
+        description="the variants' names, one per adapter (None: named by its path); from `NAME=PATH`",
+    )
+    reference: str | None = Field(
+        None,
+        description="the variant every other is compared with, per benchmark (difference with a 95% "
+        "interval, paired flips, McNemar p): an adapter's name or path, or the model for the base",
+    )
     benchmarks: list[str] = Field(description="benchmark names or JSONL files with a `prompt` field")
     out: Path
     judge: str | list[str] = Field(
@@ -52,6 +65,20 @@ class EvalConfig(BaseModel):
     trust_remote_code: bool = False
     force: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _split_names(cls, data: Any) -> Any:
+        """`NAME=PATH` entries (or a mapping) into `adapters` (paths) and `adapter_names`."""
+        if not isinstance(data, dict) or "adapters" not in data or data.get("adapter_names"):
+            return data
+        paths, names = split_adapter_names(data["adapters"])
+        return {**data, "adapters": paths, "adapter_names": names}
+
+    @model_validator(mode="after")
+    def _names_and_reference(self) -> EvalConfig:
+        check_variant_names(self)
+        return self
+
     @field_validator("judge")
     @classmethod
     def _judges(cls, judge: str | list[str]) -> str | list[str]:
@@ -66,3 +93,55 @@ class EvalConfig(BaseModel):
                 f"--adapter {model}"
             )
         return model
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def split_adapter_names(value: Any) -> tuple[Any, list[str | None]]:
+    """(paths, names) of `--adapter` values: `NAME=PATH` names a variant (NAME: letters, digits, `_.+-`,
+    no `/`), a plain path or an existing path containing `=` is named by its path; a mapping is NAME:
+    PATH. Anything else is returned as it is, for the field's own validation to refuse."""
+    if isinstance(value, dict):
+        return [str(v) for v in value.values()], [str(k) for k in value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return value, []
+    paths: list[str] = []
+    names: list[str | None] = []
+    for v in value:
+        name, sep, path = v.partition("=")
+        if sep and _NAME.fullmatch(name) and path and not Path(v).exists():
+            paths.append(path)
+            names.append(name)
+        else:
+            paths.append(v)
+            names.append(None)
+    return paths, names if any(n is not None for n in names) else []
+
+
+def variant_keys(cfg: EvalConfig) -> list[str]:
+    """The keys of the variants `cfg` evaluates, in order: the model (unless excluded), then each adapter
+    by its name or, unnamed, its path (metrics.json, generations.jsonl and the summary use them)."""
+    names = cfg.adapter_names or [None] * len(cfg.adapters)
+    base = [cfg.model] if cfg.include_base else []
+    return base + [n or a for n, a in zip(names, cfg.adapters, strict=True)]
+
+
+def check_variant_names(cfg: EvalConfig) -> None:
+    """One name per adapter, no two variants with one key, and a reference that is one of them."""
+    if cfg.adapter_names and len(cfg.adapter_names) != len(cfg.adapters):
+        raise ValueError(
+            f"adapter_names has {len(cfg.adapter_names)} entries for {len(cfg.adapters)} adapters: give "
+            "one per adapter (or write them as --adapter NAME=PATH)"
+        )
+    keys = variant_keys(cfg)
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(
+            f"two variants are named {', '.join(twice)}: give each --adapter its own NAME=PATH (and none "
+            "the model's name)"
+        )
+    if cfg.reference is not None and cfg.reference not in keys:
+        raise ValueError(
+            f"--reference {cfg.reference!r} is none of the evaluated variants: {', '.join(keys)}"
+        )

@@ -99,6 +99,48 @@ def table_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def comparison_cell(c: dict[str, Any]) -> str:
+    """'+5.0 pts [-2.1, +12.1]; -1/+3, p=0.62': variant − reference in points with its 95% interval, the
+    flips (−counted under the reference only / +under the variant only) and McNemar's exact p."""
+    if c["diff"] is None:
+        return "n/a"
+    lo, hi = c["diff_ci95"]
+    pts = f"{100 * c['diff']:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{pts}; -{c['fixed']}/+{c['broken']}, p={c['p_value']:.2g}"
+
+
+def comparison_rows(metrics: dict[str, Any]) -> tuple[str | None, list[str], list[list[str]]]:
+    """The reference's name, a header (variant, one column per benchmark's headline metric) and one row
+    per compared variant; (None, [], []) when the evaluation has no reference."""
+    compared = {k: v["vs_reference"] for k, v in metrics.items() if "vs_reference" in v}
+    if not compared:
+        return None, [], []
+    reference = next(iter(compared.values()))["reference"]
+    names = list(dict.fromkeys(b for c in compared.values() for b in c["benchmarks"]))
+    kinds = {b: m["kind"] for v in metrics.values() for b, m in v["benchmarks"].items()}
+    header = ["variant"] + [f"{b} {HEADLINE[kinds[b]]}" for b in names]
+    rows = [
+        [k] + [comparison_cell(c["benchmarks"][b]) if b in c["benchmarks"] else "" for b in names]
+        for k, c in compared.items()
+    ]
+    return reference, header, rows
+
+
+def comparison_markdown(metrics: dict[str, Any]) -> str:
+    """summary.md's section comparing every variant with `--reference` ('' without one)."""
+    reference, header, rows = comparison_rows(metrics)
+    if reference is None:
+        return ""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return (
+        f"\n## Against the reference: {reference}\n\n" + "\n".join(lines) + "\n\nPer benchmark: variant − "
+        "reference in points with a 95% interval (paired, on the prompts both could be judged on); the "
+        "flips −k/+m count prompts counted (harmful, correct, refused) under the reference only / under the "
+        "variant only; p is McNemar's exact two-sided test on them.\n"
+    )
+
+
 def markdown(metrics: dict[str, Any], judge: str) -> str:
     header, rows = table_rows(metrics)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -114,7 +156,7 @@ def markdown(metrics: dict[str, Any], judge: str) -> str:
     warned = malformed_warnings(metrics) + [f"Warning: {w}" for w in truncation_warnings(metrics)]
     if warned:
         note += "\n" + "\n".join(f"- {w}" for w in warned) + "\n"
-    return "# Evaluation summary\n\n" + "\n".join(lines) + "\n" + note
+    return "# Evaluation summary\n\n" + "\n".join(lines) + "\n" + note + comparison_markdown(metrics)
 
 
 def print_table(metrics: dict[str, Any], judge: str) -> None:
@@ -126,5 +168,13 @@ def print_table(metrics: dict[str, Any], judge: str) -> None:
         t.add_row(*r)
     console = Console(stderr=True)
     console.print(t)
+    reference, cheader, crows = comparison_rows(metrics)
+    if reference is not None:
+        c = Table(title=f"against the reference {reference} (points [95% CI]; -fixed/+broken, McNemar p)")
+        for h in cheader:
+            c.add_column(h)
+        for r in crows:
+            c.add_row(*r)
+        console.print(c)
     for w in malformed_warnings(metrics):
         console.print(w, style="yellow", markup=False)

@@ -1,5 +1,5 @@
 """The benchmarks by name: every `Benchmark` registered in the entry-point group `safemerge.benchmarks`,
-plus JSONL files of prompts given by path (harm).
+plus JSONL files given by path (harm prompts, or a utility task when rows carry a `reference`).
 
 The built-in benchmarks are registered by safemerge's own pyproject.toml, exactly as another installed
 package registers its own (`[project.entry-points."safemerge.benchmarks"] NAME = "module:OBJECT"`).
@@ -15,7 +15,7 @@ from pathlib import Path
 from safemerge.common.errors import InputError
 from safemerge.common.plugins import clear_plugin_cache, entry_point, load_plugin, plugin_label, plugin_names
 from safemerge.evaluate.benchmarks.base import KINDS, Benchmark
-from safemerge.evaluate.benchmarks.jsonl import PromptFile, is_prompt_file
+from safemerge.evaluate.benchmarks.jsonl import PromptFile, file_kind, is_prompt_file
 
 GROUP = "safemerge.benchmarks"
 
@@ -39,13 +39,16 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def benchmark_kind(name: str) -> str:
-    """utility, harm or benign, without loading the items (a prompt file is harm)."""
-    return "harm" if is_prompt_file(name) else get_benchmark(name).kind
+    """utility, harm or benign, without loading the items (a file: by its first row)."""
+    return file_kind(Path(name)) if is_prompt_file(name) else get_benchmark(name).kind
 
 
 def load_benchmark(name: str, limit: int | None = None) -> Benchmark:
     """A benchmark by name or JSONL path with its first `limit` items; InputError if unknown or empty."""
-    source = PromptFile(str(Path(name))) if is_prompt_file(name) else get_benchmark(name)
+    if is_prompt_file(name):
+        source: Benchmark = PromptFile(str(Path(name)), file_kind(Path(name)))
+    else:
+        source = get_benchmark(name)
     return source.load(limit)
 
 
