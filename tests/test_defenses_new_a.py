@@ -253,7 +253,7 @@ def test_interpolate_alpha_one_is_the_task_adapter(env: dict[str, Path], tmp_pat
     ("sigma", "k"),
     [
         ([5.0], 1),  # H = 0, exp H = 1
-        ([1.0, 1.0, 1.0, 1.0], 4),  # uniform: exp H = 4 exactly (the guard keeps it from rounding to 5)
+        ([1.0, 1.0, 1.0, 1.0], 4),  # uniform: exp H = 4 exactly (the cap at n keeps it from rounding up to 5)
         ([3.0, 1.0], 2),  # p = (3/4, 1/4): exp H = 1.7548
         ([4.0, 2.0, 1.0, 1.0], 4),  # p = (1/2, 1/4, 1/8, 1/8): H = 1.75 ln 2, exp H = 2^1.75 = 3.364
         ([8.0, 1.0, 1.0], 2),  # p = (.8, .1, .1): exp H = 1.8946
@@ -274,7 +274,7 @@ def oracle_rank(sigma: np.ndarray) -> int:
     """The entropy rank written independently in NumPy (p over σ above round-off, k = ⌈exp H⌉)."""
     sigma = sigma[sigma > sigma.max() * 32 * np.finfo(np.float64).eps]
     p = sigma / sigma.sum()
-    return min(len(sigma), math.ceil(math.exp(-(p * np.log(p)).sum()) - 1e-9))
+    return min(len(sigma), math.ceil(math.exp(-(p * np.log(p)).sum())))
 
 
 def test_lssf_adds_the_entropy_rank_safety_component(env: dict[str, Path], tmp_path: Path) -> None:
@@ -316,6 +316,21 @@ def test_lssf_constructed_spectrum(env: dict[str, Path], tmp_path: Path) -> None
     before, after = dense_delta(env["task"]), dense_delta(tmp_path / "c")
     for m, d in before.items():
         torch.testing.assert_close(after[m], d + 0.5 * built[m], rtol=0, atol=1e-6)
+
+
+def test_lssf_conv1d_layout(tmp_path: Path) -> None:
+    """GPT-2 stores c_attn as d_in × d_out (fan_in_fan_out): V_k is taken of the Linear-layout Vᵀ."""
+    al, un = save_pair(tmp_path, "gpt2", torch.float32)
+    task = save_adapter(al, tmp_path / "task", seed=1, arch="gpt2", fan_in_fan_out=True)
+    env = {"aligned": al, "unaligned": un, "task": task}
+    defend(cfg_of(env, tmp_path / "g", "lssf", scale=0.4))
+    before, after = dense_delta(task), dense_delta(tmp_path / "g")
+    for m, d in before.items():
+        u, s, vh = np.linalg.svd(safety_vector(env, m).T, full_matrices=False)
+        k = oracle_rank(s)
+        v_k = torch.from_numpy((u[:, :k] * s[:k]) @ vh[:k])
+        assert d.shape == (96, 32)
+        torch.testing.assert_close(after[m], d + 0.4 * v_k, rtol=0, atol=1e-5)
 
 
 def test_lssf_full_finetune(env: dict[str, Path], tmp_path: Path) -> None:
@@ -440,5 +455,5 @@ def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> Non
     task = save_adapter(no_tokenizer, tmp_path / "task", seed=1)
     env = {**chat, "aligned": no_tokenizer, "unaligned": un, "task": task}
     code, out = cli(*oneshot_args(env, tmp_path / "w"))
-    assert code == 2 and "oneshot" in out
+    assert code == 2 and f"oneshot: cannot load the tokenizer of {no_tokenizer}" in out
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w"))

@@ -76,15 +76,15 @@ def nonzero_singular_values(sigma: torch.Tensor, shape: tuple[int, ...]) -> torc
 def entropy_rank(sigma: torch.Tensor) -> int:
     """k = ⌈exp H(p)⌉ with p = σ / Σσ over the given (nonzero) singular values, at most their number.
 
-    H is the Shannon entropy in nats; exp H is the effective rank (n for n equal σ, 1 for one σ). The
-    1e-9 guard keeps an exact integer effective rank from rounding up through floating-point error."""
+    H is the Shannon entropy in nats; exp H is the effective rank (n for n equal σ, 1 for one σ; the cap
+    at n also keeps n equal σ from rounding up to n + 1 through floating-point error)."""
     n = int(sigma.numel())
     if n == 0:
         return 0
     p = sigma.to(F64) / sigma.to(F64).sum()
     p = p[p > 0]
     h = float(-(p * p.log()).sum())
-    return min(n, max(1, math.ceil(math.exp(h) - 1e-9)))
+    return min(n, max(1, math.ceil(math.exp(h))))
 
 
 def safety_component(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

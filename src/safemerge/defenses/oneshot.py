@@ -71,12 +71,17 @@ def load_trainable(base: Path, adapter: Path, device: torch.device) -> tuple[Any
 
     try:
         tok = AutoTokenizer.from_pretrained(str(base))
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise InputError(f"oneshot: cannot load {adapter} onto {base}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(
+            f"oneshot: cannot load the tokenizer of {base} (the example needs it): {exc}"
+        ) from None
     if not getattr(tok, "chat_template", None):
         raise InputError(f"oneshot: the tokenizer of {base} has no chat template (needed for the example)")
+    try:
+        base_model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        model: Any = PeftModel.from_pretrained(base_model, str(adapter), is_trainable=True)
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise InputError(f"oneshot: cannot load {adapter} onto {base}: {exc}") from None
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return model.to(device).eval(), tok
@@ -93,7 +98,7 @@ def patch(model: Any, ids: list[int], start: int, steps: int, lr: float, seed: i
     losses = []
     for _ in range(steps):
         loss = model(input_ids=input_ids, labels=labels).loss
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
