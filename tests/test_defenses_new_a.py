@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
@@ -456,4 +457,12 @@ def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> Non
     env = {**chat, "aligned": no_tokenizer, "unaligned": un, "task": task}
     code, out = cli(*oneshot_args(env, tmp_path / "w"))
     assert code == 2 and f"oneshot: cannot load the tokenizer of {no_tokenizer}" in out
-    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w"))
+    plain = tmp_path / "plain"  # the chat model with its chat template removed
+    shutil.copytree(chat["aligned"], plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    code, out = cli(*oneshot_args({**chat, "aligned": plain}, tmp_path / "v"))
+    assert code == 2 and "has no chat template" in out, out
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w", "v"))
