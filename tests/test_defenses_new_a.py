@@ -466,3 +466,35 @@ def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> Non
     code, out = cli(*oneshot_args({**chat, "aligned": plain}, tmp_path / "v"))
     assert code == 2 and "has no chat template" in out, out
     assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w", "v"))
+
+
+def test_a_sketch_of_v_serves_interpolate_not_lssf(env: dict[str, Path], tmp_path: Path) -> None:
+    """interpolate uses ρ only for its report, so a sketch of V (`safemerge subspace`) will do; LSSF needs
+    V's singular vectors themselves and refuses a sketch (exit 2, nothing written)."""
+    sketch = tmp_path / "sketch"
+    res = CliRunner().invoke(
+        app,
+        [
+            "subspace",
+            "-a",
+            str(env["aligned"]),
+            "-u",
+            str(env["unaligned"]),
+            "-k",
+            "8",
+            "-o",
+            str(sketch),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    code, out = cli(
+        "-m", "interpolate", "--subspace", str(sketch), "-t", str(env["task"]), "-o", str(tmp_path / "i")
+    )
+    assert code == 0, out
+    for m, d in dense_delta(env["task"]).items():
+        torch.testing.assert_close(dense_delta(tmp_path / "i")[m], 0.5 * d, rtol=1e-6, atol=1e-7)
+    args = ["--subspace", str(sketch), "-a", str(env["aligned"]), "-t", str(env["task"])]
+    code, out = cli("-m", "lssf", *args, "-o", str(tmp_path / "l"))
+    assert code == 2 and "method lssf needs unaligned" in out, out
+    assert not (tmp_path / "l").exists()
