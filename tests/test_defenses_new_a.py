@@ -32,6 +32,7 @@ from typer.testing import CliRunner
 from safemerge.cli import app
 from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError
+from safemerge.common.packaged import harmbench_prompts
 from safemerge.defenses import DefendConfig, defend, defense_names, get_defense
 from safemerge.defenses import registry as defense_registry
 from safemerge.defenses.interpolate import interpolated
@@ -452,6 +453,10 @@ def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> Non
     assert code == 2 and "steps" in out
     code, out = cli(*oneshot_args({**chat, "calibration": tmp_path / "nope.jsonl"}, tmp_path / "z"))
     assert code == 2 and "nope.jsonl" in out
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(json.dumps({"prompt": harmbench_prompts()[0], "response": "No."}) + "\n")
+    code, out = cli(*oneshot_args({**chat, "calibration": leak}, tmp_path / "h"))
+    assert code == 2 and "leak.jsonl" in out
     no_tokenizer, un = save_pair(tmp_path / "pair")  # models without a tokenizer
     task = save_adapter(no_tokenizer, tmp_path / "task", seed=1)
     env = {**chat, "aligned": no_tokenizer, "unaligned": un, "task": task}
@@ -465,7 +470,7 @@ def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> Non
     (plain / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     code, out = cli(*oneshot_args({**chat, "aligned": plain}, tmp_path / "v"))
     assert code == 2 and "has no chat template" in out, out
-    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "w", "v"))
+    assert not any((tmp_path / d).exists() for d in ("x", "y", "z", "h", "w", "v"))
 
 
 def test_a_sketch_of_v_serves_interpolate_not_lssf(env: dict[str, Path], tmp_path: Path) -> None:
