@@ -17,8 +17,9 @@ import math
 import re
 import shutil
 import sys
+import tomllib
 from collections.abc import Iterator
-from importlib.metadata import entry_points
+from importlib.metadata import distribution
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +147,12 @@ def digest(folder: Path) -> dict[str, str]:
 
 # --- registration -------------------------------------------------------------------------------------
 def test_registered_by_safemerge_itself() -> None:
-    """pyproject.toml registers the three (runs once the package is reinstalled with them)."""
-    installed = {ep.name: ep.value for ep in entry_points(group="safemerge.defenses")}
+    """pyproject.toml registers the three; the installed metadata does once the package is reinstalled."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["project"]["entry-points"]["safemerge.defenses"]
+    assert {k: declared[k] for k in NEW} == NEW
+    eps = distribution("safemerge").entry_points
+    installed = {ep.name: ep.value for ep in eps if ep.group == "safemerge.defenses"}
     if not set(NEW) <= set(installed):
         pytest.skip("the installed safemerge metadata predates these defences (reinstall the package)")
     assert {k: installed[k] for k in NEW} == NEW
