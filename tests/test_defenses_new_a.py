@@ -172,6 +172,19 @@ def test_the_three_are_defences_with_their_options() -> None:
         assert cfg.settings() == {"method": name, **knob, "merge_into_base": False}
 
 
+def test_defend_help_describes_the_built_in_options() -> None:
+    """`--option`'s help lists the built-in defences' own options with their descriptions (computed when
+    the CLI is imported: here called again, since the test distribution registers them later)."""
+    from safemerge.cli.defend import own_options_help
+
+    text = own_options_help()
+    for name, knob in (("interpolate", "alpha"), ("lssf", "scale"), ("oneshot", "steps")):
+        model = get_defense(name).option_model
+        assert model is not None
+        field = model.model_fields[knob]
+        assert f"{knob}: {field.description}" in text.split(f"{name} — ", 1)[1]
+
+
 @pytest.mark.parametrize(
     ("method", "given", "message"),
     [
