@@ -203,7 +203,11 @@ def test_defend_help_describes_the_built_in_options() -> None:
         ("oneshot", {"lr": "inf"}, "lr"),
         ("oneshot", {"calibration_samples": 4}, "calibration_samples"),
         ("oneshot", {"calibration_max_length": 2}, "calibration_max_length"),
-        ("oneshot", {"task_model": "m"}, "takes a task LoRA only"),
+        (
+            "oneshot",
+            {"task_model": "m"},
+            r"oneshot takes a task LoRA only.*full fine-tunes: .*interpolate, lssf",
+        ),
     ],
 )
 def test_bad_options_are_rejected(method: str, given: dict[str, object], message: str) -> None:
