@@ -342,6 +342,14 @@ def test_lssf_constructed_spectrum(env: dict[str, Path], tmp_path: Path) -> None
         torch.testing.assert_close(after[m], d + 0.5 * built[m], rtol=0, atol=1e-6)
 
 
+def test_lssf_merge_into_base_writes_the_merged_model(env: dict[str, Path], tmp_path: Path) -> None:
+    defend(cfg_of(env, tmp_path / "m", "lssf", merge_into_base=True))
+    al, full = Checkpoint(env["aligned"]), Checkpoint(tmp_path / "m" / "full_model")
+    for m, d in dense_delta(tmp_path / "m").items():
+        key = find_module_weight(al, m)
+        torch.testing.assert_close(full.get(key).to(F64), al.get(key).to(F64) + d, rtol=0, atol=1e-6)
+
+
 def test_lssf_conv1d_layout(tmp_path: Path) -> None:
     """GPT-2 stores c_attn as d_in × d_out (fan_in_fan_out): V_k is taken of the Linear-layout Vᵀ."""
     al, un = save_pair(tmp_path, "gpt2", torch.float32)

@@ -83,6 +83,8 @@ class Interpolate(Defense):
             return self.run_full(cfg, tmp, out, progress)
         alpha = alpha_of(cfg)
         report, task, aligned = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
+        if cfg.merge.merge_into_base and aligned is None:  # a scan from a sketch needs no aligned model
+            raise InputError("merge_into_base needs the aligned model (`aligned`) to merge into")
         rank = max(task.rank(m) for m in task.lora_modules)
         out_scale, lora_alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: Factors = {}
@@ -107,9 +109,7 @@ class Interpolate(Defense):
             "output_lora_alpha": lora_alpha,
             "output_dtype": dtype_name(task.output_dtype()),
         }
-        if cfg.merge.merge_into_base and aligned is None:
-            raise InputError("merge_into_base needs the aligned model (`aligned`) to merge into")
-        # the aligned checkpoint is read only with merge_into_base (checked just above)
+        # the aligned checkpoint is read only with merge_into_base (checked above)
         shape = (rank, lora_alpha, out_scale)
         full = write_outputs(cfg, tmp, out, task, cast(Checkpoint, aligned), factors, shape, progress)
         report.outputs = {"adapter": str(out), "report": str(out / "safemerge_report.json")}
