@@ -37,8 +37,8 @@ from safemerge.engine.pipeline import (
 )
 from safemerge.engine.writer import write_model
 
-# The midpoint: equal weights for the model before and after fine-tuning (plain weight averaging), the
-# merge Farn et al. study first. It is this project's default, not a tuned value: sweep `alpha` with a grid.
+# The midpoint: equal weights for the models before and after fine-tuning (plain weight averaging). This
+# project's default, not a value taken from the paper or tuned: sweep `alpha` with a grid.
 DEFAULT_ALPHA = 0.5
 
 
