@@ -35,8 +35,24 @@ from safemerge.cli.common import (
     run_guarded,
 )
 from safemerge.common.config_io import load_config
-from safemerge.defenses import DefendConfig, defend, defense_names
+from safemerge.common.plugins import entry_point
+from safemerge.defenses import DefendConfig, defend, defense_names, get_defense
+from safemerge.defenses.registry import GROUP
 from safemerge.engine.report import print_summary
+
+
+def own_options_help() -> str:
+    """The built-in defences' own options (`--option KEY=VALUE`) with their descriptions. Only safemerge's
+    own defences are imported for this: another package's plugin is never loaded just to print help."""
+    parts = []
+    for name in defense_names():
+        if not entry_point(GROUP, name).value.startswith("safemerge."):
+            continue
+        model = get_defense(name).option_model
+        if model is not None:
+            fields = "; ".join(f"{k}: {f.description}" for k, f in model.model_fields.items())
+            parts.append(f"{name} — {fields}.")
+    return " ".join(parts)
 
 
 def defend_command(
@@ -132,7 +148,7 @@ def defend_command(
         typer.Option(
             "--option",
             help="KEY=VALUE: an option of a plugin defence's own (repeat for several; see "
-            "docs/extending.md). Default: none.",
+            f"docs/extending.md). Default: none. {own_options_help()}",
         ),
     ] = None,
     revision: RevisionOpt = None,

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from safemerge.common.config_io import FlatConfig
+from safemerge.common.errors import InputError
 from safemerge.defenses.registry import defense_names, get_defense
 from safemerge.engine.config import (
     SELECTION_OPTIONS,
@@ -108,7 +109,7 @@ class DefendConfig(FlatConfig):
         if self.inputs.task_model is not None and not defense.full_finetune:
             raise ValueError(
                 f"method {self.method} takes a task LoRA only, not a full fine-tune (task_model); the "
-                "defences for full fine-tunes: safemerge, merge-all, safelora, resta, none"
+                f"defences for full fine-tunes: {', '.join(full_finetune_defences())}"
             )
         for need in defense.needs:
             alts = (need, *defense.alternatives.get(need, ()))
@@ -138,6 +139,19 @@ class DefendConfig(FlatConfig):
     def settings(self) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags): the resolved options of the defence."""
         return get_defense(self.method).settings(self)
+
+
+def full_finetune_defences() -> list[str]:
+    """The registered defences that take a full fine-tune, for messages (a plugin that fails to load is
+    left out here; using it reports why)."""
+    names = []
+    for name in defense_names():
+        try:
+            if get_defense(name).full_finetune:
+                names.append(name)
+        except InputError:
+            continue
+    return names
 
 
 def _parse_pair(text: str) -> tuple[str, Any]:
