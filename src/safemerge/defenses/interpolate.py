@@ -12,6 +12,7 @@ No selection, no safety model: ρ is reported only (docs/defenses.md, "interpola
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import cast
 
 import torch
@@ -77,6 +78,7 @@ class Interpolate(Defense):
     changed_verb = "scaled (B ← α·B)"
     full_finetune = True
     option_model = InterpolateOptions
+    sweep = MappingProxyType({"alpha": (0.2, 0.4, 0.6, 0.8)})  # α = 1 is T itself, α = 0 is A
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
         if cfg.inputs.task_model is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -103,6 +104,7 @@ class Lssf(Defense):
     changed_verb = "fused with λ·V_k"
     full_finetune = True
     option_model = LssfOptions
+    sweep = MappingProxyType({"scale": (0.1, 0.25, 0.5, 1.0)})  # RESTA's β sweep, the same kind of knob
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
         if cfg.inputs.task_model is not None:

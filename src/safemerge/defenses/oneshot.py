@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -127,6 +128,7 @@ class OneShot(Defense):
     options = frozenset({"seed"})
     changed_verb = "patched (trained on one safety example)"
     option_model = OneShotOptions
+    sweep = MappingProxyType({"steps": (5, 15, 40)})  # ~3 s per step on the organism, one thread
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
         opts = OneShotOptions.model_validate(cfg.plugin_options)
