@@ -523,10 +523,10 @@ def judge_note(judge: str, keys: list[str]) -> str:
 
 
 def demo_judge_label(s: DemoSettings) -> str:
-    """The harm judges as the tables name them (the keyword judge's label when it runs alone)."""
-    if s.judges == ("keyword",):
-        return KEYWORD_LABEL
-    return judges_label(list(s.judges), EvaluationSpec.model_fields["judge_model"].default)
+    """The harm judges as the tables name them: the headline judge's label, then those reported beside it
+    (the keyword judge brings HarmBench's refusal-prefix rule along)."""
+    judge = s.judges[0] if len(s.judges) == 1 else list(s.judges)
+    return judges_label(judge, EvaluationSpec.model_fields["judge_model"].default)
 
 
 def judge_csv_header(keys: list[str]) -> list[str]:

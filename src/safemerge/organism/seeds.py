@@ -235,7 +235,7 @@ def compare_draws(runs: list[SeedRun], kind: str) -> PairedComparison:
     """SafeMERGE − random on `kind`: every draw paired with its own seed's SafeMERGE on the same prompts,
     all draws of all seeds pooled (SafeMERGE's outcomes repeat once per draw)."""
     pairs = [(_by_key(run)[SAFEMERGE], d) for run in runs for d in draws(run)]
-    return paired_comparison([m.events[kind] for m, _ in pairs], [d.events[kind] for _, d in pairs])
+    return paired_comparison([d.events[kind] for _, d in pairs], [m.events[kind] for m, _ in pairs])
 
 
 def say_d(c: PairedComparison, kind: str, other: str) -> str:
