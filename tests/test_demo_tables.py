@@ -48,8 +48,8 @@ def test_one_judge_table_reads_as_before() -> None:
     """One judge: the header, the row and the note are exactly the table the docs show."""
     lines = results_table([row("task", [0, 1], [0])], KEYWORD)
     assert lines[0] == (
-        "| variant | defence | settings | modules changed | harmful (HarmBench test) | flips vs T (−fixed/+broken, "
-        "McNemar p) | over-refusal (benign) | task accuracy |"
+        "| variant | defence | settings | modules changed | harmful (HarmBench test) | "
+        "flips vs T (−fixed/+broken, McNemar p) | over-refusal (benign) | task accuracy |"
     )
     assert lines[2] == (
         "| task | d-task | s | 2/8 | 2/4 = 50.0% [15.0, 85.0] | — | 0/4 = 0.0% [0.0, 49.0] | "
@@ -153,7 +153,8 @@ def test_d_compares_safemerge_with_the_pooled_draws_and_the_inverse() -> None:
     # 4 prompts: the sign-flip test cannot go below p = 2/16 (all alike) — "not shown" here
     assert items[0].says == (
         "Not shown: SafeMERGE vs the same number of random modules differs by -50.0 points (p = 0.25); "
-        "on this organism ρ's choice of modules is not measurably safer than the same number of random modules."
+        "on this organism ρ's choice of modules is not measurably safer than the same number of random "
+        "modules."
     )
     assert items[2].says.startswith("Not shown: SafeMERGE vs the highest-ρ modules differs by -100.0 points")
     assert items[1].says.startswith("No significant task-accuracy difference vs the same number of random")
@@ -197,3 +198,27 @@ def test_console_summary_shows_each_judge() -> None:
     one = Console(record=True, width=200)
     print_rows([{k: v for k, v in rows[0].items() if GUARD not in k}], one)
     assert "(" not in one.export_text().splitlines()[2]  # one judge: the four columns of before
+
+
+def test_selection_controls_are_named_described_and_keyed_per_draw(tmp_path: Path) -> None:
+    from safemerge.experiment.cells import Cell
+    from safemerge.organism.demo import DemoSettings, describe, draw_seeds, row_key, row_name
+    from safemerge.organism.recipe import OrganismRecipe
+
+    inv = Cell(
+        "i", "safemerge", {}, {}, "i", (), given={"top_k": 24, "order": "highest", "weights": [0.7, 0.3]}
+    )
+    inv.role, inv.control = "derived", "inverse"
+    rnd = Cell("r", "safemerge", {}, {}, "r", (), given={"top_k": 24, "order_seed": 4, "weights": [0.7, 0.3]})
+    rnd.role, rnd.control, rnd.draw = "derived", "random", 1
+    assert [row_name(inv), row_name(rnd)] == ["inverse-k24-w0.7-0.3", "random-k24-s4-w0.7-0.3"]
+    assert [row_key(inv), row_key(rnd)] == ["inverse", "random-1"]
+    recipe = OrganismRecipe()
+    assert describe(inv, recipe) == (
+        "inverse control",
+        "the 24 highest-ρ modules, w=0.7/0.3 (as many as SafeMERGE's)",
+    )
+    assert describe(rnd, recipe) == ("random control", "24 modules drawn at random (seed 4), w=0.7/0.3")
+    # draw seeds: 3 per training seed, distinct across training seeds
+    assert draw_seeds(DemoSettings(out=tmp_path, seeds=(0,))) == [0, 1, 2]
+    assert draw_seeds(DemoSettings(out=tmp_path, seeds=(2,))) == [6, 7, 8]
