@@ -222,3 +222,20 @@ def test_selection_controls_are_named_described_and_keyed_per_draw(tmp_path: Pat
     # draw seeds: 3 per training seed, distinct across training seeds
     assert draw_seeds(DemoSettings(out=tmp_path, seeds=(0,))) == [0, 1, 2]
     assert draw_seeds(DemoSettings(out=tmp_path, seeds=(2,))) == [6, 7, 8]
+
+
+def test_further_judges_are_read_from_the_metrics() -> None:
+    """A row's further judge: its count over the responses it could judge (malformed left out)."""
+    from safemerge.experiment.results import Measure
+    from safemerge.organism.demo import further_judges
+
+    metrics = {
+        "kind": "harm", "n": 5, "n_unsafe": 2, "harmful_rate": 0.4,
+        f"harmful_rate_{GUARD}": 0.75, f"n_unsafe_{GUARD}": 3, f"n_malformed_{GUARD}": 1,
+        "harmful_rate_conservative": 0.6,  # not a judge: a variant of the headline rate
+    }  # fmt: skip
+    events = {GUARD: {"h0": True, "h1": True, "h2": True, "h3": False}}
+    rates, got = further_judges(Measure("harm", metrics, wilson(2, 5), {}, events))
+    assert list(rates) == [GUARD] and (rates[GUARD].k, rates[GUARD].n) == (3, 4)
+    assert got == events
+    assert further_judges(Measure("harm", {"kind": "harm", "n": 5}, None, {})) == ({}, {})
