@@ -119,3 +119,20 @@ def test_default_selection_reads_as_before(env: dict[str, Path], tmp_path: Path)
     assert "order" not in cfg.settings() and "order_seed" not in cfg.settings()
     assert "order" not in merge_config_yaml(cfg.merge_config("x"))
     assert _cfg(env, tmp_path / "o", top_k=2, order="highest").settings()["order"] == "highest"
+
+
+def test_experiment_seeds_pool_each_draw_under_its_own_key() -> None:
+    """Over experiment seeds, the random control's draws keep distinct row keys (not one overwritten)."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from safemerge.experiment.cells import Cell
+    from safemerge.experiment.seeds import row_key
+
+    cfg = cast(Any, SimpleNamespace(defenses=[SimpleNamespace(name=None, method="safemerge")]))
+    keys = []
+    for control, draw in (("inverse", None), ("random", 0), ("random", 1)):
+        cell = Cell("x", "safemerge", {}, {}, "x", (), spec=0, control=control, role="derived")
+        cell.draw = draw
+        keys.append(row_key(cfg, cell))
+    assert keys == ["safemerge inverse", "safemerge random 0", "safemerge random 1"]
