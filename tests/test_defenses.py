@@ -416,8 +416,10 @@ _FULL = {"merge_into_base", "max_shard_size"}
 _INPUTS = {"task_model", "modules", "subspace", "ignore_fingerprint"}
 # Added after 0.1.0: partial merges are refused unless allowed (docs/engine.md, "Partial merges").
 _PARTIAL = {"allow_partial"}
+# Added later: the selection controls' order of a ranking policy (docs/defenses.md, "Selection controls").
+_ORDER = {"order", "order_seed"}
 APPLIES_0_1_0 = {
-    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL | _INPUTS | _PARTIAL | {"safety_model"},
+    "safemerge": _COMMON | _SELECTION | _MERGE | _FULL | _INPUTS | _PARTIAL | {"safety_model"} | _ORDER,
     "merge-all": _COMMON | _MERGE | _FULL | _INPUTS | _PARTIAL | {"safety_model"},
     "safelora": _COMMON | _SELECTION | _FULL | {"preserve_norm"} | _INPUTS,
     "resta": _COMMON | {"beta", "scope", "dare", "density", "seed", "max_shard_size"} | _INPUTS,

@@ -444,3 +444,35 @@ def test_bad_choices_fail_before_any_work(
     with pytest.raises(InputError, match=message):
         run_experiment(write(cfg, tmp_path / "bad.yaml"))
     assert not out.exists()
+
+
+def test_selection_controls_of_the_chosen_cell(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """`inverse` and `random` derived from the chosen cell: as many modules as it merged (here 2 of 4),
+    the highest-ρ ones or one seeded draw per `random_seeds`, merged with the chosen weights."""
+    out = tmp_path / "out"
+    cfg = choosing_config(inputs, out)
+    cfg["defenses"][1]["choose"].update(controls=["inverse", "random"], random_seeds=[5, 9])
+    cfg["evaluation"].update(include_unaligned=False, validate_also=[], limit=1)
+    result = run_experiment(write(cfg, tmp_path / "exp.yaml"), progress=False)
+    derived = [c for c in result.cells if c.role == "derived"]
+    assert [(c.control, c.draw) for c in derived] == [("inverse", None), ("random", 0), ("random", 1)]
+    assert [c.label for c in derived] == [
+        "safemerge inverse (top_k=2, weights=0.7/0.3)",
+        "safemerge random (top_k=2, order_seed=5, weights=0.7/0.3)",
+        "safemerge random (top_k=2, order_seed=9, weights=0.7/0.3)",
+    ]
+    reports = {
+        f"{c.control}{c.draw}": json.loads((out / "variants" / c.slug / "safemerge_report.json").read_text())
+        for c in [*derived, next(c for c in result.cells if c.role == "chosen")]
+    }
+    rho = {m["name"]: m["rho"] for m in reports["inverseNone"]["modules"]}
+    merged = {k: {m["name"] for m in r["modules"] if m["merged"]} for k, r in reports.items()}
+    assert merged["inverseNone"] == set(sorted(rho, key=rho.__getitem__)[-2:])
+    assert len(merged["random0"]) == len(merged["random1"]) == 2
+    from safemerge.engine.criterion import select_top_k
+
+    names = [m["name"] for m in reports["random0"]["modules"]]
+    for key, seed in (("random0", 5), ("random1", 9)):
+        drawn = select_top_k([rho[n] for n in names], 2, order="random", seed=seed)
+        assert merged[key] == {n for n, d in zip(names, drawn, strict=True) if d}
+    assert [r["label"] for r in rows(out)][-3:] == [c.label for c in derived]

@@ -247,29 +247,53 @@ def check_reduced_demo(out: Path, seeds: list[int]) -> dict:
     assert data["seeds"] == seeds and data["settings"]["seeds"] == seeds
     assert sorted({r["seed"] for r in data["rows"]}) == seeds
     roles = [p["name"] for p in data["pooled"]]
-    assert roles == ["aligned", "task", "safemerge", "control", "merge-all", "safelora", "resta", "safeinstr"]
+    # the selection controls exist where the chosen cell merged a module in every seed
+    merged = all(
+        int(r["modules_changed"].split("/")[0]) > 0 for r in data["rows"] if r["name"] in chosen_names(data)
+    )
+    controls = ["inverse", "random"] if merged else []
+    assert roles == [
+        "aligned",
+        "task",
+        "safemerge",
+        "control",
+        "merge-all",
+        *controls,
+        "safelora",
+        "resta",
+        "safeinstr",
+    ]
     for p in data["pooled"]:
+        draws = 3 if p["name"] == "random" else 1  # the random control: 3 draws per seed, pooled
         for kind in ("harmful", "refusal", "task"):
-            assert p[kind]["n"] == 4 * len(seeds) and p[kind]["prompts"] == 4
-            assert 4 <= p[kind]["n_eff"] <= 4 * len(seeds)
+            assert p[kind]["n"] == 4 * len(seeds) * draws and p[kind]["prompts"] == 4
+            assert 4 <= p[kind]["n_eff"] <= 4 * len(seeds) * draws
     asked = [(a["question"], a["variant"], a["reference"], a["measure"]) for a in data["answers"]]
+    d = [("d", "safemerge", other, kind) for other in controls for kind in ("harmful", "task")]
     assert asked == [
         ("a", "safemerge", "task", "harmful"),
         ("b", "safemerge", "control", "harmful"),
         ("c", "safemerge", "merge-all", "task"),
         ("c", "safemerge", "merge-all", "refusal"),
+        *d,
     ]
     for a in data["answers"]:
-        assert 0.0 < a["p_value"] <= 1.0 and a["pairs"] == 4 * len(seeds)
+        draws = 3 if a["reference"] == "random" else 1
+        assert 0.0 < a["p_value"] <= 1.0 and a["pairs"] == 4 * len(seeds) * draws
         assert a["ci95"][0] <= a["difference"] <= a["ci95"][1]
     md = (out / "results.md").read_text()
-    assert "## The three questions" in md and "## Pooled over seeds" in md
+    assert "questions (paired on the same prompts" in md and "## Pooled over seeds" in md
     for seed in seeds:
         assert f"## Seed {seed}" in md
     lines = (out / "results.csv").read_text().splitlines()
     assert lines[0].startswith("seed,variant,")
     assert sum(line.startswith("pooled,") for line in lines) == len(roles)
     return data
+
+
+def chosen_names(data: dict) -> set[str]:
+    """The chosen SafeMERGE row of every seed of a pooled results.json."""
+    return set(data["chosen"].values())
 
 
 def check_seed_dir(out: Path, tokenizer: Any) -> None:
@@ -290,7 +314,12 @@ def check_seed_dir(out: Path, tokenizer: Any) -> None:
     data = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in data["rows"]]
     chosen = data["chosen"]
-    fixed = ["control-t0.35-w0.8-0", "merge-all-w0.8-0.2", "safelora", "resta", "safeinstr"]
+    # the selection controls: as many modules as the chosen cell merged, 3 random draws (seeds 3s … 3s+2)
+    k = int(next(r for r in data["rows"] if r["name"] == chosen)["modules_changed"].split("/")[0])
+    seed = int(out.name.removeprefix("seed-"))
+    draws = [f"random-k{k}-s{3 * seed + i}-w0.8-0.2" for i in range(3)]
+    controls = [f"inverse-k{k}-w0.8-0.2", *draws] if k else []
+    fixed = ["control-t0.35-w0.8-0", "merge-all-w0.8-0.2", *controls, "safelora", "resta", "safeinstr"]
     assert names == ["aligned", "task", chosen, *fixed]
     for r in data["rows"]:
         assert r["harmful"]["n"] == 4 and r["over_refusal"]["n"] == 4 and r["task_accuracy"]["n"] == 4

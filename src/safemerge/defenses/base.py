@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from safemerge.common.config_io import plain_dump
-from safemerge.engine.config import DEFAULT_THRESHOLD, SELECTION_OPTIONS
+from safemerge.engine.config import DEFAULT_THRESHOLD, ORDER_OPTIONS, SELECTION_OPTIONS
 from safemerge.engine.report import Report
 
 if TYPE_CHECKING:
@@ -32,6 +32,9 @@ COMMON_OPTIONS = frozenset(
     | {"task_model", "modules", "subspace", "ignore_fingerprint"}
 )
 SELECTION = frozenset(SELECTION_OPTIONS)
+# The order a ranking policy takes modules in (lowest ρ, highest, or a seeded random draw): a defence that
+# lists these in `options` offers the selection controls (docs/defenses.md, "Selection controls").
+ORDER = frozenset(ORDER_OPTIONS)
 # Options that say how to write, or permit a value, not what is computed: left out of a defence's
 # `settings` (so an experiment cell's key does not depend on them).
 WRITE_OPTIONS = frozenset({"max_shard_size", "allow_any_weights"})
@@ -115,7 +118,8 @@ class Defense(ABC):
 
     def settings(self, cfg: DefendConfig) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags), for reports and experiment cells."""
-        keep = self.options - SELECTION - WRITE_OPTIONS - frozenset(self.needs) - self._alternative_inputs
+        keep = self.options - SELECTION - ORDER - WRITE_OPTIONS - frozenset(self.needs)
+        keep -= self._alternative_inputs
         data = {k: v for k, v in plain_dump(cfg).items() if k in keep}
         if self.selects:
             data.update(cfg.resolved_selection)

@@ -121,8 +121,10 @@ class DefendConfig(FlatConfig):
 
     @property
     def resolved_selection(self) -> dict[str, Any]:
-        """The selection policy as keyword arguments, with the defence's default when none is given."""
-        return self.selection.given() or dict(get_defense(self.method).default_selection)
+        """The selection policy as keyword arguments, with the defence's default when none is given, and
+        its `order` (and `order_seed`) when not the lowest ρ."""
+        policy = self.selection.given() or dict(get_defense(self.method).default_selection)
+        return {**policy, **self.selection.ordering()}
 
     def merge_config(self, out: str) -> MergeConfig:
         """The `safemerge merge` config of a safemerge / merge-all cell: the same groups, composed."""

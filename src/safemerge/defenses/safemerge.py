@@ -1,7 +1,9 @@
 """SafeMERGE and merge-all: the engine's `safemerge merge`, run as a defence.
 
 `safemerge` merges the selected modules (round(ρ,5) < τ, or top-k / fraction) with the safety LoRA;
-`merge-all` is the same merge on every module (the `fraction = 1` policy). The output is exactly what
+`merge-all` is the same merge on every module (the `fraction = 1` policy). With `order: highest` or
+`order: random` (and `top_k`), `safemerge` merges the highest-ρ modules or a seeded random draw instead:
+the selection controls of docs/defenses.md. The output is exactly what
 `safemerge merge` writes (a PEFT adapter, plus `full_model/` with `merge_into_base`; for a full fine-tune,
 `task_model`, the merged full model).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
-from safemerge.defenses.base import SELECTION, Defense, DefenseResult
+from safemerge.defenses.base import ORDER, SELECTION, Defense, DefenseResult
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import write_defense_report
 from safemerge.defenses.steps import move_up
@@ -32,7 +34,7 @@ class SafeMerge(Defense):
     needs = ("safety_adapter",)
     alternatives = MappingProxyType({"safety_adapter": ("safety_model",)})
     full_finetune = True
-    options = SELECTION | MERGE_OPTIONS | FULL_MODEL_OPTIONS
+    options = SELECTION | ORDER | MERGE_OPTIONS | FULL_MODEL_OPTIONS
     policy_label: str | None = None  # replaces the engine's selection policy in the report
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:

@@ -19,6 +19,8 @@ from safemerge.common.config_io import FlatConfig
 DEFAULT_THRESHOLD = 0.35  # the reference SafeMERGE setup
 DEFAULT_WEIGHTS = (0.8, 0.2)  # (w_task, w_safety) of the reference SafeMERGE setup
 SELECTION_OPTIONS = ("threshold", "top_k", "fraction")  # alternatives: one policy at a time
+ORDER_OPTIONS = ("order", "order_seed")  # which end a ranking policy takes modules from (the controls)
+Order = Literal["lowest", "highest", "random"]
 MergeMethod = Literal["linear", "ties", "dare_linear", "dare_ties"]
 
 
@@ -108,13 +110,23 @@ class RunOptions(BaseModel):
 class SelectionOptions(BaseModel):
     """Which modules to change: ρ below a threshold, the k lowest ρ, or the lowest-ρ fraction.
 
-    At most one policy; none given means the command's default (SafeMERGE: ρ < 0.35)."""
+    At most one policy; none given means the command's default (SafeMERGE: ρ < 0.35). The ranking
+    policies (top_k, fraction) take `order: highest` (the highest ρ: the inverse control) or
+    `order: random` with `order_seed` (a uniform draw of the same number: the random control) instead of
+    the lowest ρ (docs/defenses.md, "Selection controls"). Left at their defaults, the two keys are
+    left out of dumps, so configs and reports read as before."""
 
     model_config = ConfigDict(extra="forbid")
 
     threshold: float | None = Field(None, description="select modules with round(ρ, 5) < threshold")
     top_k: int | None = Field(None, description="select the k modules with the lowest ρ")
     fraction: float | None = Field(None, description="select the lowest-ρ fraction")
+    order: Order = Field(
+        "lowest",
+        description="top_k / fraction: take the lowest ρ, the highest ρ, or a seeded uniform random draw",
+        exclude_if=lambda v: v == "lowest",
+    )
+    order_seed: int | None = Field(None, description="order random: the draw's seed", exclude_if=omit_unset)
 
     @field_validator("threshold")
     @classmethod
@@ -142,11 +154,28 @@ class SelectionOptions(BaseModel):
         given = self.given()
         if len(given) > 1:
             raise ValueError(f"give only one of threshold, top_k, fraction (got {', '.join(given)})")
+        if self.order != "lowest" and (self.top_k is None and self.fraction is None):
+            raise ValueError(
+                f"order {self.order} ranks modules: give top_k or fraction with it (a threshold selects "
+                "ρ < τ whatever the order)"
+            )
+        if (self.order == "random") != (self.order_seed is not None):
+            raise ValueError(
+                "order random needs order_seed (the draw is reproducible per seed)"
+                if self.order == "random"
+                else f"order_seed applies to order random only (order is {self.order})"
+            )
         return self
 
     def given(self) -> dict[str, Any]:
         """The policy set explicitly, as keyword arguments ({} when none is)."""
         return {n: getattr(self, n) for n in SELECTION_OPTIONS if getattr(self, n) is not None}
+
+    def ordering(self) -> dict[str, Any]:
+        """`order` and `order_seed` as keyword arguments when not the default ({} for the lowest ρ)."""
+        if self.order == "lowest":
+            return {}
+        return {"order": self.order, **({"order_seed": self.order_seed} if self.order == "random" else {})}
 
 
 class SelectionConfig(SelectionOptions):
@@ -166,10 +195,15 @@ class SelectionConfig(SelectionOptions):
 
     @property
     def policy(self) -> str:
+        order = {
+            "lowest": "",
+            "highest": ", highest rho first",
+            "random": f", random draw seed {self.order_seed}",
+        }
         if self.top_k is not None:
-            return f"top-k (k={self.top_k})"
+            return f"top-k (k={self.top_k}{order[self.order]})"
         if self.fraction is not None:
-            return f"fraction ({self.fraction})"
+            return f"fraction ({self.fraction}{order[self.order]})"
         return f"threshold (rho < {self.threshold})"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -185,16 +186,42 @@ def select_threshold(rhos: list[float], tau: float) -> list[bool]:
     return [round(r, DECISION_DECIMALS) < tau for r in rhos]
 
 
-def select_top_k(rhos: list[float], k: int, last: Collection[int] = ()) -> list[bool]:
-    """Select the k modules with the lowest ρ (ties broken by module order).
+LOWEST, HIGHEST, RANDOM = "lowest", "highest", "random"  # the orders a ranking policy takes modules in
+ORDERS = (LOWEST, HIGHEST, RANDOM)
 
-    `last`: indices ranked after every other module whatever their ρ — the `zero-V` modules, whose ρ = 0
-    is a convention, not a measurement (docs/method.md §3.3): they take a place only when fewer than k
-    other modules exist, so k measured modules are chosen whenever there are k.
+
+def rank_modules(
+    rhos: list[float], order: str = LOWEST, seed: int | None = None, last: Collection[int] = ()
+) -> list[int]:
+    """Module indices in the order a ranking policy (top-k, fraction) takes them.
+
+    `lowest`: ascending ρ (SafeMERGE); `highest`: descending ρ (the inverse control); `random`: a uniform
+    permutation drawn from `random.Random(seed)` (the random control; the same seed, the same draw). Ties
+    are broken by module order. `last`: indices ranked after every other module whatever the order — the
+    `zero-V` modules, whose ρ = 0 is a convention, not a measurement (docs/method.md §3.3).
     """
     at_end = set(last)
-    order = sorted(range(len(rhos)), key=lambda i: (i in at_end, rhos[i], i))
-    chosen = set(order[: max(0, min(k, len(rhos)))])
+    n = len(rhos)
+    if order == LOWEST:
+        return sorted(range(n), key=lambda i: (i in at_end, rhos[i], i))
+    if order == HIGHEST:
+        return sorted(range(n), key=lambda i: (i in at_end, -rhos[i], i))
+    if order != RANDOM:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)} (got {order!r})")
+    if seed is None:
+        raise ValueError("order random needs a seed (the draw is reproducible per seed)")
+    drawn = list(range(n))
+    random.Random(seed).shuffle(drawn)
+    return sorted(drawn, key=lambda i: i in at_end)  # stable: the draw's order within each group
+
+
+def select_top_k(
+    rhos: list[float], k: int, last: Collection[int] = (), order: str = LOWEST, seed: int | None = None
+) -> list[bool]:
+    """Select the first k modules of `rank_modules(rhos, order, seed, last)`: by default the k lowest ρ
+    (ties broken by module order), with `last` (the `zero-V` modules) taking a place only when fewer than
+    k other modules exist, so k measured modules are chosen whenever there are k."""
+    chosen = set(rank_modules(rhos, order, seed, last)[: max(0, min(k, len(rhos)))])
     return [i in chosen for i in range(len(rhos))]
 
 
@@ -203,9 +230,16 @@ def fraction_count(n: int, fraction: float) -> int:
     return min(n, math.ceil(fraction * n - 1e-9))
 
 
-def select_fraction(rhos: list[float], fraction: float, last: Collection[int] = ()) -> list[bool]:
-    """Select the lowest-ρ fraction of modules (⌈fraction · n⌉ of them; `last` as in `select_top_k`)."""
-    return select_top_k(rhos, fraction_count(len(rhos), fraction), last)
+def select_fraction(
+    rhos: list[float],
+    fraction: float,
+    last: Collection[int] = (),
+    order: str = LOWEST,
+    seed: int | None = None,
+) -> list[bool]:
+    """Select ⌈fraction · n⌉ modules, by default the lowest-ρ ones (`last`, `order`, `seed` as in
+    `select_top_k`)."""
+    return select_top_k(rhos, fraction_count(len(rhos), fraction), last, order, seed)
 
 
 # --- full fine-tunes: ρ of a dense update ΔW = W_task − W_al (docs/method.md §3.7) -----------------

@@ -97,17 +97,18 @@ def module_similarity(
 def select(rhos: list[float], selection: SelectionConfig, last: Collection[int] = ()) -> list[bool]:
     """Apply the configured selection policy to a list of ρ. The ranking policies (top-k, fraction) rank
     the indices in `last` (the `zero-V` modules, see `ranked_last`) after all others; the threshold
-    policy compares every ρ with τ as it is. A k above the number of modules is refused (InputError):
-    it would silently select them all."""
+    policy compares every ρ with τ as it is. `order` / `order_seed` (top-k and fraction only) take the
+    highest ρ or a seeded random draw instead of the lowest: the selection controls. A k above the
+    number of modules is refused (InputError): it would silently select them all."""
     if selection.top_k is not None:
         if selection.top_k > len(rhos):
             raise InputError(
                 f"top_k {selection.top_k} is more than the {len(rhos)} modules scanned: give --top-k between "
                 f"1 and {len(rhos)} (or --fraction 1 for every module)"
             )
-        return select_top_k(rhos, selection.top_k, last)
+        return select_top_k(rhos, selection.top_k, last, selection.order, selection.order_seed)
     if selection.fraction is not None:
-        return select_fraction(rhos, selection.fraction, last)
+        return select_fraction(rhos, selection.fraction, last, selection.order, selection.order_seed)
     assert selection.threshold is not None
     return select_threshold(rhos, selection.threshold)
 

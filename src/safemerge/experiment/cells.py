@@ -74,6 +74,7 @@ class Cell:
     role: str = "row"  # row | candidate | chosen | derived (module docstring)
     spec: int | None = None  # index of the defence in cfg.defenses (None: aligned / unaligned rows)
     control: str | None = None  # derived cells: which control of the chosen cell
+    draw: int | None = None  # the `random` control: which draw (index into choose.random_seeds)
     validates: bool = False  # evaluated on the validation benchmarks too
 
     def __post_init__(self) -> None:
@@ -245,12 +246,17 @@ def derive_cells(cfg: ExperimentConfig, out: Path, chosen: Cell) -> list[Cell]:
     """The controls `choose.controls` asks for, built from the chosen cell's settings.
 
     `scale-only`: the chosen cell with safety weight 0 (the same modules shrunk, no safety LoRA);
-    `merge-all`: the chosen weights (and merge options) on every module."""
+    `merge-all`: the chosen weights (and merge options) on every module; `inverse` and `random`: the
+    chosen merge on as many modules as the chosen cell merged, the highest-ρ ones or one seeded uniform
+    draw per `choose.random_seeds` (`selection_control_cells`)."""
     assert chosen.spec is not None and chosen.defend is not None
     spec = cfg.defenses[chosen.spec]
     assert spec.choose is not None
     out_cells = []
     for control in spec.choose.controls:
+        if control in ("inverse", "random"):
+            out_cells += selection_control_cells(cfg, out, chosen, control)
+            continue
         where = f"defenses[{chosen.spec}] ({spec.method}), {control} of {chosen.label!r}"
         if control == "scale-only":
             w_task = chosen.defend.model_dump()["weights"][0]  # the resolved weights (flat dump)
@@ -268,6 +274,46 @@ def derive_cells(cfg: ExperimentConfig, out: Path, chosen: Cell) -> list[Cell]:
         cell.role, cell.control = "derived", control
         out_cells.append(cell)
     return out_cells
+
+
+def chosen_count(out: Path, chosen: Cell) -> int:
+    """How many modules the chosen cell merged (its variant's report, written before the choice)."""
+    path = variant_dir(out, chosen) / "safemerge_report.json"
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["summary"]["merged"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise InputError(f"{chosen.label}: cannot read how many modules it merged from {path}") from None
+
+
+def selection_control_cells(cfg: ExperimentConfig, out: Path, chosen: Cell, control: str) -> list[Cell]:
+    """The selection controls of the chosen cell: its merge (weights and merge options) on k modules,
+    k = the number it merged — `inverse`: the k highest-ρ modules (`order: highest`); `random`: one
+    uniform draw of k per seed of `choose.random_seeds` (`order: random`). None when it merged nothing
+    (the control would be the task adapter itself)."""
+    assert chosen.spec is not None
+    spec = cfg.defenses[chosen.spec]
+    assert spec.choose is not None
+    k = chosen_count(out, chosen)
+    if k == 0:
+        return []
+    base = {key: v for key, v in chosen.given.items() if key not in SELECTION_KEYS}
+    kept = {key: v for key, v in chosen.point.items() if key not in SELECTION_KEYS}
+    draws: list[tuple[int | None, dict[str, Any]]] = (
+        [(None, {"order": "highest"})]
+        if control == "inverse"
+        else [(i, {"order": "random", "order_seed": s}) for i, s in enumerate(spec.choose.random_seeds)]
+    )
+    cells = []
+    for draw, order in draws:
+        fields = {**base, "top_k": k, **order}
+        point = {"top_k": k, **({"order_seed": order["order_seed"]} if draw is not None else {}), **kept}
+        name = f"{chosen.name} {control}"
+        where = f"defenses[{chosen.spec}] ({spec.method}), {control} of {chosen.label!r}"
+        cell = defence_cell(cfg, out, "safemerge", _label(name, point), fields, where)
+        cell.point, cell.name, cell.given, cell.spec = point, name, fields, chosen.spec
+        cell.role, cell.control, cell.draw = "derived", control, draw
+        cells.append(cell)
+    return cells
 
 
 def _safeinstr_cell(cfg: ExperimentConfig, label: str, fields: dict[str, Any], where: str) -> Cell:

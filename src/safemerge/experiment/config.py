@@ -24,7 +24,8 @@ from safemerge.evaluate.judge_plugins import check_judge_value
 
 # Training-time baselines the runner trains itself; every other method is a registered defence.
 TRAINING_METHODS = ("safeinstr",)
-Control = Literal["scale-only", "merge-all"]
+Control = Literal["scale-only", "merge-all", "inverse", "random"]
+DEFAULT_RANDOM_SEEDS = (0, 1, 2)  # the `random` control's draws
 # SafeMERGE's validation choice in the demo: lose at most 3 points of task accuracy and add at most
 # 5 points of over-refusal against the reference row (the task adapter); docs/organism.md.
 DEFAULT_MAX_UTILITY_DROP = 0.03
@@ -63,8 +64,21 @@ class ChooseSpec(BaseModel):
     controls: list[Control] = Field(
         default_factory=list,
         description="cells derived from the chosen one (safemerge only): `scale-only` = same modules, "
-        "safety weight 0; `merge-all` = the chosen weights on every module",
+        "safety weight 0; `merge-all` = the chosen weights on every module; `inverse` = as many modules "
+        "as the chosen cell merged, the highest-ρ ones; `random` = as many, drawn at random (one cell "
+        "per seed of `random_seeds`), merged the same way",
     )
+    random_seeds: list[int] = Field(
+        default_factory=lambda: list(DEFAULT_RANDOM_SEEDS),
+        description="the `random` control: one seeded draw (one cell) per seed",
+    )
+
+    @field_validator("random_seeds")
+    @classmethod
+    def _draws(cls, seeds: list[int]) -> list[int]:
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError(f"random_seeds: need distinct non-negative seeds, at least one (got {seeds})")
+        return seeds
 
 
 class SetupConfig(BaseModel):

@@ -582,17 +582,35 @@ def print_cells(cfg: ExperimentConfig, cells: list[Cell], console: Console) -> N
 
 
 def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
-    """The results table on the console (headline metrics only)."""
+    """The results table on the console: the mean headline rates and, with several judges, each further
+    judge's mean harmful rate in a column of its own (`harmful % (judge)`, as results.md names them)."""
+    judges = further_judges(rows)
     table = Table(title="results")
     table.add_column("defence")
     table.add_column("changed", justify="right")
     table.add_column("utility %", justify="right")
     table.add_column("harmful %", justify="right")
+    for k in judges:
+        table.add_column(f"harmful % ({k})", justify="right")
     for r in rows:
         table.add_row(
             r["label"] + (" ★" if r.get("pareto") else ""),
             "" if r["modules_changed"] is None else str(r["modules_changed"]),
             _pct(r["utility"]),
             _pct(r["harm"]),
+            *(_pct(judge_mean(r, k)) for k in judges),
         )
     console.print(table)
+
+
+def further_judges(rows: list[dict[str, Any]]) -> list[str]:
+    """The further judges of the table's rows (keys of their `<bench>_harmful_rate_<judge>` columns)."""
+    marker = "_harmful_rate_"
+    return list(dict.fromkeys(k.split(marker, 1)[1] for r in rows for k in r if marker in k))
+
+
+def judge_mean(row: dict[str, Any], judge: str) -> float | None:
+    """A further judge's harmful rate averaged over the harm benchmarks it judged (None without any):
+    the `harmful %` column's mean, by that judge."""
+    rates = [v for k, v in row.items() if k.endswith(f"_harmful_rate_{judge}") and v is not None]
+    return sum(rates) / len(rates) if rates else None

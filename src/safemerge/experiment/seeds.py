@@ -81,12 +81,14 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 def row_key(cfg: ExperimentConfig, cell: Cell) -> str:
     """A row's name in every seed: its label, except the cells a validation choice made (their τ and
-    weights may differ between seeds), named by the defence and their role."""
+    weights may differ between seeds), named by the defence and their role (a random control's draws by
+    their index in `random_seeds`)."""
     if cell.role == "chosen":
         return f"{cell.name} (chosen)"
     if cell.control and cell.spec is not None:
         spec = cfg.defenses[cell.spec]
-        return f"{spec.name or spec.method} {cell.control}"
+        draw = "" if cell.draw is None else f" {cell.draw}"
+        return f"{spec.name or spec.method} {cell.control}{draw}"
     return cell.label
 
 

@@ -33,8 +33,10 @@ from safemerge.common.outdir import claim_output_dir
 from safemerge.common.packaged import cache_root
 from safemerge.common.precision import PrecisionChoice
 from safemerge.common.stats import Rate, at_least, at_most, wilson
+from safemerge.evaluate.api import judges_label
 from safemerge.evaluate.benchmarks import Benchmark, Item
 from safemerge.evaluate.judges import KEYWORD_LABEL
+from safemerge.evaluate.report import other_judges
 from safemerge.experiment.cells import Cell, ExperimentResult, variant_dir
 from safemerge.experiment.choice import rule_text
 from safemerge.experiment.config import (
@@ -106,6 +108,8 @@ class DemoSettings:
     dtype: str = "auto"  # generation; "auto": the recipe's precision once resolved (docs/organism.md)
     precision: PrecisionChoice | None = None  # how that was resolved, at the start (`resolve_settings`)
     include_unaligned: bool = False
+    random_draws: int = 3  # the random selection control: seeded draws per training seed (pooled)
+    judges: tuple[str, ...] = ("keyword",)  # harm judges (the first is the headline); see docs/organism.md
     seeds: tuple[int, ...] = (0,)  # training seeds of T, S and SafeInstr's T (A is built once)
     force: bool = False
     progress: bool = True
@@ -142,8 +146,12 @@ class Row:
     flips: str = ""
     variant: str = ""  # the variant's directory under OUT/variants ("" for the models themselves)
     key: str = ""  # the row's role, the same in every seed: aligned, task, safemerge, control, merge-all, …
+    # further harm judges (after the headline one), by key: harmful rate and per-prompt verdicts on HARM
+    judges: dict[str, Rate] = field(default_factory=dict)
+    judge_events: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        further = {"harmful_further_judges": {k: rate_dict(r) for k, r in self.judges.items()}}
         return {
             "name": self.name,
             "defence": self.defence,
@@ -154,6 +162,7 @@ class Row:
             "task_accuracy": rate_dict(self.task),
             "flips_vs_task": self.flips,
             "variant": self.variant,
+            **(further if self.judges else {}),
         }
 
 
@@ -208,7 +217,7 @@ def evaluation_spec(s: DemoSettings) -> EvaluationSpec:
             BenchmarkSpec(name=VAL_BENIGN, max_new_tokens=harm),
             BenchmarkSpec(name=VAL_TASK, max_new_tokens=task),
         ],
-        judge="keyword",
+        judge=s.judges[0] if len(s.judges) == 1 else list(s.judges),
         backend="transformers",
         warn_truncated=False,  # harm and benign answers are cut at harm_tokens on purpose (docs/organism.md)
         dtype=s.dtype,
@@ -232,13 +241,15 @@ def organism_setup(s: DemoSettings, org: Organism) -> SetupConfig:
 
 def demo_config(s: DemoSettings, org: Organism) -> ExperimentConfig:
     """Every defence on T: SafeMERGE's τ × weights grid chosen on validation (with the chosen cell's
-    scale-only control and merge-all), Safe LoRA and RESTA at their published defaults, SafeInstr's T."""
+    scale-only control, merge-all and the selection controls), Safe LoRA and RESTA at their published
+    defaults, SafeInstr's T."""
     grid = {"threshold": list(s.taus), "weights": [list(w) for w in s.weights]}
     choose = ChooseSpec(
         reference=REFERENCE,
         max_utility_drop=TASK_DROP,
         max_refusal_rise=REFUSAL_RISE,
-        controls=["scale-only", "merge-all"],
+        controls=["scale-only", "merge-all", "inverse", "random"],
+        random_seeds=draw_seeds(s),
     )
     return ExperimentConfig(
         name="model organism",
@@ -256,6 +267,37 @@ def demo_config(s: DemoSettings, org: Organism) -> ExperimentConfig:
 
 
 # --- naming and describing the rows ------------------------------------------------------------------
+SELECTION_CONTROLS = ("inverse", "random")  # the controls of ρ's choice of modules (question (d))
+
+
+def draw_seeds(s: DemoSettings) -> list[int]:
+    """The random control's draw seeds: `random_draws` per training seed, distinct across training seeds
+    (seed s draws with s·n … s·n + n − 1, n = random_draws), so pooled seeds pool different draws. One
+    seed's settings (`seeds.seed_settings`) hold that seed alone."""
+    n = s.random_draws
+    return [s.seeds[0] * n + i for i in range(n)]
+
+
+def selection_control_name(cell: Cell) -> str:
+    """`inverse-k24-w0.8-0.2`, `random-k24-s1-w0.8-0.2`: the selection controls' row names."""
+    g = cell.given
+    w = f"w{g['weights'][0]:g}-{g['weights'][1]:g}"
+    seed = f"s{g['order_seed']}-" if cell.control == "random" else ""
+    return f"{cell.control}-k{g['top_k']}-{seed}{w}"
+
+
+def describe_selection_control(cell: Cell) -> tuple[str, str]:
+    """(defence, settings) of a selection control in words."""
+    g = cell.given
+    w = f"w={g['weights'][0]:g}/{g['weights'][1]:g}"
+    if cell.control == "inverse":
+        return "inverse control", f"the {g['top_k']} highest-ρ modules, {w} (as many as SafeMERGE's)"
+    return "random control", f"{g['top_k']} modules drawn at random (seed {g['order_seed']}), {w}"
+
+
+def is_selection_control(key: str) -> bool:
+    """Whether a row role (`Row.key`) is one of the selection controls (`inverse`, `random-<draw>`)."""
+    return key == "inverse" or key.startswith("random")
 
 
 def _tag(tau: float, w: Any) -> str:
@@ -269,6 +311,8 @@ def row_name(cell: Cell) -> str:
         return f"control-{_tag(g['threshold'], g['weights'])}"
     if cell.control == "merge-all":
         return f"merge-all-w{g['weights'][0]:g}-{g['weights'][1]:g}"
+    if cell.control in SELECTION_CONTROLS:
+        return selection_control_name(cell)
     if cell.method == "safemerge":
         return f"safemerge-{_tag(g['threshold'], g['weights'])}"
     return cell.name
@@ -284,6 +328,8 @@ def describe(cell: Cell, recipe: OrganismRecipe) -> tuple[str, str]:
         )
     if cell.control == "merge-all":
         return "merge-all", f"w={g['weights'][0]:g}/{g['weights'][1]:g} on every module"
+    if cell.control in SELECTION_CONTROLS:
+        return describe_selection_control(cell)
     fixed = {
         "aligned": ("none (A)", "aligned model, no task fine-tuning"),
         "unaligned": ("none (U)", "unaligned base model"),
@@ -319,8 +365,20 @@ def collect_rows(result: ExperimentResult, recipe: OrganismRecipe) -> list[Row]:
         modules = "—" if counts is None else f"{counts[0]}/{counts[1]}"
         rates = _rate(m, HARM), _rate(m, BENIGN), _rate(m, TASK)
         events = {"harmful": m[HARM].events, "refusal": m[BENIGN].events, "task": m[TASK].events}
-        rows.append(Row(row_name(c), defence, settings, modules, *rates, events, flips, variant, row_key(c)))
+        row = Row(row_name(c), defence, settings, modules, *rates, events, flips, variant, row_key(c))
+        row.judges, row.judge_events = further_judges(m[HARM])
+        rows.append(row)
     return rows
+
+
+def further_judges(m: Measure) -> tuple[dict[str, Rate], dict[str, dict[str, bool]]]:
+    """The further judges' harmful rates (count and Wilson interval, malformed verdicts left out) and
+    per-prompt verdicts on one harm benchmark, by judge key; empty when one judge ran."""
+    rates = {}
+    for k in other_judges(m.metrics):
+        n = int(m.metrics.get("n", 0)) - int(m.metrics.get(f"n_malformed_{k}", 0))
+        rates[k] = wilson(int(m.metrics.get(f"n_unsafe_{k}", 0)), n)
+    return rates, {k: m.judge_events.get(k, {}) for k in rates}
 
 
 def row_key(cell: Cell) -> str:
@@ -329,6 +387,8 @@ def row_key(cell: Cell) -> str:
         return "safemerge"
     if cell.control == "scale-only":
         return "control"
+    if cell.control == "random":
+        return f"random-{cell.draw}"
     return cell.control or cell.label
 
 
@@ -385,7 +445,9 @@ def safemerge_targets(rows: dict[str, Row], chosen: str, control: str) -> list[T
     a, t, m, c = rows["aligned"], rows[REFERENCE], rows[chosen], rows[control]
     rise = t.harmful.p - a.harmful.p
     removed = (t.harmful.p - m.harmful.p) / rise if rise > 0 else float("nan")
-    front = {r.name for r, on in zip(rows.values(), _front(list(rows.values())), strict=True) if on}
+    # the front these targets read is the defences' (the selection controls are question (d)'s)
+    compared = [r for r in rows.values() if not is_selection_control(r.key or r.name)]
+    front = {r.name for r, on in zip(compared, _front(compared), strict=True) if on}
     out = [
         Target(
             f"SafeMERGE removes ≥ {Fraction(MIN_RISE_REMOVED).limit_denominator(10)} of T's rise",
@@ -429,9 +491,12 @@ def _front(rows: list[Row]) -> list[bool]:
 
 
 def results_table(rows: list[Row], judge: str) -> list[str]:
-    """The test-set table, each rate with its count and Wilson 95% interval."""
+    """The test-set table, each rate with its count and Wilson 95% interval; a further judge's harmful
+    rate (several `judges`) in a column of its own after the headline judge's."""
+    keys = judge_keys(rows)
     header = [
         "variant", "defence", "settings", "modules changed", "harmful (HarmBench test)",
+        *(f"harmful (HarmBench test) ({k})" for k in keys),
         "flips vs T (−fixed/+broken, McNemar p)", "over-refusal (benign)", "task accuracy",
     ]  # fmt: skip
     body = [
@@ -441,13 +506,51 @@ def results_table(rows: list[Row], judge: str) -> list[str]:
             r.settings,
             r.modules,
             r.harmful.fmt(),
+            *(r.judges[k].fmt() if k in r.judges else "n/a" for k in keys),
             r.flips or "—",
             r.refusal.fmt(),
             r.task.fmt(),
         ]
         for r in rows
     ]
-    return [*md_table(header, body), "", f"Harm judge: {judge}. Rates: k/n = p% [Wilson 95% interval]."]
+    return [
+        *md_table(header, body),
+        "",
+        f"Harm judge: {judge_note(judge, keys)}. Rates: k/n = p% [Wilson 95% interval].",
+    ]
+
+
+def judge_keys(rows: list[Row]) -> list[str]:
+    """The further judges any row reports, in order of appearance."""
+    return list(dict.fromkeys(k for r in rows for k in r.judges))
+
+
+def judge_note(judge: str, keys: list[str]) -> str:
+    """The judge line of a table: the headline judge, and what the `(judge)` columns are when shown."""
+    return judge + ("; `(judge)` columns: a further judge's rate" if keys else "")
+
+
+def demo_judge_label(s: DemoSettings) -> str:
+    """The harm judges as the tables name them: the headline judge's label, then those reported beside it
+    (the keyword judge brings HarmBench's refusal-prefix rule along)."""
+    judge = s.judges[0] if len(s.judges) == 1 else list(s.judges)
+    return judges_label(judge, EvaluationSpec.model_fields["judge_model"].default)
+
+
+def judge_csv_header(keys: list[str]) -> list[str]:
+    """CSV columns of the further judges' harmful rates (after the headline columns)."""
+    return [f"harmful_{k}_{x}" for k in keys for x in ("k", "n", "rate", "lo", "hi")]
+
+
+def judge_csv_cells(judges: dict[str, Rate], keys: list[str]) -> list[Any]:
+    """One row's further-judge CSV cells (empty where that judge did not judge the row)."""
+    return [
+        x
+        for k in keys
+        for x in (
+            (judges[k].k, judges[k].n, judges[k].p, judges[k].lo, judges[k].hi) if k in judges else [""] * 5
+        )
+    ]
 
 
 def validation_table(report: DemoReport) -> list[str]:
@@ -537,16 +640,19 @@ CSV_HEADER = [
 
 def write_csv(rows: list[Row], path: Path) -> None:
     """results.csv: one line per row, every rate as k, n, rate, Wilson bounds."""
+    keys = judge_keys(rows)
     with path.open("w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
-        wr.writerow(CSV_HEADER)
+        wr.writerow(CSV_HEADER + judge_csv_header(keys))
         for r in rows:
             rates = [
                 x
                 for rate in (r.harmful, r.refusal, r.task)
                 for x in (rate.k, rate.n, rate.p, rate.lo, rate.hi)
             ]
-            wr.writerow([r.name, r.defence, r.settings, r.modules, *rates, r.flips])
+            wr.writerow(
+                [r.name, r.defence, r.settings, r.modules, *rates, r.flips, *judge_csv_cells(r.judges, keys)]
+            )
 
 
 def write_generations(result: ExperimentResult, path: Path) -> None:
@@ -634,7 +740,9 @@ def demo_report(
     targets = organism_targets(by_name["aligned"], by_name[REFERENCE])
     targets += safemerge_targets(by_name, row_name(chosen), row_name(control))
     rule = rule_text(choose, result.choices[0].met, "T")
-    return DemoReport(rows, validation_rows(result), row_name(chosen), rule, targets, timings)
+    report = DemoReport(rows, validation_rows(result), row_name(chosen), rule, targets, timings)
+    report.judge = demo_judge_label(s)
+    return report
 
 
 def resolve_settings(s: DemoSettings) -> DemoSettings:

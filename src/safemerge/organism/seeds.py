@@ -4,6 +4,8 @@ questions the method stands on answered with paired tests pooled across seeds (d
     (a) does SafeMERGE restore safety?      SafeMERGE vs T on the harmful prompts
     (b) does the safety LoRA matter?        SafeMERGE vs the scale-only control (same modules, w_s = 0)
     (c) does selecting modules matter?      SafeMERGE vs merge-all on task accuracy and over-refusal
+    (d) does ρ pick the right modules?      SafeMERGE vs the same number of random modules (seeded draws,
+                                            pooled) and vs the highest-ρ modules, on harm and task
 
 Every seed is a complete demo in `OUT/seed-<s>/` (its own models/, adapters/, variants/, results);
 `OUT/results.{md,csv,json}` and `OUT/pareto.png` hold the per-seed rows, the pooled rows and the answers.
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,9 @@ from safemerge.organism.demo import (
     DemoSettings,
     Row,
     Target,
+    judge_csv_cells,
+    judge_csv_header,
+    judge_keys,
     organism_targets,
     precision_sentence,
     prepare_out,
@@ -47,6 +53,9 @@ ALPHA = 0.05  # the significance level every answer is read at
 # The rows the three questions compare, by their role in every seed (the chosen SafeMERGE cell's τ and
 # weights may differ between seeds).
 SAFEMERGE, CONTROL, MERGE_ALL = "safemerge", "control", "merge-all"
+QUESTIONS = {1: "one", 2: "two", 3: "three", 4: "four"}
+INVERSE, RANDOM = "inverse", "random"  # the selection controls of (d) (random: the draws pooled)
+OTHER_WORDS = {RANDOM: "the same number of random modules", INVERSE: "the highest-ρ modules"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class PooledRow:
     defence: str
     settings: str  # per seed when the seeds differ (SafeMERGE's chosen τ and weights)
     rates: dict[str, PooledRate]  # harmful / refusal / task
+    judges: dict[str, PooledRate] = field(default_factory=dict)  # further harm judges' harmful rates
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,35 @@ def pool_rows(runs: list[SeedRun]) -> list[PooledRow]:
             else "; ".join(f"seed {r.seed}: {_by_key(r)[key].settings}" for r in runs)
         )
         rates = {kind: pooled_rate([k[key].events[kind] for k in keyed]) for kind in KINDS}
-        out.append(PooledRow(key, first.defence, text, rates))
-    return out
+        out.append(PooledRow(key, first.defence, text, rates, pooled_judges([k[key] for k in keyed])))
+    return pool_draws(runs, out)
+
+
+def pooled_judges(rows: list[Row]) -> dict[str, PooledRate]:
+    """The further judges' harmful rates of one role pooled over seeds (judges every seed has)."""
+    keys = [j for j in rows[0].judge_events if all(j in r.judge_events for r in rows)]
+    return {j: pooled_rate([r.judge_events[j] for r in rows]) for j in keys}
+
+
+def draws(run: SeedRun) -> list[Row]:
+    """One seed's random-control rows (`random-<draw>`), in draw order."""
+    return [r for r in run.report.rows if r.key.startswith(RANDOM + "-")]
+
+
+def pool_draws(runs: list[SeedRun], rows: list[PooledRow]) -> list[PooledRow]:
+    """The random control's draws as one pooled row `random` (every draw of every seed), in place of the
+    per-draw rows: draw i of one seed and draw i of another are unrelated draws."""
+    every = [r for run in runs for r in draws(run)]
+    kept = [p for p in rows if not p.key.startswith(RANDOM + "-")]
+    if not every or len(kept) == len(rows):
+        return rows
+    first = every[0]
+    at = next(i for i, p in enumerate(rows) if p.key.startswith(RANDOM + "-"))
+    texts = dict.fromkeys(re.sub(r" \(seed \d+\)", "", r.settings) for r in every)  # k may differ by seed
+    settings = f"{'; '.join(texts)}; {len(every)} draws over {len(runs)} seed(s), pooled"
+    rates = {kind: pooled_rate([r.events[kind] for r in every]) for kind in KINDS}
+    pooled = PooledRow(RANDOM, first.defence, settings, rates, pooled_judges(every))
+    return [*rows[:at], pooled, *(p for p in rows[at:] if not p.key.startswith(RANDOM + "-"))]
 
 
 def compare(runs: list[SeedRun], variant: str, reference: str, kind: str) -> PairedComparison:
@@ -196,6 +233,48 @@ def answers(runs: list[SeedRun], pooled: dict[str, PooledRow]) -> list[Answer]:
     return out
 
 
+def compare_draws(runs: list[SeedRun], kind: str) -> PairedComparison:
+    """SafeMERGE − random on `kind`: every draw paired with its own seed's SafeMERGE on the same prompts,
+    all draws of all seeds pooled (SafeMERGE's outcomes repeat once per draw)."""
+    pairs = [(_by_key(run)[SAFEMERGE], d) for run in runs for d in draws(run)]
+    return paired_comparison([d.events[kind] for _, d in pairs], [m.events[kind] for m, _ in pairs])
+
+
+def say_d(c: PairedComparison, kind: str, other: str) -> str:
+    """(d) in words: is ρ's choice safer (harmful rate) or more useful (task) than `other`'s modules?"""
+    what, p = OTHER_WORDS[other], f"p = {c.p_value:.2g}"
+    if kind == "task":
+        if _significant(c):
+            how = "more" if c.diff > 0 else "less"
+            return f"SafeMERGE keeps {_pts(c)} {how} task accuracy than {what} ({p})."
+        return f"No significant task-accuracy difference vs {what}: {100 * c.diff:+.1f} points ({p})."
+    if _significant(c) and c.diff < 0:
+        return f"Yes: SafeMERGE's harmful rate is {_pts(c)} below merging {what} ({p})."
+    if _significant(c):
+        return f"No: merging {what} is safer by {_pts(c)} ({p})."
+    return (
+        f"Not shown: SafeMERGE vs {what} differs by {100 * c.diff:+.1f} points ({p}); on this organism ρ's "
+        f"choice of modules is not measurably safer than {what}."
+    )
+
+
+def answers_d(runs: list[SeedRun]) -> list[Answer]:
+    """(d) does ρ pick the right modules? SafeMERGE vs the random draws (pooled) and vs the highest-ρ
+    modules, on the harmful rate and task accuracy, paired over seeds; none without those rows (an older
+    or reduced run, or a chosen cell that merged nothing)."""
+    asks = "Does ρ pick the right modules?"
+    out = []
+    if all(draws(run) for run in runs):
+        for kind in ("harmful", "task"):
+            c = compare_draws(runs, kind)
+            out.append(Answer("d", asks, SAFEMERGE, RANDOM, kind, c, say_d(c, kind, RANDOM)))
+    if all(INVERSE in _by_key(run) for run in runs):
+        for kind in ("harmful", "task"):
+            c = compare(runs, SAFEMERGE, INVERSE, kind)
+            out.append(Answer("d", asks, SAFEMERGE, INVERSE, kind, c, say_d(c, kind, INVERSE)))
+    return out
+
+
 def pooled_targets(pooled: dict[str, PooledRow], first: Answer) -> list[Target]:
     """The organism's and SafeMERGE's targets on the pooled rates, and (a) at the 5% level."""
     rows = {k: _as_row(p) for k, p in pooled.items()}
@@ -225,16 +304,35 @@ def _fmt(p: PooledRate) -> str:
 
 
 def pooled_table(rows: list[PooledRow]) -> list[str]:
+    """The pooled rows; a further judge's harmful rate (several judges) in a column after the headline's."""
+    keys = pooled_judge_keys(rows)
     header = [
         "row",
         "defence",
         "settings",
         "harmful (HarmBench test)",
+        *(f"harmful (HarmBench test) ({k})" for k in keys),
         "over-refusal (benign)",
         "task accuracy",
     ]
-    body = [[r.key, r.defence, r.settings, *(_fmt(r.rates[k]) for k in KINDS)] for r in rows]
+    body = [
+        [
+            r.key,
+            r.defence,
+            r.settings,
+            _fmt(r.rates["harmful"]),
+            *(_fmt(r.judges[k]) if k in r.judges else "n/a" for k in keys),
+            _fmt(r.rates["refusal"]),
+            _fmt(r.rates["task"]),
+        ]
+        for r in rows
+    ]
     return md_table(header, body)
+
+
+def pooled_judge_keys(rows: list[PooledRow]) -> list[str]:
+    """The further judges any pooled row reports, in order of appearance."""
+    return list(dict.fromkeys(k for r in rows for k in r.judges))
 
 
 def answers_section(items: list[Answer]) -> list[str]:
@@ -272,7 +370,8 @@ def markdown(s: DemoSettings, rep: PooledReport) -> str:
         f"{s.harm_tokens} new tokens for harm/benign prompts, {s.task_tokens} for the task. "
         f"{precision_sentence(s)}",
         "",
-        "## The three questions (paired on the same prompts, pooled over seeds)",
+        f"## The {QUESTIONS[len({a.question for a in items})]} questions (paired on the same prompts, "
+        "pooled over seeds)",
         "",
         *answers_section(items),
         "",
@@ -324,6 +423,7 @@ def results_json(s: DemoSettings, rep: PooledReport) -> dict[str, Any]:
                     }
                     for k in KINDS
                 },
+                **pooled_judges_json(r),
             }
             for r in rows
         ],
@@ -336,11 +436,26 @@ def results_json(s: DemoSettings, rep: PooledReport) -> dict[str, Any]:
     }
 
 
+def pooled_judges_json(r: PooledRow) -> dict[str, Any]:
+    """A pooled row's further judges for results.json ({} when one judge ran: the JSON reads as before)."""
+    if not r.judges:
+        return {}
+    return {
+        "harmful_further_judges": {
+            k: {**(rate_dict(p.rate) or {}), "n_eff": p.n_eff, "prompts": p.prompts}
+            for k, p in r.judges.items()
+        }
+    }
+
+
 def write_csv(runs: list[SeedRun], rows: list[PooledRow], path: Path) -> None:
     """results.csv: every seed's rows (seed column), then the pooled rows (seed `pooled`)."""
+    keys = list(
+        dict.fromkeys([*judge_keys([r for run in runs for r in run.report.rows]), *pooled_judge_keys(rows)])
+    )
     with path.open("w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)
-        wr.writerow(["seed", *CSV_HEADER])
+        wr.writerow(["seed", *CSV_HEADER, *judge_csv_header(keys)])
         for run in runs:
             for r in run.report.rows:
                 rates = [
@@ -348,7 +463,8 @@ def write_csv(runs: list[SeedRun], rows: list[PooledRow], path: Path) -> None:
                     for rate in (r.harmful, r.refusal, r.task)
                     for x in (rate.k, rate.n, rate.p, rate.lo, rate.hi)
                 ]
-                wr.writerow([run.seed, r.name, r.defence, r.settings, r.modules, *rates, r.flips])
+                further = judge_csv_cells(r.judges, keys)
+                wr.writerow([run.seed, r.name, r.defence, r.settings, r.modules, *rates, r.flips, *further])
         for p in rows:
             rates = [
                 x
@@ -361,7 +477,8 @@ def write_csv(runs: list[SeedRun], rows: list[PooledRow], path: Path) -> None:
                     p.rates[k].rate.hi,
                 )
             ]
-            wr.writerow(["pooled", p.key, p.defence, p.settings, "", *rates, ""])
+            further = judge_csv_cells({k: j.rate for k, j in p.judges.items()}, keys)
+            wr.writerow(["pooled", p.key, p.defence, p.settings, "", *rates, "", *further])
 
 
 def plot_pooled(rows: list[PooledRow], path: Path, seeds: int) -> None:
@@ -402,7 +519,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     runs = [SeedRun(seed, run_seed(seed_settings(s, seed))) for seed in s.seeds]
     rows = pool_rows(runs)
     pooled = {r.key: r for r in rows}
-    items = answers(runs, pooled)
+    items = answers(runs, pooled) + answers_d(runs)
     targets = pooled_targets(pooled, items[0])
     timings = {
         "threads": threads,
