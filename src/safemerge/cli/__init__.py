@@ -3,8 +3,11 @@ and is a thin wrapper over the Python API (nothing is computed here)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
+from safemerge import __version__
 from safemerge.cli.defend import defend_command
 from safemerge.cli.demo import demo_command
 from safemerge.cli.engine import merge_command, scan_command
@@ -23,6 +26,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"safemerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print safemerge's version and exit."
+        ),
+    ] = None,
+) -> None:
+    """SafeMERGE: find the LoRA modules whose update left the safety subspace and merge only those with a
+    safety LoRA; train, evaluate and compare defences."""
+
+
 app.command("scan")(scan_command)
 app.command("merge")(merge_command)
 app.command("demo")(demo_command)

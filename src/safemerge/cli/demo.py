@@ -43,17 +43,19 @@ def demo_command(
             "organism demo resumes in its directory and never empties it.",
         ),
     ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
 ) -> None:
     """The model organism end to end on CPU: SmolLM2-135M aligned (A), fine-tuned on arithmetic (T),
     then SafeMERGE and the baselines, with a table of harmful rate / over-refusal / task accuracy.
 
-    The first run builds the organism (about 14 minutes on 2 idle CPU cores) and caches it and every
-    generation; a rerun takes seconds. See docs/organism.md. `--toy`: the seconds-long synthetic check.
+    The first run builds the organism (minutes on a CPU; the README's "Time" gives measured runs) and
+    caches it and every generation; a rerun takes seconds. See docs/organism.md. `--toy`: the
+    seconds-long synthetic check.
     """
 
     def body() -> None:
         if not toy:
-            run_organism_demo(out, full=full, force=force, reduced=reduced, seeds=seeds)
+            run_organism_demo(out, full=full, force=force, reduced=reduced, seeds=seeds, quiet=quiet)
             return
 
         inputs, report = run_toy_demo(out, force=force)

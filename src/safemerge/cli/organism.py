@@ -65,7 +65,7 @@ def build_command(
 
 @organism_app.command("fullft")
 def fullft_command(
-    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
     reduced: Annotated[
         bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
     ] = False,
@@ -94,7 +94,13 @@ def fullft_command(
 
 
 def run_organism_demo(
-    out: Path, full: bool, force: bool, reduced: bool = False, cache: Path | None = None, seeds: int = 1
+    out: Path,
+    full: bool,
+    force: bool,
+    reduced: bool = False,
+    cache: Path | None = None,
+    seeds: int = 1,
+    quiet: bool = False,
 ) -> None:
     """Run the organism demo for training seeds 0 … seeds − 1 and print its answers, tables and targets."""
     if seeds < 1:
@@ -109,7 +115,7 @@ def run_organism_demo(
         s = DemoSettings.full(out, cache=cache, force=force)
     else:
         s = DemoSettings(out=out, cache=cache, force=force)
-    result = run_demo(replace(s, seeds=tuple(range(seeds))))
+    result = run_demo(replace(s, seeds=tuple(range(seeds)), progress=not quiet))
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     met = sum(t["met"] for t in result["targets"])
     typer.echo(f"targets met: {met}/{len(result['targets'])}; files in {out}")

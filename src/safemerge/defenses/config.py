@@ -22,6 +22,7 @@ from safemerge.engine.config import (
     MergeConfig,
     MergeOptions,
     RunOptions,
+    ScanConfig,
     SelectionConfig,
     SelectionOptions,
     omit_unset,
@@ -40,6 +41,7 @@ class DefendConfig(FlatConfig):
 
     EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
     FLAT_NAMES: ClassVar[dict[str, dict[str, str]]] = {"merge": {"method": "merge_method"}}
+    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = ScanConfig.REQUIRED_ONE_OF
 
     method: str = Field("safemerge", description="the defence: a registered name (`safemerge defend --help`)")
     inputs: InputsConfig

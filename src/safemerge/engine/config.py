@@ -69,18 +69,22 @@ class InputsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_each(self) -> InputsConfig:
+        # every problem at once; keys in backticks, which the command line shows as its flags
+        problems = []
         if (self.task_adapter is None) == (self.task_model is None):
-            raise ValueError("give exactly one of task_adapter (a LoRA) and task_model (a full fine-tune)")
+            problems.append("give exactly one of `task_adapter` (a LoRA) and `task_model` (a full fine-tune)")
         if self.modules is not None and self.task_model is None:
-            raise ValueError("modules applies to task_model (LoRA modules are the adapter's)")
+            problems.append("`modules` applies to `task_model` (LoRA modules are the adapter's)")
         if self.unaligned is not None and self.subspace is not None:
-            raise ValueError("give either unaligned or subspace (a sketch of W_aligned - W_unaligned)")
+            problems.append("give either `unaligned` or `subspace` (a sketch of W_aligned - W_unaligned)")
         if self.unaligned is None and self.subspace is None:
-            raise ValueError("give unaligned (or subspace, a sketch of W_aligned - W_unaligned)")
+            problems.append("give `unaligned` (or `subspace`, a sketch of W_aligned - W_unaligned)")
         if self.ignore_fingerprint and self.subspace is None:
-            raise ValueError("ignore_fingerprint applies only with subspace")
+            problems.append("`ignore_fingerprint` applies only with `subspace`")
         if self.aligned is None and (self.subspace is None or self.task_model is not None):
-            raise ValueError("give aligned (only a LoRA scan with a subspace sketch can do without it)")
+            problems.append("give `aligned` (only a LoRA scan with a subspace sketch can do without it)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def paths(self) -> dict[str, str | None]:
@@ -250,6 +254,11 @@ class ScanConfig(FlatConfig):
     """Inputs and options of `safemerge scan`."""
 
     EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
+    # give one key of each (`load_config` names every missing one at once)
+    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("task_adapter", "task_model"),
+        ("unaligned", "subspace"),
+    )
 
     selection: SelectionConfig
     inputs: InputsConfig
@@ -260,6 +269,10 @@ class ScanConfig(FlatConfig):
 class MergeConfig(ScanConfig):
     """Inputs and options of `safemerge merge`."""
 
+    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
+        *ScanConfig.REQUIRED_ONE_OF,
+        ("safety_adapter", "safety_model"),
+    )
     out: str = Field(description="output directory (PEFT adapter or full model, report)")
     safety_adapter: str | None = Field(
         None, description="the safety LoRA trained on the aligned model", exclude_if=omit_unset
@@ -269,12 +282,25 @@ class MergeConfig(ScanConfig):
     )
     merge: MergeOptions
 
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_method_key(cls, data: Any) -> Any:
+        """`merge_method:` (the key `safemerge defend` and the flag `--merge-method` use) as `method:`."""
+        if not isinstance(data, dict) or "merge_method" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("merge_method")
+        if data.get("method") not in (None, value):
+            raise ValueError(f"`merge_method` {value} and `method` {data['method']} disagree; give one")
+        data["method"] = value
+        return data
+
     @model_validator(mode="after")
     def _one_safety(self) -> MergeConfig:
         if (self.safety_adapter is None) == (self.safety_model is None):
             raise ValueError(
-                "give exactly one of safety_adapter (a LoRA) and safety_model (a full fine-tune)"
+                "give exactly one of `safety_adapter` (a LoRA) and `safety_model` (a full fine-tune)"
             )
         if self.safety_model is not None and self.inputs.task_model is None:
-            raise ValueError("safety_model needs task_model: a LoRA merge takes a safety_adapter")
+            raise ValueError("`safety_model` needs `task_model`: a LoRA merge takes a `safety_adapter`")
         return self
