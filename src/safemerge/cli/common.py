@@ -114,27 +114,44 @@ def load_cli_config(
 # --- scan / merge ------------------------------------------------------------------------------------
 AlignedOpt = Annotated[
     str | None,
-    typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id."),
+    typer.Option(
+        "--aligned",
+        "-a",
+        help="Aligned model the adapters were trained on: directory or hub id. Required, except by a LoRA "
+        "scan with --subspace.",
+    ),
 ]
 UnalignedOpt = Annotated[
     str | None,
-    typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id."),
+    typer.Option(
+        "--unaligned",
+        "-u",
+        help="Unaligned (pre-alignment) base model: directory or hub id. Required unless --subspace is "
+        "given.",
+    ),
 ]
 TaskOpt = Annotated[
-    str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")
+    str | None,
+    typer.Option(
+        "--task-adapter",
+        "-t",
+        help="Fine-tuned task LoRA (PEFT directory or hub id). Required unless --task-model is given.",
+    ),
 ]
 TaskModelOpt = Annotated[
     str | None,
     typer.Option(
         "--task-model",
-        help="A full fine-tune of the aligned model (directory or hub id), instead of --task-adapter.",
+        help="A full fine-tune of the aligned model (directory or hub id), instead of --task-adapter. "
+        "Optional.",
     ),
 ]
 ModulesOpt = Annotated[
     str | None,
     typer.Option(
         help="With --task-model: scan the linear layers whose module name matches this regular expression "
-        "(re.search). Default: the attention and MLP projections (q,k,v,o,gate,up,down; c_attn,c_proj,c_fc)."
+        "(re.search). Default: the attention and MLP projections (q, k, v, o, gate, up, down; c_attn, "
+        "c_proj, c_fc)."
     ),
 ]
 SubspaceOpt = Annotated[
@@ -142,7 +159,7 @@ SubspaceOpt = Annotated[
     typer.Option(
         help="A sketch of V (`safemerge subspace`) instead of --unaligned: ρ from its rank-K directions. "
         "A LoRA scan then needs no base model; where aligned weights are read, --aligned must match the "
-        "sketch's fingerprint."
+        "sketch's fingerprint. Optional."
     ),
 ]
 IgnoreFingerprintOpt = Annotated[
@@ -157,7 +174,8 @@ SafetyModelOpt = Annotated[
     str | None,
     typer.Option(
         "--safety-model",
-        help="With --task-model: a full safety fine-tune of the aligned model, instead of --safety-adapter.",
+        help="With --task-model: a full safety fine-tune of the aligned model, instead of "
+        "--safety-adapter. Optional.",
     ),
 ]
 ThresholdOpt = Annotated[
@@ -165,10 +183,11 @@ ThresholdOpt = Annotated[
     typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),
 ]
 TopKOpt = Annotated[
-    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")
+    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead. No default.")
 ]
 FractionOpt = Annotated[
-    float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead.")
+    float | None,
+    typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead. No default."),
 ]
 DeviceOpt = Annotated[
     Literal["cpu", "cuda", "auto"] | None,
@@ -219,7 +238,7 @@ RevisionOpt = Annotated[
         "--revision",
         help="Pin a hub input given as a flag to a branch, tag or commit: INPUT=REV (e.g. aligned=main, "
         "task-adapter=1a2b3c4), repeatable; the same as writing the input as owner/name@REV (the form a "
-        "YAML config uses). The report records the commit each hub input resolved to.",
+        "YAML config uses). The report records the commit each hub input resolved to. Optional.",
     ),
 ]
 MergeMethodOpt = Annotated[
@@ -287,6 +306,6 @@ def pin_revisions(options: dict[str, Any], pins: list[str] | None) -> dict[str, 
 
 # --- train / eval ------------------------------------------------------------------------------------
 ModelOpt = Annotated[
-    str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
+    str | None, typer.Option(help="Base model: local dir, hub id, or `smollm2` (packaged). Required.")
 ]
-TrustRemoteCodeOpt = Annotated[bool | None, typer.Option(help="allow model code from the hub (default: off)")]
+TrustRemoteCodeOpt = Annotated[bool | None, typer.Option(help="Allow model code from the hub. Default off.")]

@@ -51,8 +51,8 @@ def defend_command(
         typer.Option(
             "--method",
             "-m",
-            help=f"The defence: {', '.join(defense_names())} (default safemerge; docs/defenses.md; "
-            "other installed packages can add defences, docs/extending.md).",
+            help=f"The defence: {', '.join(defense_names())} (docs/defenses.md; other installed packages "
+            "can add defences, docs/extending.md). Default safemerge.",
         ),
     ] = None,
     aligned: AlignedOpt = None,
@@ -74,8 +74,8 @@ def defend_command(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="Selection threshold τ. safemerge: round(ρ,5) < τ, default 0.35; safelora: round(ρ,5) ≤ τ, "
-            "default 0.5 (used when no --top-k/--fraction is given)."
+            help="Selection threshold τ, used when no --top-k/--fraction is given. safemerge: "
+            "round(ρ,5) < τ; safelora: round(ρ,5) ≤ τ. Default 0.35 (safemerge), 0.5 (safelora)."
         ),
     ] = None,
     top_k: Annotated[

@@ -97,7 +97,12 @@ def merge_command(
     task_model: TaskModelOpt = None,
     modules: ModulesOpt = None,
     safety_adapter: Annotated[
-        str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
+        str | None,
+        typer.Option(
+            "--safety-adapter",
+            "-s",
+            help="Safety LoRA trained on the aligned model. Required unless --safety-model is given.",
+        ),
     ] = None,
     safety_model: SafetyModelOpt = None,
     out: Annotated[
@@ -121,7 +126,7 @@ def merge_command(
     merge_method: MergeMethodOpt = None,
     method: Annotated[
         Literal["linear", "ties", "dare_linear", "dare_ties"] | None,
-        typer.Option("--method", help="Deprecated: the old name of --merge-method."),
+        typer.Option("--method", help="Deprecated spelling of --merge-method. Default: as --merge-method."),
     ] = None,
     density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
     seed: SeedOpt = None,

@@ -27,18 +27,27 @@ organism_app = typer.Typer(
 @organism_app.command("build")
 def build_command(
     reduced: Annotated[
-        bool, typer.Option("--reduced", help="A tiny organism (a few steps and prompts) for tests.")
+        bool,
+        typer.Option("--reduced", help="A tiny organism (a few steps and prompts) for tests. Default off."),
     ] = False,
     mix_safety: Annotated[
-        bool, typer.Option("--mix-safety/--no-mix-safety", help="Also build the SafeInstr variant of T.")
+        bool,
+        typer.Option(
+            "--mix-safety/--no-mix-safety",
+            help="Also build the SafeInstr variant of T. Default on.",
+            show_default=False,
+        ),
     ] = True,
     full_ft: Annotated[
-        bool, typer.Option("--full-ft", help="Also build T_full: A fully fine-tuned on T's task data.")
+        bool,
+        typer.Option(
+            "--full-ft", help="Also build T_full: A fully fine-tuned on T's task data. Default off."
+        ),
     ] = False,
     cache: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
 ) -> None:
     """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T; with --full-ft
     also T_full (a full fine-tune of A on the task)."""
@@ -67,17 +76,17 @@ def build_command(
 def fullft_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
     reduced: Annotated[
-        bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
+        bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests. Default off.")
     ] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
     ] = False,
     cache: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No training or defence progress bars.")
+        bool, typer.Option("--quiet", "-q", help="No training or defence progress bars. Default off.")
     ] = False,
 ) -> None:
     """SafeMERGE (τ 0.35, w 0.8/0.2), its scale-only control and merge-all on T_full, the organism's full

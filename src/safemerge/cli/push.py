@@ -18,7 +18,10 @@ def push_command(
     repo_id: Annotated[str, typer.Argument(help="The hub repository, owner/name; created when missing.")],
     private: Annotated[
         bool,
-        typer.Option("--private", help="Create the repository private (an existing one keeps its setting)."),
+        typer.Option(
+            "--private",
+            help="Create the repository private (an existing one keeps its setting). Default off.",
+        ),
     ] = False,
     revision: Annotated[
         str | None,
@@ -28,7 +31,8 @@ def push_command(
         Path | None,
         typer.Option(
             "--eval",
-            help="A `safemerge eval` output that evaluated OUT: its rates go into the card's model-index.",
+            help="A `safemerge eval` output that evaluated OUT: its rates go into the card's model-index. "
+            "Optional.",
         ),
     ] = None,
 ) -> None:
