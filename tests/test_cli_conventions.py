@@ -49,7 +49,8 @@ def words(text: str) -> str:
 
 
 def visible_options(cmd: Any) -> list[Any]:
-    return [p for p in cmd.params if p.param_type_name == "option" and not p.hidden and p.name != "help"]
+    """The options and arguments `--help` shows (not --help itself)."""
+    return [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
 
 
 def test_version() -> None:

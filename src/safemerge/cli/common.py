@@ -74,13 +74,14 @@ def _warning_printer(library: Callable[..., None]) -> Callable[..., None]:
 ConfigArg = Annotated[
     Path | None,
     typer.Argument(
-        metavar="CONFIG", help="YAML config whose keys mirror the options (the same as --config)."
+        metavar="CONFIG",
+        help="YAML config whose keys mirror the options (the same as --config). Default: none.",
     ),
 ]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="YAML config whose keys mirror the options; flags override it. Optional."
+        "--config", "-c", help="YAML config whose keys mirror the options; flags override it. Default: none."
     ),
 ]
 
@@ -236,6 +237,7 @@ RevisionOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--revision",
+        metavar="INPUT=REV",
         help="Pin a hub input given as a flag to a branch, tag or commit: INPUT=REV (e.g. aligned=main, "
         "task-adapter=1a2b3c4), repeatable; the same as writing the input as owner/name@REV (the form a "
         "YAML config uses). The report records the commit each hub input resolved to. Optional.",

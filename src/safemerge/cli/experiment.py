@@ -20,7 +20,10 @@ from safemerge.experiment.runner import Executor, run_experiment
 def experiment_command(
     config_pos: Annotated[
         Path | None,
-        typer.Argument(metavar="CONFIG", help="Experiment YAML (docs/defenses.md); the same as --config."),
+        typer.Argument(
+            metavar="CONFIG",
+            help="Experiment YAML (docs/defenses.md); the same as --config. Required, here or as --config.",
+        ),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Experiment YAML (docs/defenses.md). Required.")
