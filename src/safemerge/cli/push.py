@@ -13,9 +13,12 @@ from safemerge.engine.push import push
 
 def push_command(
     out: Annotated[
-        Path, typer.Argument(help="A safemerge output with a model card (merge, defend or subspace).")
+        Path,
+        typer.Argument(help="A safemerge output with a model card (merge, defend or subspace). Required."),
     ],
-    repo_id: Annotated[str, typer.Argument(help="The hub repository, owner/name; created when missing.")],
+    repo_id: Annotated[
+        str, typer.Argument(help="The hub repository, owner/name; created when missing. Required.")
+    ],
     private: Annotated[
         bool,
         typer.Option(
