@@ -237,7 +237,7 @@ RevisionOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--revision",
-        metavar="INPUT=REV",
+        metavar="<input=rev>",
         help="Pin a hub input given as a flag to a branch, tag or commit: INPUT=REV (e.g. aligned=main, "
         "task-adapter=1a2b3c4), repeatable; the same as writing the input as owner/name@REV (the form a "
         "YAML config uses). The report records the commit each hub input resolved to. Optional.",

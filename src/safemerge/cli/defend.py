@@ -137,7 +137,7 @@ def defend_command(
         list[str] | None,
         typer.Option(
             "--option",
-            metavar="KEY=VALUE",
+            metavar="<key=value>",
             help="KEY=VALUE: an option of a plugin defence's own (repeat for several; see "
             "docs/extending.md). Default: none.",
         ),

@@ -45,7 +45,9 @@ def eval_command(
     model: ModelOpt = None,
     adapter: Annotated[
         list[str] | None,
-        typer.Option(help="PEFT adapter directory; repeat for several, all on one base. Default none."),
+        typer.Option(
+            metavar="<dir>", help="PEFT adapter directory; repeat for several, all on one base. Default none."
+        ),
     ] = None,
     benchmarks: Annotated[
         str | None,
