@@ -26,7 +26,10 @@ def experiment_command(
         ),
     ] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Experiment YAML (docs/defenses.md). Required.")
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Experiment YAML (docs/defenses.md). Required, here or as CONFIG."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output directory. Default: the config's `out:`.")
