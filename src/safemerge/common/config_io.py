@@ -2,7 +2,10 @@
 flags override it, and every problem is one `InputError` (exit code 2) naming the file and the key.
 
 A config class may list `EXCLUSIVE_OPTIONS`: option names of which a flag replaces the file's choice
-(e.g. `--top-k` on the command line replaces `threshold:` in the file: they are alternatives).
+(e.g. `--top-k` on the command line replaces `threshold:` in the file: they are alternatives), and
+`REQUIRED_ONE_OF`: groups of keys of which one must be given (`task_adapter` or `task_model`); every
+missing one, and every required field, is named in one message before validation. Given the command
+line's flags, messages name flags as typed (docs/engine.md, "The command line").
 """
 
 from __future__ import annotations
@@ -79,17 +82,15 @@ def name_keys(message: str, flags: Mapping[str, str]) -> str:
     return re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
-def unknown_key_message(key: str, valid: list[str], source: str | Path | None = None) -> str:
-    """`unknown key `treshold` in config.yaml; did you mean `threshold`?` (difflib's closest valid key;
-    without a close one, the valid keys are listed)."""
-    where = f" in {source}" if source is not None else ""
-    leaf = key.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+def unknown_key_message(key: str, valid: list[str]) -> str:
+    """`unknown key `treshold`; did you mean `threshold`?` (difflib's closest valid key, similarity at
+    least 0.6; without a close one, the valid keys are listed)."""
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1, cutoff=0.6)
     if close:
-        return f"unknown key `{key}`{where}; did you mean `{close[0]}`?"
+        return f"unknown key `{key}`; did you mean `{close[0]}`?"
     if valid:
-        return f"unknown key `{key}`{where} (valid keys: {', '.join(valid)})"
-    return f"unknown key `{key}`{where}"
+        return f"unknown key `{key}` (valid keys: {', '.join(valid)})"
+    return f"unknown key `{key}`"
 
 
 def valid_keys(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
