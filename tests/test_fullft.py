@@ -522,7 +522,7 @@ def test_sketch_fingerprint_and_coverage_are_checked(sketched: dict, tmp_path: P
     assert_exit_2(q_only, tmp_path / "o2", "model.layers.0.self_attn.v_proj")
     assert_exit_2([*lora, "-u", str(env["unaligned"])], tmp_path / "o3", "either --unaligned or --subspace")
     assert_exit_2(["scan", "--task-model", str(env["task"]), "--subspace", str(env["sketch"])],
-                  tmp_path / "o4", "give --aligned")  # fmt: skip
+                  tmp_path / "o4", "missing required option: --aligned")  # fmt: skip
     assert_exit_2(
         ["merge", *lora[1:], "-s", str(env["safety"]), "--merge-into-base"], tmp_path / "o5", "needs aligned"
     )

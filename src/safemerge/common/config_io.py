@@ -3,8 +3,9 @@ flags override it, and every problem is one `InputError` (exit code 2) naming th
 
 A config class may list `EXCLUSIVE_OPTIONS`: option names of which a flag replaces the file's choice
 (e.g. `--top-k` on the command line replaces `threshold:` in the file: they are alternatives), and
-`REQUIRED_ONE_OF`: groups of keys of which one must be given (`task_adapter` or `task_model`); every
-missing one, and every required field, is named in one message before validation. Given the command
+`required_groups(given)`: the groups of keys of which one must be given (`task_adapter` or `task_model`),
+which may depend on the keys given; every missing one, and every required field, is named in one
+message before validation. Given the command
 line's flags, messages name flags as typed (docs/engine.md, "The command line").
 """
 
@@ -115,10 +116,11 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def required_keys(cls: type[BaseModel]) -> list[tuple[str, ...]]:
-    """What a config needs, as alternatives: each required field, and each of the class's
-    `REQUIRED_ONE_OF` groups (give one of these keys), in declaration order."""
-    required: list[tuple[str, ...]] = list(getattr(cls, "REQUIRED_ONE_OF", ()))
+def required_keys(cls: type[BaseModel], given: set[str]) -> list[tuple[str, ...]]:
+    """What a config needs when the keys `given` are, as alternatives: the class's
+    `required_groups(given)` (give one key of each), then each required field in declaration order."""
+    groups_of = getattr(cls, "required_groups", None)
+    required: list[tuple[str, ...]] = list(groups_of(given)) if groups_of is not None else []
     groups = cls.groups() if issubclass(cls, FlatConfig) else {}
     for name, field in cls.model_fields.items():
         if name in groups:  # a FlatConfig's group: its required keys are flat keys
@@ -137,7 +139,7 @@ def missing_message(
     none is missing): `missing required options: --out, --task-adapter or --task-model`."""
     nested = [v for v in data.values() if isinstance(v, dict)]  # a group written as a YAML mapping
     given = {k for k, v in data.items() if v is not None} | {k for g in nested for k in g if g[k] is not None}
-    missing = [alts for alts in required_keys(cls) if not given.intersection(alts)]
+    missing = [alts for alts in required_keys(cls, given) if not given.intersection(alts)]
     if not missing:
         return None
     named = ", ".join(" or ".join(flags.get(k, f"`{k}`") for k in alts) for alts in missing)

@@ -9,6 +9,7 @@ starts (unknown keys always fail), while a full dump of a config (`defense.yaml`
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 import yaml
@@ -22,7 +23,6 @@ from safemerge.engine.config import (
     MergeConfig,
     MergeOptions,
     RunOptions,
-    ScanConfig,
     SelectionConfig,
     SelectionOptions,
     omit_unset,
@@ -41,7 +41,6 @@ class DefendConfig(FlatConfig):
 
     EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
     FLAT_NAMES: ClassVar[dict[str, dict[str, str]]] = {"merge": {"method": "merge_method"}}
-    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = ScanConfig.REQUIRED_ONE_OF
 
     method: str = Field("safemerge", description="the defence: a registered name (`safemerge defend --help`)")
     inputs: InputsConfig
@@ -65,6 +64,11 @@ class DefendConfig(FlatConfig):
     run: RunOptions
     # a plugin defence's own options (its `Defense.option_model`): flat keys in YAML, `--option K=V` flags
     plugin_options: dict[str, Any] = Field(default_factory=dict, exclude_if=lambda v: not v)
+
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        """The inputs to give (`load_config` names every missing one at once)."""
+        return InputsConfig.required(given)
 
     @model_validator(mode="before")
     @classmethod

@@ -10,6 +10,7 @@ SafeMERGE setup: τ = 0.35, weights 0.8/0.2; see docs/method.md §3–4).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -86,6 +87,15 @@ class InputsConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @staticmethod
+    def required(given: Collection[str]) -> list[tuple[str, ...]]:
+        """The inputs still to give when the keys `given` are, as alternatives (the rules above): the
+        aligned model unless a LoRA is scanned against a sketch, one task input, the unaligned model or a
+        sketch. `load_config` names every missing one at once."""
+        needs_aligned = "subspace" not in given or "task_model" in given
+        aligned = [("aligned",)] if needs_aligned else []
+        return [*aligned, ("task_adapter", "task_model"), ("unaligned", "subspace")]
 
     def paths(self) -> dict[str, str | None]:
         """The inputs by label, for the output-directory check (`common/outdir.check_not_an_input`)."""
@@ -254,25 +264,20 @@ class ScanConfig(FlatConfig):
     """Inputs and options of `safemerge scan`."""
 
     EXCLUSIVE_OPTIONS: ClassVar[tuple[str, ...]] = SELECTION_OPTIONS
-    # give one key of each (`load_config` names every missing one at once)
-    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
-        ("task_adapter", "task_model"),
-        ("unaligned", "subspace"),
-    )
 
     selection: SelectionConfig
     inputs: InputsConfig
     out: str | None = Field(None, description="directory for the report (optional for scan)")
     run: RunOptions
 
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        return InputsConfig.required(given)
+
 
 class MergeConfig(ScanConfig):
     """Inputs and options of `safemerge merge`."""
 
-    REQUIRED_ONE_OF: ClassVar[tuple[tuple[str, ...], ...]] = (
-        *ScanConfig.REQUIRED_ONE_OF,
-        ("safety_adapter", "safety_model"),
-    )
     out: str = Field(description="output directory (PEFT adapter or full model, report)")
     safety_adapter: str | None = Field(
         None, description="the safety LoRA trained on the aligned model", exclude_if=omit_unset
@@ -281,6 +286,10 @@ class MergeConfig(ScanConfig):
         None, description="a full safety fine-tune of the aligned model", exclude_if=omit_unset
     )
     merge: MergeOptions
+
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        return [*InputsConfig.required(given), ("safety_adapter", "safety_model")]
 
     @model_validator(mode="before")
     @classmethod
