@@ -79,8 +79,8 @@ def test_yaml_config_with_flag_overrides(env: dict[str, Path], tmp_path: Path) -
 def test_help_lists_every_option_with_default() -> None:
     code, out = invoke(["merge", "--help"])
     assert code == 0
-    for option in ("--threshold", "--top-k", "--fraction", "--weights", "--mode", "--method", "--density",
-                   "--seed", "--rank", "--merge-into-base", "--device", "--force"):  # fmt: skip
+    for option in ("--threshold", "--top-k", "--fraction", "--weights", "--mode", "--merge-method",
+                   "--density", "--seed", "--rank", "--merge-into-base", "--device", "--force"):  # fmt: skip
         assert option in out
     assert "Default 0.8,0.2" in out and "Default 0.35" in out
 

@@ -397,9 +397,9 @@ def test_bad_inputs_exit_2_without_output(setups: dict, tmp_path: Path) -> None:
     assert_exit_2([*args, "--task-model", str(renamed), *safety], out, key, "task model")
     assert_exit_2([*args, "--task-model", str(reshaped), *safety], out, key, "shape")
     assert_exit_2([*args, *task, "--safety-model", str(reshaped)], out, key, "safety model")
-    assert_exit_2([*args, *task, "-t", str(env["safety"]), *safety], out, "exactly one of task_adapter")
-    assert_exit_2([*args, *task, *safety, "-s", str(env["safety"])], out, "exactly one of safety_adapter")
-    assert_exit_2([*args, *task], out, "exactly one of safety_adapter")
+    assert_exit_2([*args, *task, "-t", str(env["safety"]), *safety], out, "exactly one of --task-adapter")
+    assert_exit_2([*args, *task, *safety, "-s", str(env["safety"])], out, "exactly one of --safety-adapter")
+    assert_exit_2([*args, *task], out, "missing required option: --safety-adapter or --safety-model")
     assert_exit_2([*args, *task, *safety, "--modules", "("], out, "--modules")
     assert_exit_2([*args, *task, *safety, "--modules", "nothing_matches"], out, "no linear-layer weights")
     assert_exit_2([*args, *task, *safety, "--mode", "peft-linear"], out, "peft-linear")
@@ -520,9 +520,9 @@ def test_sketch_fingerprint_and_coverage_are_checked(sketched: dict, tmp_path: P
     assert any("fingerprint" in w and "ignore_fingerprint" in w for w in rep["warnings"])
     q_only = ["scan", "-t", str(env["task_adapter"]), "--subspace", str(env["sketch_q"])]
     assert_exit_2(q_only, tmp_path / "o2", "model.layers.0.self_attn.v_proj")
-    assert_exit_2([*lora, "-u", str(env["unaligned"])], tmp_path / "o3", "either unaligned or subspace")
+    assert_exit_2([*lora, "-u", str(env["unaligned"])], tmp_path / "o3", "either --unaligned or --subspace")
     assert_exit_2(["scan", "--task-model", str(env["task"]), "--subspace", str(env["sketch"])],
-                  tmp_path / "o4", "give aligned")  # fmt: skip
+                  tmp_path / "o4", "missing required option: --aligned")  # fmt: skip
     assert_exit_2(
         ["merge", *lora[1:], "-s", str(env["safety"]), "--merge-into-base"], tmp_path / "o5", "needs aligned"
     )

@@ -418,8 +418,8 @@ def test_cli_end_to_end(pairs: dict[str, Path], tmp_path: Path) -> None:
         (["--rank", "4", "--modules", "nothing_matches"], "matches no"),
         (["--rank", "4", "--modules", "(unclosed"], "regular expression"),
         (["--rank", "4", "--layout", "sideways"], "layout"),
-        (["--rank", "4", "--u-dtype", "int8"], "u_dtype"),
-        ([], "rank"),
+        (["--rank", "4", "--u-dtype", "int8"], "--u-dtype"),
+        ([], "missing required option: --rank"),
     ],
 )
 def test_cli_bad_options_exit_2(

@@ -8,16 +8,20 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
+from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError, SafemergeWarning
+from safemerge.engine.config import MergeMethod
 from safemerge.engine.hub import split_revision
 
 console = Console(stderr=True)
+M = TypeVar("M", bound=BaseModel)
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:
@@ -62,34 +66,93 @@ def _warning_printer(library: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
-# --- scan / merge ------------------------------------------------------------------------------------
+# --- the one convention -----------------------------------------------------------------------------
+# Every command that reads a YAML config takes it as `--config/-c FILE` or as its first argument (the
+# older form, kept); output directories are `-o/--out`, `-q/--quiet` silences progress; help says
+# "Default X." or "Required."; flags are named as typed in errors (docs/engine.md, "The command line").
 # Options default to None so that a YAML config can supply them; the help text states the real default.
 ConfigArg = Annotated[
-    Path | None, typer.Argument(help="YAML config whose keys mirror the options; flags override it.")
+    Path | None,
+    typer.Argument(
+        metavar="CONFIG",
+        help="YAML config whose keys mirror the options (the same as --config). Default: none.",
+    ),
 ]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="YAML config whose keys mirror the options; flags override it. Default: none."
+    ),
+]
+
+
+def config_file(positional: Path | None, option: Path | None) -> Path | None:
+    """The YAML config given as the argument or as `--config` (the same file twice is fine)."""
+    if positional is not None and option is not None and positional != option:
+        raise InputError(f"two configs given: {positional} and --config {option}; give one")
+    return option if option is not None else positional
+
+
+def flag_names(ctx: typer.Context, **rename: str) -> dict[str, str]:
+    """{config key: the flag as typed} for the command's options (`task_adapter` → `--task-adapter`,
+    `learning_rate` → `--lr`); `rename` maps a config key to the parameter that sets it."""
+    flags = {
+        p.name: max(p.opts, key=len)
+        for p in ctx.command.params
+        if p.param_type_name == "option" and p.name is not None  # typer vendors its own click
+    }
+    flags.update({key: flags[param] for key, param in rename.items() if param in flags})
+    return flags
+
+
+def load_cli_config(
+    ctx: typer.Context, cls: type[M], config: Path | None, overrides: dict[str, Any], **rename: str
+) -> M:
+    """`load_config` with errors in the command's flags (every missing required option at once)."""
+    return load_config(cls, config, overrides, flag_names(ctx, **rename))
+
+
+# --- scan / merge ------------------------------------------------------------------------------------
 AlignedOpt = Annotated[
     str | None,
-    typer.Option("--aligned", "-a", help="Aligned model the adapters were trained on: directory or hub id."),
+    typer.Option(
+        "--aligned",
+        "-a",
+        help="Aligned model the adapters were trained on: directory or hub id. Required, except by a LoRA "
+        "scan with --subspace.",
+    ),
 ]
 UnalignedOpt = Annotated[
     str | None,
-    typer.Option("--unaligned", "-u", help="Unaligned (pre-alignment) base model: directory or hub id."),
+    typer.Option(
+        "--unaligned",
+        "-u",
+        help="Unaligned (pre-alignment) base model: directory or hub id. Required unless --subspace is "
+        "given.",
+    ),
 ]
 TaskOpt = Annotated[
-    str | None, typer.Option("--task-adapter", "-t", help="Fine-tuned task LoRA (PEFT directory).")
+    str | None,
+    typer.Option(
+        "--task-adapter",
+        "-t",
+        help="Fine-tuned task LoRA (PEFT directory or hub id). Required unless --task-model is given.",
+    ),
 ]
 TaskModelOpt = Annotated[
     str | None,
     typer.Option(
         "--task-model",
-        help="A full fine-tune of the aligned model (directory or hub id), instead of --task-adapter.",
+        help="A full fine-tune of the aligned model (directory or hub id), instead of --task-adapter. "
+        "Optional.",
     ),
 ]
 ModulesOpt = Annotated[
     str | None,
     typer.Option(
         help="With --task-model: scan the linear layers whose module name matches this regular expression "
-        "(re.search). Default: the attention and MLP projections (q,k,v,o,gate,up,down; c_attn,c_proj,c_fc)."
+        "(re.search). Default: the attention and MLP projections (q, k, v, o, gate, up, down; c_attn, "
+        "c_proj, c_fc)."
     ),
 ]
 SubspaceOpt = Annotated[
@@ -97,7 +160,7 @@ SubspaceOpt = Annotated[
     typer.Option(
         help="A sketch of V (`safemerge subspace`) instead of --unaligned: ρ from its rank-K directions. "
         "A LoRA scan then needs no base model; where aligned weights are read, --aligned must match the "
-        "sketch's fingerprint."
+        "sketch's fingerprint. Optional."
     ),
 ]
 IgnoreFingerprintOpt = Annotated[
@@ -112,7 +175,8 @@ SafetyModelOpt = Annotated[
     str | None,
     typer.Option(
         "--safety-model",
-        help="With --task-model: a full safety fine-tune of the aligned model, instead of --safety-adapter.",
+        help="With --task-model: a full safety fine-tune of the aligned model, instead of "
+        "--safety-adapter. Optional.",
     ),
 ]
 ThresholdOpt = Annotated[
@@ -120,13 +184,15 @@ ThresholdOpt = Annotated[
     typer.Option(help="Select modules with round(ρ, 5) < THRESHOLD. Default 0.35 when no policy is given."),
 ]
 TopKOpt = Annotated[
-    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead.")
+    int | None, typer.Option("--top-k", help="Select the K modules with the lowest ρ instead. No default.")
 ]
 FractionOpt = Annotated[
-    float | None, typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead.")
+    float | None,
+    typer.Option(help="Select the lowest-ρ fraction of modules (⌈F·n⌉ of them) instead. No default."),
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option(help="Where the math runs: cpu, cuda or auto (cuda when present). Default cpu.")
+    Literal["cpu", "cuda", "auto"] | None,
+    typer.Option(help="Where the math runs (auto: cuda when present). Default cpu."),
 ]
 ForceOpt = Annotated[
     bool | None,
@@ -164,16 +230,42 @@ AllowPartialOpt = Annotated[
         "as fine-tuned; the report records it). Default off: such a merge is refused (exit 2).",
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary table.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bars or summary table. Default off.")
+]
 RevisionOpt = Annotated[
     list[str] | None,
     typer.Option(
         "--revision",
+        metavar="<input=rev>",
         help="Pin a hub input given as a flag to a branch, tag or commit: INPUT=REV (e.g. aligned=main, "
         "task-adapter=1a2b3c4), repeatable; the same as writing the input as owner/name@REV (the form a "
-        "YAML config uses). The report records the commit each hub input resolved to.",
+        "YAML config uses). The report records the commit each hub input resolved to. Optional.",
     ),
 ]
+MergeMethodOpt = Annotated[
+    MergeMethod | None,
+    typer.Option(
+        "--merge-method",
+        help="The merge operator on selected modules; ties, dare_linear and dare_ties act on the full ΔW "
+        "and re-factorise by truncated SVD. Default linear.",
+    ),
+]
+
+
+def merge_method_of(options: dict[str, Any]) -> str | None:
+    """`--merge-method`, or its deprecated spelling `--method` (`safemerge merge`), with a warning;
+    pops both from `options`."""
+    new, old = options.pop("merge_method", None), options.pop("method", None)
+    if old is not None:
+        warnings.warn(
+            "--method is deprecated; use --merge-method (the same operator)", SafemergeWarning, stacklevel=2
+        )
+        if new is not None and new != old:
+            raise InputError(f"--merge-method {new} and --method {old} disagree; give --merge-method only")
+    return new if new is not None else old
+
+
 # The model and adapter inputs a `--revision INPUT=REV` may pin (those a command has).
 HUB_INPUTS = ("aligned", "unaligned", "task_adapter", "task_model", "safety_adapter", "safety_model")
 
@@ -182,6 +274,7 @@ def given_options(ctx: typer.Context, *skip: str) -> dict[str, Any]:
     """The command's parsed options by parameter name (= config field name), Paths as strings, minus
     `skip` (options that steer the command rather than the config). Options left unset are None, so
     `load_config` lets the YAML file or the field default decide them."""
+    skip = (*skip, "config", "config_pos")
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in ctx.params.items() if k not in skip}
 
 
@@ -215,6 +308,6 @@ def pin_revisions(options: dict[str, Any], pins: list[str] | None) -> dict[str, 
 
 # --- train / eval ------------------------------------------------------------------------------------
 ModelOpt = Annotated[
-    str | None, typer.Option(help="base model: local dir, hub id, or `smollm2` (packaged). Required.")
+    str | None, typer.Option(help="Base model: local dir, hub id, or `smollm2` (packaged). Required.")
 ]
-TrustRemoteCodeOpt = Annotated[bool | None, typer.Option(help="allow model code from the hub (default: off)")]
+TrustRemoteCodeOpt = Annotated[bool | None, typer.Option(help="Allow model code from the hub. Default off.")]

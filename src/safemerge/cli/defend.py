@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -13,11 +13,13 @@ from safemerge.cli.common import (
     AllowAnyWeightsOpt,
     AllowPartialOpt,
     ConfigArg,
+    ConfigOpt,
     DeviceOpt,
     ForceOpt,
     IgnoreFingerprintOpt,
     MaxShardOpt,
     MergeIntoBaseOpt,
+    MergeMethodOpt,
     ModulesOpt,
     PickleOpt,
     PlotOpt,
@@ -30,11 +32,12 @@ from safemerge.cli.common import (
     TaskModelOpt,
     TaskOpt,
     UnalignedOpt,
+    config_file,
     given_options,
+    load_cli_config,
     pin_revisions,
     run_guarded,
 )
-from safemerge.common.config_io import load_config
 from safemerge.common.plugins import entry_point
 from safemerge.defenses import DefendConfig, defend, defense_names, get_defense
 from safemerge.defenses.registry import GROUP
@@ -57,14 +60,15 @@ def own_options_help() -> str:
 
 def defend_command(
     ctx: typer.Context,
-    config: ConfigArg = None,
+    config_pos: ConfigArg = None,
+    config: ConfigOpt = None,
     method: Annotated[
         str | None,
         typer.Option(
             "--method",
             "-m",
-            help=f"The defence: {', '.join(defense_names())} (default safemerge; docs/defenses.md; "
-            "other installed packages can add defences, docs/extending.md).",
+            help=f"The defence: {', '.join(defense_names())} (docs/defenses.md; other installed packages "
+            "can add defences, docs/extending.md). Default safemerge.",
         ),
     ] = None,
     aligned: AlignedOpt = None,
@@ -86,8 +90,8 @@ def defend_command(
     threshold: Annotated[
         float | None,
         typer.Option(
-            help="Selection threshold τ. safemerge: round(ρ,5) < τ, default 0.35; safelora: round(ρ,5) ≤ τ, "
-            "default 0.5 (used when no --top-k/--fraction is given)."
+            help="Selection threshold τ, used when no --top-k/--fraction is given. safemerge: "
+            "round(ρ,5) < τ; safelora: round(ρ,5) ≤ τ. Default 0.35 (safemerge), 0.5 (safelora)."
         ),
     ] = None,
     top_k: Annotated[
@@ -106,11 +110,10 @@ def defend_command(
     ] = None,
     allow_any_weights: AllowAnyWeightsOpt = None,
     mode: Annotated[
-        str | None, typer.Option(help="exact (default) or peft-linear (the released code's factor mixing).")
+        Literal["exact", "peft-linear"] | None,
+        typer.Option(help="exact, or peft-linear (the released code's factor mixing). Default exact."),
     ] = None,
-    merge_method: Annotated[
-        str | None, typer.Option(help="Merge operator: linear (default), ties, dare_linear or dare_ties.")
-    ] = None,
+    merge_method: MergeMethodOpt = None,
     density: Annotated[
         float | None, typer.Option(help="Kept fraction for TIES/DARE, and for RESTA's --dare. Default 0.5.")
     ] = None,
@@ -128,8 +131,11 @@ def defend_command(
         float | None, typer.Option(help="resta: scale β of the safety vector W_al − W_un. Default 0.5.")
     ] = None,
     scope: Annotated[
-        str | None,
-        typer.Option(help="resta: add β·V to all-linear layers (default) or only the LoRA-targeted modules."),
+        Literal["all-linear", "targeted"] | None,
+        typer.Option(
+            help="resta: add β·V to all linear layers or only to the LoRA-targeted modules. "
+            "Default all-linear."
+        ),
     ] = None,
     dare: Annotated[
         bool | None,
@@ -147,6 +153,7 @@ def defend_command(
         list[str] | None,
         typer.Option(
             "--option",
+            metavar="<key=value>",
             help="KEY=VALUE: an option of a plugin defence's own (repeat for several; see "
             f"docs/extending.md). Default: none. {own_options_help()}",
         ),
@@ -157,9 +164,8 @@ def defend_command(
     """Apply one post-fine-tuning defence to a task LoRA or full fine-tune (the defences: see --method)."""
 
     def body() -> None:
-        cfg = load_config(
-            DefendConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision)
-        )
+        options = pin_revisions(given_options(ctx, "quiet"), revision)
+        cfg = load_cli_config(ctx, DefendConfig, config_file(config_pos, config), options)
         result = defend(cfg, progress=not quiet)
         if not quiet:
             print_summary(result.report, Console())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -13,12 +13,14 @@ from safemerge.cli.common import (
     AllowAnyWeightsOpt,
     AllowPartialOpt,
     ConfigArg,
+    ConfigOpt,
     DeviceOpt,
     ForceOpt,
     FractionOpt,
     IgnoreFingerprintOpt,
     MaxShardOpt,
     MergeIntoBaseOpt,
+    MergeMethodOpt,
     ModulesOpt,
     PickleOpt,
     PlotOpt,
@@ -33,11 +35,13 @@ from safemerge.cli.common import (
     ThresholdOpt,
     TopKOpt,
     UnalignedOpt,
+    config_file,
     given_options,
+    load_cli_config,
+    merge_method_of,
     pin_revisions,
     run_guarded,
 )
-from safemerge.common.config_io import load_config
 from safemerge.engine.config import MergeConfig, ScanConfig
 from safemerge.engine.pipeline import merge, scan
 from safemerge.engine.report import print_summary
@@ -45,7 +49,8 @@ from safemerge.engine.report import print_summary
 
 def scan_command(
     ctx: typer.Context,
-    config: ConfigArg = None,
+    config_pos: ConfigArg = None,
+    config: ConfigOpt = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
     subspace: SubspaceOpt = None,
@@ -57,7 +62,8 @@ def scan_command(
     top_k: TopKOpt = None,
     fraction: FractionOpt = None,
     out: Annotated[
-        Path | None, typer.Option(help="Write the report (JSON, Markdown, plot) here. Optional.")
+        Path | None,
+        typer.Option("--out", "-o", help="Write the report (JSON, Markdown, plot) here. Optional."),
     ] = None,
     device: DeviceOpt = None,
     allow_pickle: PickleOpt = None,
@@ -70,7 +76,8 @@ def scan_command(
     would merge."""
 
     def body() -> None:
-        cfg = load_config(ScanConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision))
+        options = pin_revisions(given_options(ctx, "quiet"), revision)
+        cfg = load_cli_config(ctx, ScanConfig, config_file(config_pos, config), options)
         report = scan(cfg, progress=not quiet)
         if not quiet:
             print_summary(report, Console())
@@ -80,7 +87,8 @@ def scan_command(
 
 def merge_command(
     ctx: typer.Context,
-    config: ConfigArg = None,
+    config_pos: ConfigArg = None,
+    config: ConfigOpt = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
     subspace: SubspaceOpt = None,
@@ -89,11 +97,17 @@ def merge_command(
     task_model: TaskModelOpt = None,
     modules: ModulesOpt = None,
     safety_adapter: Annotated[
-        str | None, typer.Option("--safety-adapter", "-s", help="Safety LoRA trained on the aligned model.")
+        str | None,
+        typer.Option(
+            "--safety-adapter",
+            "-s",
+            help="Safety LoRA trained on the aligned model. Required unless --safety-model is given.",
+        ),
     ] = None,
     safety_model: SafetyModelOpt = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Output directory (must not exist, see --force).")
+        Path | None,
+        typer.Option("--out", "-o", help="Output directory (must not exist, see --force). Required."),
     ] = None,
     threshold: ThresholdOpt = None,
     top_k: TopKOpt = None,
@@ -103,18 +117,16 @@ def merge_command(
     ] = None,
     allow_any_weights: AllowAnyWeightsOpt = None,
     mode: Annotated[
-        str | None,
+        Literal["exact", "peft-linear"] | None,
         typer.Option(
-            help="exact: lossless rank r_f+r_s merge of the products (default). peft-linear: the released "
-            "code's factor mixing, with its cross terms (needs equal ranks)."
+            help="exact: lossless rank r_f+r_s merge of the products. peft-linear: the released code's "
+            "factor mixing, with its cross terms (needs equal ranks). Default exact."
         ),
     ] = None,
+    merge_method: MergeMethodOpt = None,
     method: Annotated[
-        str | None,
-        typer.Option(
-            help="linear (default), ties, dare_linear or dare_ties; the last three act on the full ΔW of "
-            "selected modules and re-factorise by truncated SVD."
-        ),
+        Literal["linear", "ties", "dare_linear", "dare_ties"] | None,
+        typer.Option("--method", help="Deprecated spelling of --merge-method. Default: as --merge-method."),
     ] = None,
     density: Annotated[float | None, typer.Option(help="Kept fraction for TIES/DARE. Default 0.5.")] = None,
     seed: SeedOpt = None,
@@ -133,7 +145,11 @@ def merge_command(
     for --task-model) and a report."""
 
     def body() -> None:
-        cfg = load_config(MergeConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision))
+        options = pin_revisions(given_options(ctx, "quiet"), revision)
+        options["method"] = merge_method_of(options)
+        cfg = load_cli_config(
+            ctx, MergeConfig, config_file(config_pos, config), options, method="merge_method"
+        )
         report = merge(cfg, progress=not quiet)
         if not quiet:
             print_summary(report, Console())

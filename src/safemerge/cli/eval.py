@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from safemerge.cli.common import ModelOpt, TrustRemoteCodeOpt, console, run_guarded
-from safemerge.common.config_io import load_config
+from safemerge.cli.common import (
+    ConfigArg,
+    ConfigOpt,
+    ModelOpt,
+    TrustRemoteCodeOpt,
+    config_file,
+    console,
+    load_cli_config,
+    run_guarded,
+)
 from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig, split_adapter_names
@@ -31,88 +39,92 @@ def show_evaluation_log() -> None:
 
 
 def eval_command(
-    config_pos: Annotated[
-        Path | None, typer.Argument(help="YAML config whose keys mirror the options (default: none)")
-    ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (default: none)")] = None,
+    ctx: typer.Context,
+    config_pos: ConfigArg = None,
+    config: ConfigOpt = None,
     model: ModelOpt = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="<[name=]dir>",
             help="PEFT adapter directory, or NAME=PATH to name the variant; repeat for several, all on one "
-            "base (default: none)"
+            "base. Default none.",
         ),
     ] = None,
     reference: Annotated[
         str | None,
         typer.Option(
-            help="compare every variant with this one (an adapter's NAME or path, or the --model for the "
-            "base): per benchmark the difference with a 95% interval, paired flips and McNemar p "
-            "(default: none)"
+            help="Compare every variant with this one (an adapter's NAME or path, or the --model for the "
+            "base): per benchmark the difference with a 95% interval, paired flips and McNemar p. "
+            "Default none."
         ),
     ] = None,
     benchmarks: Annotated[
         str | None,
         typer.Option(
-            help=f"comma-separated: {', '.join(benchmark_names())}, or a .jsonl with a `prompt` field "
+            help=f"Comma-separated: {', '.join(benchmark_names())}, or a .jsonl with a `prompt` field "
             "(harmful prompts) or `prompt` and `reference` fields (a utility task); other installed "
             "packages can add benchmarks (docs/extending.md). Required."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory. Required.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output directory. Required.")] = None,
     judge: Annotated[
         str | None,
         typer.Option(
-            help=f"harm judges, comma-separated, the first the headline: {', '.join(judge_names())}; a model "
-            "judge as NAME=MODEL (default: keyword, with HarmBench's rule beside it)"
+            help=f"Harm judges, comma-separated, the first the headline: {', '.join(judge_names())}; a model "
+            "judge as NAME=MODEL. Default keyword, with HarmBench's rule beside it."
         ),
     ] = None,
     judge_model: Annotated[
-        str | None, typer.Option(help=f"the llama-guard judge's model (default: {DEFAULT_GUARD})")
+        str | None, typer.Option(help=f"The llama-guard judge's model. Default {DEFAULT_GUARD}.")
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="transformers | vllm (default: transformers)")] = None,
-    limit: Annotated[
-        int | None, typer.Option(help="first N prompts of each benchmark (default: all)")
+    backend: Annotated[
+        Literal["transformers", "vllm"] | None, typer.Option(help="Generation backend. Default transformers.")
     ] = None,
+    limit: Annotated[int | None, typer.Option(help="First N prompts of each benchmark. Default all.")] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="tokens generated per answer (default: 256)")
+        int | None, typer.Option(help="Tokens generated per answer. Default 256.")
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(help="prompts per generation batch (default: 16)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default 16.")] = None,
     include_base: Annotated[
-        bool | None, typer.Option(help="also evaluate the base model without adapters (default: on)")
+        bool | None, typer.Option(help="Also evaluate the base model without adapters. Default on.")
     ] = None,
     tensor_parallel_size: Annotated[
-        int | None, typer.Option(help="vLLM: GPUs per engine (default: 1)")
+        int | None, typer.Option(help="vLLM: GPUs per engine. Default 1.")
     ] = None,
     gpu_memory_utilization: Annotated[
-        float | None, typer.Option(help="vLLM: share of GPU memory to use (default: 0.85)")
+        float | None, typer.Option(help="vLLM: share of GPU memory to use. Default 0.85.")
     ] = None,
     max_model_len: Annotated[
         int | None,
         typer.Option(
-            help="vLLM: context length of the generation engine, in tokens (default: the longest rendered "
-            "prompt + --max-new-tokens, rounded up to a multiple of 256)"
+            help="vLLM: context length of the generation engine, in tokens. Default: the longest rendered "
+            "prompt + --max-new-tokens, rounded up to a multiple of 256."
         ),
     ] = None,
     dtype: Annotated[
-        str | None,
+        Literal["auto", "float32", "bfloat16", "float16"] | None,
         typer.Option(
-            help="auto | float32 | bfloat16 | float16 (default: auto = bf16 on a GPU that supports it; "
-            "vLLM: the checkpoint's dtype, float32 checkpoints in bf16)"
+            help="Weights' dtype. Default auto: bf16 on a GPU that supports it (vLLM: the checkpoint's "
+            "dtype, float32 checkpoints in bf16)."
         ),
     ] = None,
     cache_dir: Annotated[
-        Path | None, typer.Option(help="generation cache (default: $SAFEMERGE_CACHE/generations)")
+        Path | None, typer.Option(help="Generation cache. Default $SAFEMERGE_CACHE/generations.")
     ] = None,
     no_cache: Annotated[
         bool | None,
-        typer.Option("--no-cache", help="do not read or write the generation cache (default: off)"),
+        typer.Option("--no-cache", help="Do not read or write the generation cache. Default off."),
     ] = None,
     trust_remote_code: TrustRemoteCodeOpt = None,
     force: Annotated[
         bool | None,
-        typer.Option(help="replace an earlier safemerge output at --out, never other files (default: off)"),
+        typer.Option(help="Replace an earlier safemerge output at --out, never other files. Default off."),
     ] = None,
+    quiet: Annotated[
+        bool,
+        typer.Option("--quiet", "-q", help="No evaluation log or closing summary. Default off."),
+    ] = False,
 ) -> None:
     """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.
 
@@ -146,9 +158,11 @@ def eval_command(
             "trust_remote_code": trust_remote_code,
             "force": force,
         }
-        cfg = load_config(EvalConfig, config or config_pos, overrides)
-        show_evaluation_log()
+        cfg = load_cli_config(ctx, EvalConfig, config_file(config_pos, config), overrides, adapters="adapter")
+        if not quiet:
+            show_evaluation_log()
         evaluate(cfg)
-        console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
+        if not quiet:
+            console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
 
     run_guarded(body)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from safemerge.cli.common import run_guarded
+from safemerge.cli.common import config_file, run_guarded
+from safemerge.common.errors import InputError
 from safemerge.experiment.config import ExecutionSpec, parse_experiment
 from safemerge.experiment.executor_ray import RayExecutor
 from safemerge.experiment.results import print_rows
@@ -17,7 +18,19 @@ from safemerge.experiment.runner import Executor, run_experiment
 
 
 def experiment_command(
-    config: Annotated[Path, typer.Argument(help="Experiment YAML (see docs/defenses.md). Required.")],
+    config_pos: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="CONFIG",
+            help="Experiment YAML (docs/defenses.md); the same as --config. Required, here or as --config.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Experiment YAML (docs/defenses.md). Required, here or as CONFIG."
+        ),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output directory. Default: the config's `out:`.")
     ] = None,
@@ -35,7 +48,7 @@ def experiment_command(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
     executor: Annotated[
-        str | None,
+        Literal["local", "ray"] | None,
         typer.Option(
             help="local: every stage in this process; ray: on a Ray cluster (docs/distributed.md). "
             "Default: the config's execution.executor, else local."
@@ -57,7 +70,10 @@ def experiment_command(
     """Run every defence × grid cell on one setup, evaluate all variants, write the table and plot."""
 
     def body() -> int:
-        cfg = parse_experiment(config)
+        source = config_file(config_pos, config)
+        if source is None:
+            raise InputError("missing required option: --config (or the YAML as the first argument)")
+        cfg = parse_experiment(source)
         spec = (cfg.execution or ExecutionSpec()).with_flags(
             executor=executor,
             ray_address=ray_address,
@@ -66,7 +82,7 @@ def experiment_command(
         )
         runner: Executor | None = RayExecutor(spec) if spec.executor == "ray" else None
         result = run_experiment(
-            cfg, out, dry_run=dry_run, progress=not quiet, limit=limit, executor=runner, source=config
+            cfg, out, dry_run=dry_run, progress=not quiet, limit=limit, executor=runner, source=source
         )
         if dry_run:
             return 0

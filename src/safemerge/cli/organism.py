@@ -38,18 +38,27 @@ organism_app = typer.Typer(
 @organism_app.command("build")
 def build_command(
     reduced: Annotated[
-        bool, typer.Option("--reduced", help="A tiny organism (a few steps and prompts) for tests.")
+        bool,
+        typer.Option("--reduced", help="A tiny organism (a few steps and prompts) for tests. Default off."),
     ] = False,
     mix_safety: Annotated[
-        bool, typer.Option("--mix-safety/--no-mix-safety", help="Also build the SafeInstr variant of T.")
+        bool,
+        typer.Option(
+            "--mix-safety/--no-mix-safety",
+            help="Also build the SafeInstr variant of T. Default on.",
+            show_default=False,
+        ),
     ] = True,
     full_ft: Annotated[
-        bool, typer.Option("--full-ft", help="Also build T_full: A fully fine-tuned on T's task data.")
+        bool,
+        typer.Option(
+            "--full-ft", help="Also build T_full: A fully fine-tuned on T's task data. Default off."
+        ),
     ] = False,
     cache: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
     precision: PrecisionOption = "auto",
 ) -> None:
     """Build (or reuse from the cache) U, A, T, S and, with --mix-safety, SafeInstr's T; with --full-ft
@@ -82,19 +91,19 @@ def build_command(
 
 @organism_app.command("fullft")
 def fullft_command(
-    out: Annotated[Path, typer.Option("--out", help="Output directory (written atomically).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
     reduced: Annotated[
-        bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests.")
+        bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests. Default off.")
     ] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
     ] = False,
     cache: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
     ] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="No training or defence progress bars.")
+        bool, typer.Option("--quiet", "-q", help="No training or defence progress bars. Default off.")
     ] = False,
     precision: PrecisionOption = "auto",
 ) -> None:
@@ -120,8 +129,29 @@ def run_organism_demo(
     cache: Path | None = None,
     seeds: int = 1,
     precision: str = "auto",
+    quiet: bool = False,
 ) -> None:
     """Run the organism demo for training seeds 0 … seeds − 1 and print its answers, tables and targets."""
+    s = organism_settings(out, force, reduced, cache, seeds, precision, quiet, full=full)
+    result = run_demo(s)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    met = sum(t["met"] for t in result["targets"])
+    dtype = result["settings"]["precision"]["dtype"]
+    typer.echo(f"targets met: {met}/{len(result['targets'])} (precision {dtype}); files in {out}")
+
+
+def organism_settings(
+    out: Path,
+    force: bool,
+    reduced: bool,
+    cache: Path | None,
+    seeds: int,
+    precision: str,
+    quiet: bool,
+    full: bool = False,
+) -> DemoSettings:
+    """The demo's settings for seeds 0 … seeds − 1: the default demo, `--full`, or `reduced` (a tiny
+    organism and 4 prompts per set, for tests); the precision as asked (resolved when the run starts)."""
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}")
     check_precision(precision, "--precision")
@@ -135,48 +165,35 @@ def run_organism_demo(
         s = DemoSettings.full(out, cache=cache, force=force)
     else:
         s = DemoSettings(out=out, cache=cache, force=force)
-    result = run_demo(replace(s, seeds=tuple(range(seeds)), recipe=s.recipe.with_precision(precision)))
-    typer.echo((out / "results.md").read_text(encoding="utf-8"))
-    met = sum(t["met"] for t in result["targets"])
-    dtype = result["settings"]["precision"]["dtype"]
-    typer.echo(f"targets met: {met}/{len(result['targets'])} (precision {dtype}); files in {out}")
-
-
-def organism_settings(out: Path, force: bool, reduced: bool, cache: Path | None, seeds: int) -> DemoSettings:
-    """The demo's settings for seeds 0 … seeds − 1 (`reduced`: a tiny organism and 4 prompts per set)."""
-    if seeds < 1:
-        raise InputError(f"--seeds must be at least 1, got {seeds}")
-    s = DemoSettings(out=out, cache=cache, force=force)
-    if reduced:
-        s = DemoSettings(
-            out=out, recipe=reduced_recipe(), cache=cache, taus=(0.35,), weights=((0.8, 0.2),),
-            task_limit=4, harm_limit=4, benign_limit=4, val_task=4, val_limit=4, force=force,
-        )  # fmt: skip
-    return replace(s, seeds=tuple(range(seeds)))
+    recipe = s.recipe.with_precision(precision)
+    return replace(s, seeds=tuple(range(seeds)), recipe=recipe, progress=not quiet)
 
 
 @organism_app.command("compare")
 def compare_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (written atomically).")],
-    seeds: Annotated[int, typer.Option(help="Training seeds 0 … N−1, pooled.")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
+    seeds: Annotated[int, typer.Option(help="Training seeds 0 … N−1, pooled. Default 3.")] = 3,
     defences: Annotated[
         str,
         typer.Option(
-            help="Comma-separated defences to compare with SafeMERGE (default: every registered "
-            "defence that declares a knob to sweep)."
+            help="Comma-separated defences to compare with SafeMERGE. Default: every registered defence "
+            "that declares a knob to sweep."
         ),
     ] = "",
     reduced: Annotated[
-        bool, typer.Option("--reduced", help="A tiny organism, 4 prompts per set, 2 values per knob (tests).")
+        bool,
+        typer.Option(
+            "--reduced", help="A tiny organism, 4 prompts per set, 2 values per knob, for tests. Default off."
+        ),
     ] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
     ] = False,
     cache: Annotated[
-        Path | None, typer.Option(help="Cache directory (default $SAFEMERGE_CACHE or ~/.cache/safemerge).")
+        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
     ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
     precision: PrecisionOption = "auto",
 ) -> None:
     """Every defence's knob swept on validation, one setting chosen per defence and seed at matched
@@ -184,9 +201,7 @@ def compare_command(
     validation.png to OUT (docs/organism.md, "Which defence")."""
 
     def body() -> None:
-        s = organism_settings(out, force, reduced, cache, seeds)
-        recipe = s.recipe.with_precision(check_precision(precision, "--precision"))
-        s = replace(s, recipe=recipe, progress=not quiet)
+        s = organism_settings(out, force, reduced, cache, seeds, precision, quiet)
         names = tuple(n.strip() for n in defences.split(",") if n.strip())
         data = run_compare(CompareSettings(s, names, 2 if reduced else None))
         typer.echo((out / "results.md").read_text(encoding="utf-8"))

@@ -13,12 +13,18 @@ from safemerge.engine.push import push
 
 def push_command(
     out: Annotated[
-        Path, typer.Argument(help="A safemerge output with a model card (merge, defend or subspace).")
+        Path,
+        typer.Argument(help="A safemerge output with a model card (merge, defend or subspace). Required."),
     ],
-    repo_id: Annotated[str, typer.Argument(help="The hub repository, owner/name; created when missing.")],
+    repo_id: Annotated[
+        str, typer.Argument(help="The hub repository, owner/name; created when missing. Required.")
+    ],
     private: Annotated[
         bool,
-        typer.Option("--private", help="Create the repository private (an existing one keeps its setting)."),
+        typer.Option(
+            "--private",
+            help="Create the repository private (an existing one keeps its setting). Default off.",
+        ),
     ] = False,
     revision: Annotated[
         str | None,
@@ -28,7 +34,8 @@ def push_command(
         Path | None,
         typer.Option(
             "--eval",
-            help="A `safemerge eval` output that evaluated OUT: its rates go into the card's model-index.",
+            help="A `safemerge eval` output that evaluated OUT: its rates go into the card's model-index. "
+            "Optional.",
         ),
     ] = None,
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -12,29 +12,34 @@ from rich.console import Console
 from safemerge.cli.common import (
     AlignedOpt,
     ConfigArg,
+    ConfigOpt,
     DeviceOpt,
     ForceOpt,
     PickleOpt,
     QuietOpt,
     RevisionOpt,
     UnalignedOpt,
+    config_file,
     given_options,
+    load_cli_config,
     pin_revisions,
     run_guarded,
 )
-from safemerge.common.config_io import load_config
 from safemerge.engine.subspace import SubspaceConfig, SubspaceResult, subspace
 
 
 def subspace_command(
     ctx: typer.Context,
-    config: ConfigArg = None,
+    config_pos: ConfigArg = None,
+    config: ConfigOpt = None,
     aligned: AlignedOpt = None,
     unaligned: UnalignedOpt = None,
     rank: Annotated[
         int | None,
         typer.Option(
-            "--rank", "-k", help="K: singular directions kept per module (≥ 1; clamped to min(d_out, d_in))."
+            "--rank",
+            "-k",
+            help="K: singular directions kept per module (≥ 1; clamped to min(d_out, d_in)). Required.",
         ),
     ] = None,
     modules: Annotated[
@@ -46,16 +51,12 @@ def subspace_command(
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the randomised SVD. Default 0.")] = None,
     layout: Annotated[
-        str | None,
-        typer.Option(
-            help="Weight layout: auto (from config.json; GPT-2 is conv1d), linear or conv1d. Default auto."
-        ),
+        Literal["auto", "linear", "conv1d"] | None,
+        typer.Option(help="Weight layout (auto: from config.json; GPT-2 is conv1d). Default auto."),
     ] = None,
     u_dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Storage of U: float32 or float16 (half the size, see docs/subspace.md). Default float32."
-        ),
+        Literal["float32", "float16"] | None,
+        typer.Option(help="Storage of U (float16: half the size, see docs/subspace.md). Default float32."),
     ] = None,
     device: DeviceOpt = None,
     out: Annotated[
@@ -71,9 +72,8 @@ def subspace_command(
     V = W_aligned − W_unaligned, so that ρ needs neither model afterwards."""
 
     def body() -> None:
-        cfg = load_config(
-            SubspaceConfig, config, pin_revisions(given_options(ctx, "config", "quiet"), revision)
-        )
+        options = pin_revisions(given_options(ctx, "quiet"), revision)
+        cfg = load_cli_config(ctx, SubspaceConfig, config_file(config_pos, config), options)
         result = subspace(cfg, progress=not quiet)
         if not quiet:
             print_result(result, Console())

@@ -9,6 +9,7 @@ starts (unknown keys always fail), while a full dump of a config (`defense.yaml`
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 import yaml
@@ -64,6 +65,11 @@ class DefendConfig(FlatConfig):
     run: RunOptions
     # a plugin defence's own options (its `Defense.option_model`): flat keys in YAML, `--option K=V` flags
     plugin_options: dict[str, Any] = Field(default_factory=dict, exclude_if=lambda v: not v)
+
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        """The inputs to give (`load_config` names every missing one at once)."""
+        return InputsConfig.required(given)
 
     @model_validator(mode="before")
     @classmethod

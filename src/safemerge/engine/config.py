@@ -10,6 +10,7 @@ SafeMERGE setup: τ = 0.35, weights 0.8/0.2; see docs/method.md §3–4).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -71,19 +72,32 @@ class InputsConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_each(self) -> InputsConfig:
+        # every problem at once; keys in backticks, which the command line shows as its flags
+        problems = []
         if (self.task_adapter is None) == (self.task_model is None):
-            raise ValueError("give exactly one of task_adapter (a LoRA) and task_model (a full fine-tune)")
+            problems.append("give exactly one of `task_adapter` (a LoRA) and `task_model` (a full fine-tune)")
         if self.modules is not None and self.task_model is None:
-            raise ValueError("modules applies to task_model (LoRA modules are the adapter's)")
+            problems.append("`modules` applies to `task_model` (LoRA modules are the adapter's)")
         if self.unaligned is not None and self.subspace is not None:
-            raise ValueError("give either unaligned or subspace (a sketch of W_aligned - W_unaligned)")
+            problems.append("give either `unaligned` or `subspace` (a sketch of W_aligned - W_unaligned)")
         if self.unaligned is None and self.subspace is None:
-            raise ValueError("give unaligned (or subspace, a sketch of W_aligned - W_unaligned)")
+            problems.append("give `unaligned` (or `subspace`, a sketch of W_aligned - W_unaligned)")
         if self.ignore_fingerprint and self.subspace is None:
-            raise ValueError("ignore_fingerprint applies only with subspace")
+            problems.append("`ignore_fingerprint` applies only with `subspace`")
         if self.aligned is None and (self.subspace is None or self.task_model is not None):
-            raise ValueError("give aligned (only a LoRA scan with a subspace sketch can do without it)")
+            problems.append("give `aligned` (only a LoRA scan with a subspace sketch can do without it)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    @staticmethod
+    def required(given: Collection[str]) -> list[tuple[str, ...]]:
+        """The inputs still to give when the keys `given` are, as alternatives (the rules above): the
+        aligned model unless a LoRA is scanned against a sketch, one task input, the unaligned model or a
+        sketch. `load_config` names every missing one at once."""
+        needs_aligned = "subspace" not in given or "task_model" in given
+        aligned = [("aligned",)] if needs_aligned else []
+        return [*aligned, ("task_adapter", "task_model"), ("unaligned", "subspace")]
 
     def paths(self) -> dict[str, str | None]:
         """The inputs by label, for the output-directory check (`common/outdir.check_not_an_input`)."""
@@ -290,6 +304,10 @@ class ScanConfig(FlatConfig):
     out: str | None = Field(None, description="directory for the report (optional for scan)")
     run: RunOptions
 
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        return InputsConfig.required(given)
+
 
 class MergeConfig(ScanConfig):
     """Inputs and options of `safemerge merge`."""
@@ -303,12 +321,29 @@ class MergeConfig(ScanConfig):
     )
     merge: MergeOptions
 
+    @classmethod
+    def required_groups(cls, given: Collection[str]) -> list[tuple[str, ...]]:
+        return [*InputsConfig.required(given), ("safety_adapter", "safety_model")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_method_key(cls, data: Any) -> Any:
+        """`merge_method:` (the key `safemerge defend` and the flag `--merge-method` use) as `method:`."""
+        if not isinstance(data, dict) or "merge_method" not in data:
+            return data
+        data = dict(data)
+        value = data.pop("merge_method")
+        if data.get("method") not in (None, value):
+            raise ValueError(f"`merge_method` {value} and `method` {data['method']} disagree; give one")
+        data["method"] = value
+        return data
+
     @model_validator(mode="after")
     def _one_safety(self) -> MergeConfig:
         if (self.safety_adapter is None) == (self.safety_model is None):
             raise ValueError(
-                "give exactly one of safety_adapter (a LoRA) and safety_model (a full fine-tune)"
+                "give exactly one of `safety_adapter` (a LoRA) and `safety_model` (a full fine-tune)"
             )
         if self.safety_model is not None and self.inputs.task_model is None:
-            raise ValueError("safety_model needs task_model: a LoRA merge takes a safety_adapter")
+            raise ValueError("`safety_model` needs `task_model`: a LoRA merge takes a `safety_adapter`")
         return self

@@ -116,8 +116,9 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train a LoRA adapter as configured and write it (with config, log, loss curve) to `cfg.out`."""
+def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
+    """Train a LoRA adapter as configured and write it (with config, log, loss curve) to `cfg.out`;
+    `progress`: show the trainer's progress bar."""
     from datasets import Dataset  # lazy, like peft and trl below: training-only, seconds to import
     from peft import LoraConfig
     from trl import SFTTrainer
@@ -144,7 +145,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     with atomic_output_dir(cfg.out, cfg.force, inputs, "train") as tmp:
         trainer = SFTTrainer(
             model=model,
-            args=_sft_args(cfg, tmp / "_trainer", use_bf16),
+            args=_sft_args(cfg, tmp / "_trainer", use_bf16, progress),
             train_dataset=Dataset.from_list(examples),
             processing_class=tok,
             peft_config=lora,
@@ -170,7 +171,7 @@ def _use_bf16(cfg: TrainConfig) -> bool:
     return use
 
 
-def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool) -> Any:
+def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool, progress: bool = True) -> Any:
     """TRL's SFTConfig: loss on the completion only, no checkpoints, no reporting services."""
     from trl import SFTConfig  # lazy: see train()
 
@@ -191,7 +192,7 @@ def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool) -> Any:
         save_strategy="no",
         report_to="none",
         completion_only_loss=True,
-        disable_tqdm=False,
+        disable_tqdm=not progress,
         use_cpu=not torch.cuda.is_available(),
     )
 
