@@ -24,8 +24,10 @@ PrecisionOption = Annotated[
     str,
     typer.Option(
         "--precision",
-        help="Training and generation precision: float32, bfloat16, or auto (default: $SAFEMERGE_DTYPE, "
-        'else whichever is faster on this machine; docs/organism.md, "Precision").',
+        metavar="<auto|float32|bfloat16>",
+        show_default=False,
+        help="Training and generation precision. Default auto: $SAFEMERGE_DTYPE, else whichever is faster "
+        'on this machine (docs/organism.md, "Precision").',
     ),
 ]
 
@@ -172,12 +174,15 @@ def organism_settings(
 @organism_app.command("compare")
 def compare_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
-    seeds: Annotated[int, typer.Option(help="Training seeds 0 … N−1, pooled. Default 3.")] = 3,
+    seeds: Annotated[
+        int, typer.Option(help="Training seeds 0 … N−1, pooled. Default 3.", show_default=False)
+    ] = 3,
     defences: Annotated[
         str,
         typer.Option(
             help="Comma-separated defences to compare with SafeMERGE. Default: every registered defence "
-            "that declares a knob to sweep."
+            "that declares a knob to sweep.",
+            show_default=False,
         ),
     ] = "",
     reduced: Annotated[
