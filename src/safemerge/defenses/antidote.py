@@ -18,6 +18,7 @@ module of the task LoRA (or of the scan) is pruned.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ConfigDict, Field
@@ -111,7 +112,7 @@ class Antidote(Defense):
         model = finetuned_model(cfg, scanned, resolve_device(cfg.run.device))
         grams = input_grams(model, scanned.targets, encoded)
         del model
-        info = {"ratio": opts.ratio, "calibration_examples": len(encoded)}
+        info: dict[str, Any] = {"ratio": opts.ratio, "calibration_examples": len(encoded)}
         if isinstance(scanned.task, LoraAdapter):
             return self.run_lora(cfg, scanned, scanned.task, grams, (tmp, out), info)
         new: dict[str, torch.Tensor] = {}
@@ -135,11 +136,11 @@ class Antidote(Defense):
         task: LoraAdapter,
         grams: dict[str, torch.Tensor],
         dirs: tuple[Path, Path],
-        info: dict[str, object],
+        info: dict[str, Any],
     ) -> DefenseResult:
         """The pruned task adapter (same rank; factors stored as the engine stores merged adapters)."""
         tmp, out = dirs
-        ratio = float(info["ratio"])  # type: ignore[arg-type]
+        ratio = float(info["ratio"])
         rank = max(task.rank(m) for m in task.lora_modules)
         out_scale, alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -101,7 +101,7 @@ def load_model(name: str, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM  # lazy: slow to import
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {name!r}: {exc}") from None
     model.to(device).eval()
