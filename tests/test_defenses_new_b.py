@@ -141,6 +141,9 @@ def oracle_safe_delta(
     """Sequential OBS with explicit inverses: H = 2/n XᵀX + 1% mean diag; column j's sensitivity is
     1/[H_F⁻¹]_00 with F = columns j.. (one block: fewer than 2048 columns)."""
     h = 2.0 / n * x.T @ x
+    for j in range(h.shape[0]):
+        if h[j, j] == 0:  # an input that is zero on every calibration token
+            h[j, j] = 1.0
     h = h + 0.01 * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=F64)
     rows, cols = w_al.shape
     hinv_diag = torch.tensor([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(cols)], dtype=F64)
@@ -179,6 +182,12 @@ def test_safe_delta_matches_sequential_obs() -> None:
         assert 0 < int(kept.sum()) < 30 - int(0.15 * 30)  # the budget binds
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
         assert torch.equal(got[kept], w_ft[kept])  # kept entries are the fine-tuned values
+    # an input that is zero on every token (H_jj = 0 before the damping) is given H_jj = 1
+    x[:, 4] = 0.0
+    got, kept = safe_delta(w_al, w_ft, hessian(x.T @ x, 9), 40.0)
+    want, want_kept = oracle_safe_delta(w_al, w_ft, x, 9, 40.0)
+    assert torch.equal(kept, want_kept)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     # s = 0 keeps nothing: the aligned weights, exactly (nothing to compensate)
     got, kept = safe_delta(w_al, w_ft, h, 0.0)
     assert not kept.any() and torch.equal(got, w_al)

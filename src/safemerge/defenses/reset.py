@@ -156,9 +156,7 @@ class Reset(Defense):
         masks = reset_masks([grads[t.module] for t in targets], [t.delta for t in targets], opts.fraction)
         new: dict[str, torch.Tensor] = {}
         for t, mask in zip(targets, masks, strict=True):
-            if cfg.inputs.task_model is not None and not mask.any():
-                continue  # a full fine-tune's untouched module stays the task's bit for bit
-            new[t.key] = torch.where(mask, t.w_al, t.w_ft)
+            new[t.key] = torch.where(mask, t.w_al, t.w_ft)  # W_ft: a full fine-tune's stored weight, exactly
             t.rec.merged = bool(mask.any())
             t.rec.delta_norm_out = change_norm(new[t.key], t.w_al)
         write_full_model(cfg, scanned, new, tmp, progress)
