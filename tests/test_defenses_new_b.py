@@ -28,7 +28,7 @@ from safemerge.cli import app
 from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import harmbench_prompts
-from safemerge.defenses import DefendConfig, defend, registry
+from safemerge.defenses import DefendConfig, defend, registry, safedelta
 from safemerge.defenses.antidote import DEFENSE as ANTIDOTE
 from safemerge.defenses.antidote import prune_mask, wanda_scores
 from safemerge.defenses.calibration import encode_calibration, load_calibration
@@ -136,10 +136,10 @@ def output_weight(out: Path, module: str) -> torch.Tensor:
 
 
 def oracle_safe_delta(
-    w_al: torch.Tensor, w_ft: torch.Tensor, x: torch.Tensor, n: int, scale: float
+    w_al: torch.Tensor, w_ft: torch.Tensor, x: torch.Tensor, n: int, scale: float, block: int = 2048
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential OBS with explicit inverses: H = 2/n XᵀX + 1% mean diag; column j's sensitivity is
-    1/[H_F⁻¹]_00 with F = columns j.. (one block: fewer than 2048 columns)."""
+    """Sequential OBS with explicit inverses: H = 2/n XᵀX (+1 on dead inputs) + 1% mean diag; column j's
+    sensitivity is 1/[H_F⁻¹]_00 with F = columns j..; each block's entries chosen at its start."""
     h = 2.0 / n * x.T @ x
     for j in range(h.shape[0]):
         if h[j, j] == 0:  # an input that is zero on every calibration token
@@ -148,19 +148,21 @@ def oracle_safe_delta(
     rows, cols = w_al.shape
     hinv_diag = torch.tensor([torch.linalg.inv(h[j:, j:])[0, 0] for j in range(cols)], dtype=F64)
     sens = 1.0 / hinv_diag
-    delta = w_ft - w_al
-    entries = sorted((float(sens[j]), i * cols + j) for i in range(rows) for j in range(cols))
-    entries = entries[: len(entries) - int(0.15 * len(entries))]
-    budget = float(sens.mean()) * scale / 2 * rows / 4096
-    kept = torch.zeros(rows, cols, dtype=torch.bool)
-    total = 0.0
-    for _, flat in entries:
-        i, j = divmod(flat, cols)
-        total += float(delta[i, j] ** 2 * hinv_diag[j] ** -1)
-        if total <= budget:
-            kept[i, j] = True
     w = w_al.clone()
+    kept = torch.zeros(rows, cols, dtype=torch.bool)
     for j in range(cols):
+        if j % block == 0:
+            width = min(block, cols - j)
+            delta = w_ft - w
+            entries = sorted(
+                (float(sens[c]), i * width + c - j, i, c) for i in range(rows) for c in range(j, j + width)
+            )
+            entries = entries[: len(entries) - int(0.15 * len(entries))]
+            budget = float(sens[j : j + width].mean()) * scale / 2 * rows / 4096
+            total = 0.0
+            for _, _, i, c in entries:
+                total += float(delta[i, c] ** 2 / hinv_diag[c])
+                kept[i, c] = total <= budget
         hf = torch.linalg.inv(h[j:, j:])
         q = torch.where(kept[:, j], w_ft[:, j], w[:, j])
         w[:, j + 1 :] -= torch.outer((w[:, j] - q) / hf[0, 0], hf[0, 1:])
@@ -168,7 +170,7 @@ def oracle_safe_delta(
     return w, kept
 
 
-def test_safe_delta_matches_sequential_obs() -> None:
+def test_safe_delta_matches_sequential_obs(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(9, 6, generator=gen, dtype=F64)
     x[:, 2] *= 0.1  # one quiet input: a cheap column
@@ -188,6 +190,17 @@ def test_safe_delta_matches_sequential_obs() -> None:
     want, want_kept = oracle_safe_delta(w_al, w_ft, x, 9, 40.0)
     assert torch.equal(kept, want_kept)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # several blocks (the next block's entries chosen after the earlier blocks' compensation) and lazy
+    # groups of columns: the same result
+    monkeypatch.setattr(safedelta, "BLOCK", 4)
+    monkeypatch.setattr(safedelta, "LAZY", 3)
+    for scale in (40.0, 400.0, 4000.0):
+        got, kept = safe_delta(w_al, w_ft, hessian(x.T @ x, 9), scale)
+        want, want_kept = oracle_safe_delta(w_al, w_ft, x, 9, scale, block=4)
+        assert torch.equal(kept, want_kept)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert kept[:, 4:].any() and not kept[:, 4:].all()
+    monkeypatch.undo()
     # s = 0 keeps nothing: the aligned weights, exactly (nothing to compensate)
     got, kept = safe_delta(w_al, w_ft, h, 0.0)
     assert not kept.any() and torch.equal(got, w_al)
