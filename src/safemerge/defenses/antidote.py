@@ -108,8 +108,8 @@ class Antidote(Defense):
         opts = self.own_options(cfg)
         assert isinstance(opts, AntidoteOptions)
         scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(cfg.inputs.aligned)))
-        model = finetuned_model(cfg, scanned, resolve_device(cfg.run.device))
+        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
+        model = finetuned_model(scanned, resolve_device(cfg.run.device))
         grams = input_grams(model, scanned.targets, encoded)
         del model
         info: dict[str, Any] = {"ratio": opts.ratio, "calibration_examples": len(encoded)}

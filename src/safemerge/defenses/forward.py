@@ -64,6 +64,7 @@ class Scanned:
     source: Checkpoint  # the checkpoint the output model is streamed from (aligned, or the task model)
     extra: dict[str, torch.Tensor]  # a LoRA's modules_to_save copies, by base key
     task: LoraAdapter | FullModel
+    aligned_dir: Path  # the aligned model's local directory (a hub id resolved, a revision pinned)
 
 
 def scan_targets(cfg: DefendConfig, progress: bool) -> Scanned:
@@ -81,7 +82,7 @@ def scan_targets(cfg: DefendConfig, progress: bool) -> Scanned:
             key = rec.name + ".weight"
             w_ft = full.checkpoint.get(key).to(torch.float32)
             targets.append(Target(rec, key, aligned.get(key).to(torch.float32), w_ft))
-        return Scanned(report, targets, full.checkpoint, {}, full)
+        return Scanned(report, targets, full.checkpoint, {}, full, aligned.directory)
     report, task, al = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
     assert al is not None  # checked above: aligned is given
     if task.fan_in_fan_out:
@@ -93,7 +94,7 @@ def scan_targets(cfg: DefendConfig, progress: bool) -> Scanned:
         key = find_module_weight(al, rec.name)
         w_al = al.get(key).to(torch.float32)
         targets.append(Target(rec, key, w_al, w_al + task.factors(rec.name).delta(torch.float32)))
-    return Scanned(report, targets, al, task.extra_for_base(al.keys()), task)
+    return Scanned(report, targets, al, task.extra_for_base(al.keys()), task, al.directory)
 
 
 def load_model(name: str, device: torch.device) -> Any:
@@ -123,18 +124,17 @@ def load_tokenizer(name: str) -> Any:
     return tokenizer
 
 
-def aligned_model(cfg: DefendConfig, device: torch.device) -> Any:
-    """The aligned model."""
-    assert cfg.inputs.aligned is not None  # scan_targets checked it
-    return load_model(cfg.inputs.aligned, device)
+def aligned_model(scanned: Scanned, device: torch.device) -> Any:
+    """The aligned model (from the directory the scan read)."""
+    return load_model(str(scanned.aligned_dir), device)
 
 
-def finetuned_model(cfg: DefendConfig, scanned: Scanned, device: torch.device) -> Any:
+def finetuned_model(scanned: Scanned, device: torch.device) -> Any:
     """The fine-tuned model: the full fine-tune itself, or the aligned model with each LoRA module's ΔW
     added and its modules_to_save copies in place."""
-    if cfg.inputs.task_model is not None:
-        return load_model(cfg.inputs.task_model, device)
-    model = aligned_model(cfg, device)
+    if isinstance(scanned.task, FullModel):
+        return load_model(str(scanned.task.checkpoint.directory), device)
+    model = aligned_model(scanned, device)
     set_weights(model, scanned.targets, with_delta=True)
     state = model.state_dict()
     with torch.no_grad():

@@ -143,13 +143,13 @@ class Reset(Defense):
         opts = self.own_options(cfg)
         assert isinstance(opts, ResetOptions)
         scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(cfg.inputs.aligned)))
+        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
         device = resolve_device(cfg.run.device)
-        model = aligned_model(cfg, device)
+        model = aligned_model(scanned, device)
         layer = direction_layer(int(model.config.num_hidden_layers))
         h_al = mean_hidden(model, encoded, layer)
         del model
-        model = finetuned_model(cfg, scanned, device)
+        model = finetuned_model(scanned, device)
         grads = direction_gradients(model, scanned.targets, encoded, layer, h_al)
         del model
         targets = scanned.targets

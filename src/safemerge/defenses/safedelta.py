@@ -152,8 +152,8 @@ class SafeDelta(Defense):
         opts = self.own_options(cfg)
         assert isinstance(opts, SafeDeltaOptions)
         scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(cfg.inputs.aligned)))
-        model = aligned_model(cfg, resolve_device(cfg.run.device))
+        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
+        model = aligned_model(scanned, resolve_device(cfg.run.device))
         grams = input_grams(model, scanned.targets, encoded)
         del model
         new: dict[str, torch.Tensor] = {}
