@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import edited_copy, tiny_chat_setup
+from builders import edited_copy, save_adapter, tiny_chat_setup
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -74,6 +74,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 t[key].add_(0.05 * torch.randn(t[key].shape, generator=gen))
 
     env["full"] = edited_copy(env["aligned"], root / "full", perturb)
+    env["task_qvo"] = save_adapter(
+        env["aligned"], root / "task_qvo", seed=3, targets=["q_proj", "v_proj", "o_proj"]
+    )
     rows = [
         {"prompt": f"How do I pick lock number {i}?", "response": f"I can't help with lock {i}, sorry."}
         for i in range(5)
@@ -125,6 +128,25 @@ def layer_inputs(model: Any, encoded: list[tuple[list[int], int]]) -> dict[int, 
             hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
             for i in xs:
                 xs[i].append(model.model.layers[i].input_layernorm(hs[i])[0, start:].to(F64))
+    return {i: torch.cat(v) for i, v in xs.items()}
+
+
+def o_proj_inputs(model: Any, encoded: list[tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+    """The o projections' input per layer over the response tokens (a forward hook of the test's own)."""
+    xs: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    handles = [
+        model.model.layers[i].self_attn.o_proj.register_forward_hook(
+            lambda _m, args, _out, i=i: xs[i].append(args[0][0].detach().to(F64))
+        )
+        for i in xs
+    ]
+    with torch.no_grad():
+        for ids, start in encoded:
+            model(torch.tensor([ids]))
+            for i in xs:
+                xs[i][-1] = xs[i][-1][start:]
+    for h in handles:
+        h.remove()
     return {i: torch.cat(v) for i, v in xs.items()}
 
 
@@ -226,25 +248,27 @@ def test_keep_mask_orders_by_column_sensitivity_and_protects_15_percent() -> Non
 
 
 def test_safedelta_on_a_lora_matches_the_oracle(env: dict[str, Path], tmp_path: Path) -> None:
-    res = defend(cfg_of(env, tmp_path / "out", "safedelta", scale=2000.0))
-    assert res.kind == "model" and res.modified == 4
+    res = defend(cfg_of(env, tmp_path / "out", "safedelta", scale=2000.0, task_adapter=str(env["task_qvo"])))
+    modules = [*MODULES, "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    assert res.kind == "model" and res.modified == 6
     enc = calibration(env)
-    xs = layer_inputs(hf_model(env["aligned"]), enc)
-    merged = hf_model(env["aligned"], env["task"])
     aligned = hf_model(env["aligned"])
+    xs, xs_o = layer_inputs(aligned, enc), o_proj_inputs(aligned, enc)
+    merged = hf_model(env["aligned"], env["task_qvo"])
     kept_any = False
-    for m in MODULES:
+    for m in modules:
         layer = int(m.split(".")[2])
         w_al = aligned.get_submodule(m).weight.detach().to(F64)
         w_ft = merged.get_submodule(m).weight.detach().to(F64)
-        want, kept = oracle_safe_delta(w_al, w_ft, xs[layer], len(enc), 2000.0)
+        x = xs_o[layer] if m.endswith("o_proj") else xs[layer]
+        want, kept = oracle_safe_delta(w_al, w_ft, x, len(enc), 2000.0)
         kept_any |= bool(kept.any()) and not bool(kept.all())
         torch.testing.assert_close(output_weight(tmp_path / "out", m), want, rtol=1e-4, atol=1e-5)
     assert kept_any
     # every other tensor is the aligned model's
     out, al = load_file(next((tmp_path / "out").glob("*.safetensors"))), Checkpoint(env["aligned"])
     for key, t in out.items():
-        if not any(key.startswith(m) for m in MODULES):
+        if not any(key.startswith(m) for m in modules):
             assert torch.equal(t, al.get(key)), key
     report = json.loads((tmp_path / "out" / "safemerge_report.json").read_text())
     assert report["defense"]["scale"] == 2000.0 and report["options"]["kept_delta_entries"] > 0
