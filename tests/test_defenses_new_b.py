@@ -527,6 +527,15 @@ def test_runs_are_deterministic(method: str, env: dict[str, Path], tmp_path: Pat
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+def test_defense_yaml_reruns_the_same_defence(env: dict[str, Path], tmp_path: Path) -> None:
+    defend(cfg_of(env, tmp_path / "a", "antidote", ratio=0.25, calibration_samples=4, seed=2))
+    cfg = load_config(DefendConfig, tmp_path / "a" / "defense.yaml", {"out": str(tmp_path / "b")})
+    assert cfg.method == "antidote" and cfg.plugin_options["ratio"] == 0.25 and cfg.merge.seed == 2
+    defend(cfg)
+    f = "adapter_model.safetensors"
+    assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+
 def test_registered_by_safemerge_itself() -> None:
     """The installed safemerge registers the three (skipped until the package is reinstalled)."""
     ours = {
