@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from builders import edited_copy, save_adapter, tiny_chat_setup
+from builders import edited_copy, save_adapter, save_pair, tiny_chat_setup
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -514,6 +514,24 @@ def test_a_model_without_a_chat_template_is_refused(env: dict[str, Path], tmp_pa
     with pytest.raises(InputError, match="no chat template"):
         defend(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_conv1d_layouts_are_refused(env: dict[str, Path], tmp_path: Path) -> None:
+    al, un = save_pair(tmp_path, "gpt2", torch.float32)
+    task = save_adapter(al, tmp_path / "task", seed=1, arch="gpt2", fan_in_fan_out=True)
+    fields = {
+        "aligned": str(al),
+        "unaligned": str(un),
+        "task_adapter": str(task),
+        "calibration": str(env["cal"]),
+    }
+    for method in NEW:
+        cfg = DefendConfig.model_validate(
+            {**fields, "method": method, "out": str(tmp_path / method), "plot": False}
+        )
+        with pytest.raises(InputError, match=r"reads nn\.Linear layers; .* is fan_in_fan_out"):
+            defend(cfg)
+        assert not (tmp_path / method).exists()
 
 
 @pytest.mark.parametrize("method", sorted(NEW))
