@@ -186,7 +186,10 @@ def one_line(text: str) -> str:
 
 def test_builtins_are_registered_through_entry_points() -> None:
     clear_registries()
-    assert defense_names() == ["merge-all", "none", "resta", "safelora", "safemerge"]
+    assert defense_names() == [
+        "antidote", "interpolate", "lssf", "merge-all", "none", "oneshot", "reset", "resta", "safedelta",
+        "safelora", "safemerge",
+    ]  # fmt: skip
     assert {"gsm8k", "pubmedqa", "arithmetic", "harmbench", "overrefusal"} <= set(benchmark_names())
     assert [benchmark_kind(n) for n in ("gsm8k", "hexphi", "overrefusal", "x.jsonl")] == [
         "utility",
