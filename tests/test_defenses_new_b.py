@@ -409,7 +409,7 @@ def test_reset_on_a_lora_matches_the_oracle(env: dict[str, Path], tmp_path: Path
     total = sum(w.numel() for w in w_al.values())
     gaps = [(eligible[k - 1][0] / eligible[k][0], k) for k in range(20, len(eligible) // 3)]
     _, k = max(gaps)
-    defend(cfg_of(env, tmp_path / "out", "reset", fraction=(k - 0.5) / total))
+    defend(cfg_of(env, tmp_path / "out", "reset", reset_fraction=(k - 0.5) / total))
     chosen = {(m, i, j) for _, m, i, j in eligible[:k]}
     for m in MODULES:
         got = output_weight(tmp_path / "out", m)
@@ -422,7 +422,7 @@ def test_reset_on_a_lora_matches_the_oracle(env: dict[str, Path], tmp_path: Path
 
 
 def test_reset_on_a_full_finetune_restores_aligned_entries_only(env: dict[str, Path], tmp_path: Path) -> None:
-    res = defend(cfg_of(env, tmp_path / "out", "reset", full=True, fraction=0.05))
+    res = defend(cfg_of(env, tmp_path / "out", "reset", full=True, reset_fraction=0.05))
     assert res.kind == "model"
     aligned, task, out = Checkpoint(env["aligned"]), Checkpoint(env["full"]), Checkpoint(tmp_path / "out")
     n_reset = 0
@@ -445,8 +445,8 @@ def test_reset_on_a_full_finetune_restores_aligned_entries_only(env: dict[str, P
         ("safedelta", "scale", "inf"),
         ("antidote", "ratio", 0.0),
         ("antidote", "ratio", 1.0),
-        ("reset", "fraction", 0.0),
-        ("reset", "fraction", 1.5),
+        ("reset", "reset_fraction", 0.0),
+        ("reset", "reset_fraction", 1.5),
         ("reset", "calibration_samples", 0),
         ("antidote", "calibration_max_length", 4),
         ("safedelta", "ratio", 0.1),  # another defence's option
@@ -465,7 +465,9 @@ def test_calibration_is_required_and_defaults_validate(method: str) -> None:
     with pytest.raises(InputError, match=f"method {method} needs calibration"):
         load_config(DefendConfig, None, base)
     cfg = load_config(DefendConfig, None, {**base, "calibration": "c.jsonl"})
-    knob = {"safedelta": ("scale", 0.1), "antidote": ("ratio", 0.1), "reset": ("fraction", 0.01)}[method]
+    knob = {"safedelta": ("scale", 0.1), "antidote": ("ratio", 0.1), "reset": ("reset_fraction", 0.01)}[
+        method
+    ]
     assert cfg.settings()[knob[0]] == knob[1] and cfg.settings()["calibration_samples"] == 64
     with pytest.raises(ValidationError):
         NEW[method].option_model.model_validate({"calibration": "c", "bogus": 1})  # type: ignore[union-attr]
@@ -536,7 +538,9 @@ def test_conv1d_layouts_are_refused(env: dict[str, Path], tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("method", sorted(NEW))
 def test_runs_are_deterministic(method: str, env: dict[str, Path], tmp_path: Path) -> None:
-    knob = {"safedelta": {"scale": 500.0}, "antidote": {"ratio": 0.2}, "reset": {"fraction": 0.02}}[method]
+    knob = {"safedelta": {"scale": 500.0}, "antidote": {"ratio": 0.2}, "reset": {"reset_fraction": 0.02}}[
+        method
+    ]
     for name in ("a", "b"):
         defend(cfg_of(env, tmp_path / name, method, calibration_samples=3, seed=4, **knob))
     files = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
@@ -571,7 +575,7 @@ def test_registered_by_safemerge_itself() -> None:
 def test_a_fraction_sweep_computes_the_gradients_once(
     env: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """reset's gradients depend on the models and the calibration data, not on `fraction`: a sweep
+    """reset's gradients depend on the models and the calibration data, not on `reset_fraction`: a sweep
     reuses them, and the reused run writes what a fresh run writes; another task input recomputes."""
     from safemerge.defenses import reset
 
@@ -579,15 +583,15 @@ def test_a_fraction_sweep_computes_the_gradients_once(
     real = reset.direction_gradients
     monkeypatch.setattr(reset, "direction_gradients", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(reset, "_LAST_GRADIENTS", None)
-    defend(cfg_of(env, tmp_path / "a", "reset", fraction=0.02))
-    defend(cfg_of(env, tmp_path / "b", "reset", fraction=0.05))
+    defend(cfg_of(env, tmp_path / "a", "reset", reset_fraction=0.02))
+    defend(cfg_of(env, tmp_path / "b", "reset", reset_fraction=0.05))
     assert len(calls) == 1
     monkeypatch.setattr(reset, "_LAST_GRADIENTS", None)
-    defend(cfg_of(env, tmp_path / "fresh", "reset", fraction=0.05))
+    defend(cfg_of(env, tmp_path / "fresh", "reset", reset_fraction=0.05))
     assert len(calls) == 2
     for m in MODULES:
         assert torch.equal(output_weight(tmp_path / "b", m), output_weight(tmp_path / "fresh", m))
     # another task LoRA on the same modules (same keys, other ΔW): recomputed
     other = save_adapter(env["aligned"], tmp_path / "task2", seed=11, r=4, alpha=8)
-    defend(cfg_of({**env, "task": other}, tmp_path / "other", "reset", fraction=0.05))
+    defend(cfg_of({**env, "task": other}, tmp_path / "other", "reset", reset_fraction=0.05))
     assert len(calls) == 3

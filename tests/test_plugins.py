@@ -361,3 +361,19 @@ def test_help_lists_plugins(broken: Path) -> None:
     defend_help, eval_help = out.stdout.split("Usage: safemerge eval")
     assert all(name in defend_help for name in ("shrink", "safemerge", "merge-all", "broken"))
     assert all(name in eval_help for name in ("capitals", "gsm8k", "overrefusal"))
+
+
+def test_no_defence_option_shadows_a_shared_option() -> None:
+    """A defence's own option named like a shared `DefendConfig` key (`fraction`, `seed`, …) would be read
+    as the shared one from a flat YAML key or an experiment grid (it was: reset's `fraction` reached the
+    selection policy), so every registered defence's own options must have names of their own."""
+    from safemerge.defenses.config import DefendConfig
+
+    groups = DefendConfig.groups()
+    shared = {k for g in groups for k in DefendConfig.flat_keys(g).values()}
+    shared |= set(DefendConfig.model_fields) - set(groups)
+    assert {"fraction", "seed", "threshold", "beta"} <= shared
+    for name in defense_names():
+        model = get_defense(name).option_model
+        if model is not None:
+            assert not set(model.model_fields) & shared, (name, set(model.model_fields) & shared)

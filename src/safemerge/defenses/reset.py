@@ -56,7 +56,7 @@ class ResetOptions(CalibrationOptions):
 
     model_config = ConfigDict(extra="forbid")
 
-    fraction: float = Field(
+    reset_fraction: float = Field(
         0.01,
         gt=0.0,
         le=1.0,
@@ -126,8 +126,8 @@ def reset_masks(grads: list[torch.Tensor], deltas: list[torch.Tensor], fraction:
     return masks
 
 
-# The last gradients computed, by what they depend on: a sweep of `fraction` (safemerge organism compare,
-# an experiment grid) reuses them instead of running the calibration data through the models again.
+# The last gradients computed, by what they depend on: a sweep of `reset_fraction` (organism compare, an
+# experiment grid) reuses them instead of running the calibration data through the models again.
 _LAST_GRADIENTS: tuple[str, dict[str, torch.Tensor]] | None = None
 
 
@@ -169,7 +169,7 @@ class Reset(Defense):
     full_finetune = True
     options = frozenset({"seed", "max_shard_size"})
     option_model = ResetOptions
-    sweep = MappingProxyType({"fraction": (0.005, 0.01, 0.02, 0.05)})  # the gradients computed once
+    sweep = MappingProxyType({"reset_fraction": (0.005, 0.01, 0.02, 0.05)})  # the gradients computed once
     changed_verb = "partly reset to aligned"
 
     def check(self, cfg: DefendConfig) -> None:
@@ -185,7 +185,9 @@ class Reset(Defense):
         encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
         layer, grads = cached_gradients(scanned, encoded, resolve_device(cfg.run.device))
         targets = scanned.targets
-        masks = reset_masks([grads[t.module] for t in targets], [t.delta for t in targets], opts.fraction)
+        masks = reset_masks(
+            [grads[t.module] for t in targets], [t.delta for t in targets], opts.reset_fraction
+        )
         new: dict[str, torch.Tensor] = {}
         for t, mask in zip(targets, masks, strict=True):
             new[t.key] = torch.where(mask, t.w_al, t.w_ft)  # W_ft: a full fine-tune's stored weight, exactly
@@ -194,13 +196,15 @@ class Reset(Defense):
         write_full_model(cfg, scanned, new, tmp, progress)
         n_reset = sum(int(m.sum()) for m in masks)
         info = {
-            "fraction": opts.fraction,
+            "reset_fraction": opts.reset_fraction,
             "calibration_examples": len(encoded),
             "direction_layer": layer,
             "reset_entries": n_reset,
             "delta_entries": sum(t.delta.numel() for t in targets),
         }
-        policy = f"reset (fraction={opts.fraction}): {n_reset} fine-tuned entries restored to aligned"
+        policy = (
+            f"reset (reset_fraction={opts.reset_fraction}): {n_reset} fine-tuned entries restored to aligned"
+        )
         report = finish_report(cfg, scanned, out, tmp, policy, info)
         return DefenseResult(self.name, out, "model", sum(t.rec.merged for t in targets), report, out)
 
