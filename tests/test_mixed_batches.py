@@ -73,6 +73,7 @@ class Spy:
 
 def run(backend: Any, model: str, adapters: list[str], cache: Path | None, **kw: Any) -> dict[str, list[str]]:
     variants = variants_for(model, adapters)
+    kw.setdefault("mixed_rows", 12)
     out = generate_all(backend, model, variants, [bench()], cache, 4, TOKENS, **kw)
     return {v.key: [g.text for g in out[(v.key, "b")]] for v in variants}
 
@@ -86,7 +87,7 @@ def test_mixed_batches_equal_one_adapter_at_a_time(
     assert len({tuple(v) for v in expected.values()}) == 4
     backend = TransformersBackend(model, adapters, max_new_tokens=TOKENS, dtype="float32")
     spy = Spy(backend, monkeypatch)
-    got = run(backend, model, adapters, tmp_path / "cache", mixed_rows=12)
+    got = run(backend, model, adapters, tmp_path / "cache")
     assert got == expected
     assert spy.single == []  # everything went through mixed batches
     # fixed batches of 4 + 3 prompts; 12 rows: batch 0 of the 4 variants in two groups of 2, batch 1 in one
@@ -186,7 +187,7 @@ def test_mixed_plan_hand_values() -> None:
         [(0, 1), (3, 1)],
         [(0, 2), (3, 2)],
     ]
-    # a batch wider than the cap still runs, alone; groups of equal size (3 of 8 rows: 2 + 1 -> 2 + 1)
+    # a batch wider than the cap still runs, alone; groups of equal size (5 of 2 rows in 8: 3 + 2)
     assert mixed_plan([{0}, {0}, {0}], [10], 8) == [[(0, 0)], [(1, 0)], [(2, 0)]]
     assert mixed_plan([{0}] * 5, [2], 8) == [[(0, 0), (1, 0), (2, 0)], [(3, 0), (4, 0)]]
 
@@ -203,3 +204,17 @@ def test_tokenizer_key_does_not_depend_on_earlier_calls(setup: dict[str, Any]) -
     assert tokenizer_fingerprint(tok) == fresh
     tok.add_tokens(["<new>"])  # a real change still changes the key
     assert tokenizer_fingerprint(tok) != fresh
+
+
+def test_rows_per_pass_default_to_the_batch_size(
+    setup: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, adapters = setup["model"], setup["adapters"]
+    backend = TransformersBackend(model, adapters, max_new_tokens=TOKENS, dtype="float32")
+    spy = Spy(backend, monkeypatch)
+    variants = variants_for(model, adapters)
+    generate_all(backend, model, variants, [bench(PROMPTS[:3])], None, 6, TOKENS)
+    assert [len(m) for m in spy.mixed] == [6, 6]  # 3 prompts: two variants per pass of 6 rows
+    spy.mixed.clear()
+    generate_all(backend, model, variants, [bench(PROMPTS[:4])], None, 6, TOKENS)
+    assert spy.mixed == [] and spy.single == [None, *adapters]  # 4 + 4 > 6: each alone, as before

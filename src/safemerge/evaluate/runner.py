@@ -145,14 +145,6 @@ def cached_generations(
     return [Generation(str(cache.get(t)), cache.get_meta(t).get("truncated")) for t in texts]
 
 
-MIXED_ROWS = 128  # rows per mixed batch unless batch_size is larger: see docs/train_eval.md
-
-
-def mixed_rows(batch_size: int) -> int:
-    """The row cap of a mixed-adapter batch: `MIXED_ROWS`, or `batch_size` where that is larger."""
-    return max(batch_size, MIXED_ROWS)
-
-
 def mixed_blocker(backend: Backend, variants: Sequence[Variant]) -> str | None:
     """Why these variants' rows cannot share one batch on `backend` (None: they can)."""
     check = getattr(backend, "mixed_batch_blocker", None)
@@ -191,7 +183,8 @@ def generate_mixed(
     """Generate the fixed batches (`fixed_batches`) each variant lacks, several variants per batch where
     the backend can mix adapters (`mixed_blocker`), into each variant's own cache; otherwise (or with
     fewer than two adapters left to generate) leave them to the one-variant-at-a-time loop, logging why.
-    `rows` caps a mixed batch (default `mixed_rows(batch_size)`)."""
+    `rows` caps a mixed batch (default `batch_size`: a forward pass never holds more rows than one
+    variant's batch may); a batch that no other variant's fits beside runs alone, as before."""
     batches = fixed_batches(prompts, batch_size)
     todo = [{j for j, b in enumerate(batches) if any(c.get(prompts[i]) is None for i in b)} for c in caches]
     waiting = [v for v in range(len(variants)) if todo[v]]
@@ -201,12 +194,15 @@ def generate_mixed(
     if reason is not None:
         log.info("%s: generating %d variants one at a time: %s", desc, len(waiting), reason)
         return
-    plan = mixed_plan(todo, [len(b) for b in batches], rows or mixed_rows(batch_size))
+    plan = mixed_plan(todo, [len(b) for b in batches], rows or batch_size)
     mixed: Any = backend
     for group in tqdm(plan, desc=f"{desc} | {len(waiting)} variants mixed", unit="batch", leave=False):
         texts = [prompts[i] for _, j in group for i in batches[j]]
         adapters = [variants[v].adapter for v, j in group for _ in batches[j]]
-        gens = list(mixed.generate_mixed(texts, adapters, max_new_tokens))
+        if len(group) == 1:  # nothing beside it: the one-variant path
+            gens = generate_batch(backend, adapters[0], texts, max_new_tokens)
+        else:
+            gens = list(mixed.generate_mixed(texts, adapters, max_new_tokens))
         start = 0
         for v, j in group:
             mine = gens[start : start + len(batches[j])]
@@ -227,8 +223,9 @@ def generate_all(
 ) -> Responses:
     """(variant key, benchmark name) -> answers, generated with `max_new_tokens` (it keys the cache and is
     what the backend is told: one number) only where the cache lacks them: first several variants per
-    batch where the backend can mix adapters (`generate_mixed`, at most `mixed_rows` rows), then the
-    rest one variant at a time. Each variant's answers are cached under its own key."""
+    batch where the backend can mix adapters (`generate_mixed`, at most `mixed_rows` rows, default
+    `batch_size`), then the rest one variant at a time. Each variant's answers are cached under its own
+    key."""
     out: Responses = {}
     model_fp = fingerprint_model(model)
     decoding = decoding_key(backend, max_new_tokens)
