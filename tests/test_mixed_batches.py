@@ -218,3 +218,6 @@ def test_rows_per_pass_default_to_the_batch_size(
     spy.mixed.clear()
     generate_all(backend, model, variants, [bench(PROMPTS[:4])], None, 6, TOKENS)
     assert spy.mixed == [] and spy.single == [None, *adapters]  # 4 + 4 > 6: each alone, as before
+    assert backend.mixed_rows(6) == 6 and backend.mixed_rows(200) == 64  # a CPU: 64 rows at most
+    monkeypatch.setattr(backend, "device", "cuda")
+    assert backend.mixed_rows(200) == 200

@@ -56,6 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 GIB = 2**30
 BASE_ROW = "__base__"  # PEFT's adapter name for a row of the base model in a mixed-adapter batch
+# Rows per mixed-adapter pass on a CPU: wider passes are compute-bound there and cost in proportion to
+# their rows, so stacking variants gains nothing (measured, docs/benchmarks.md)
+CPU_MIXED_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,10 @@ class TransformersBackend:
         if any(getattr(m, "merged", False) for m in self.model.modules() if hasattr(m, "merged_adapters")):
             return "an adapter is merged into the base weights (PEFT mixes unmerged adapters only)"
         return None
+
+    def mixed_rows(self, batch_size: int) -> int:
+        """Rows per mixed-adapter pass: `batch_size`, at most `CPU_MIXED_ROWS` on a CPU."""
+        return min(batch_size, CPU_MIXED_ROWS) if str(self.device).startswith("cpu") else batch_size
 
     def generate_mixed(
         self, prompts: Sequence[str], adapters: Sequence[str | None], max_new_tokens: int | None = None

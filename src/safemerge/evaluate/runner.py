@@ -183,8 +183,9 @@ def generate_mixed(
     """Generate the fixed batches (`fixed_batches`) each variant lacks, several variants per batch where
     the backend can mix adapters (`mixed_blocker`), into each variant's own cache; otherwise (or with
     fewer than two adapters left to generate) leave them to the one-variant-at-a-time loop, logging why.
-    `rows` caps a mixed batch (default `batch_size`: a forward pass never holds more rows than one
-    variant's batch may); a batch that no other variant's fits beside runs alone, as before."""
+    `rows` caps a mixed batch (default: the backend's `mixed_rows(batch_size)`, else `batch_size`; a
+    forward pass never holds more rows than one variant's batch may); a batch that no other variant's
+    fits beside runs alone, as before."""
     batches = fixed_batches(prompts, batch_size)
     todo = [{j for j, b in enumerate(batches) if any(c.get(prompts[i]) is None for i in b)} for c in caches]
     waiting = [v for v in range(len(variants)) if todo[v]]
@@ -194,8 +195,10 @@ def generate_mixed(
     if reason is not None:
         log.info("%s: generating %d variants one at a time: %s", desc, len(waiting), reason)
         return
-    plan = mixed_plan(todo, [len(b) for b in batches], rows or batch_size)
     mixed: Any = backend
+    limit = getattr(mixed, "mixed_rows", None)
+    rows = rows or (int(limit(batch_size)) if callable(limit) else batch_size)
+    plan = mixed_plan(todo, [len(b) for b in batches], rows)
     for group in tqdm(plan, desc=f"{desc} | {len(waiting)} variants mixed", unit="batch", leave=False):
         texts = [prompts[i] for _, j in group for i in batches[j]]
         adapters = [variants[v].adapter for v, j in group for _ in batches[j]]
@@ -224,7 +227,7 @@ def generate_all(
     """(variant key, benchmark name) -> answers, generated with `max_new_tokens` (it keys the cache and is
     what the backend is told: one number) only where the cache lacks them: first several variants per
     batch where the backend can mix adapters (`generate_mixed`, at most `mixed_rows` rows, default
-    `batch_size`), then the rest one variant at a time. Each variant's answers are cached under its own
+    `generate_mixed`'s), then the rest one variant at a time. Each variant's answers are cached under its own
     key."""
     out: Responses = {}
     model_fp = fingerprint_model(model)
