@@ -221,3 +221,30 @@ def test_rows_per_pass_default_to_the_batch_size(
     assert backend.mixed_rows(6) == 6 and backend.mixed_rows(200) == 64  # a CPU: 64 rows at most
     monkeypatch.setattr(backend, "device", "cuda")
     assert backend.mixed_rows(200) == 200
+
+
+def test_saved_modules_mix_where_peft_can(setup: dict[str, Any], tmp_path: Path) -> None:
+    """modules_to_save: a Linear copy is mixed (same answers as alone), a norm copy is not (PEFT raises)."""
+    model, adapters = setup["model"], setup["adapters"]
+    linear = str(
+        save_adapter(Path(model), tmp_path / "lin", seed=5, modules_to_save=["model.layers.0.mlp.down_proj"])
+    )
+    norm = str(save_adapter(Path(model), tmp_path / "norm", seed=6, modules_to_save=["model.norm"]))
+    other = str(
+        save_adapter(Path(model), tmp_path / "lin2", seed=7, modules_to_save=["model.layers.0.mlp.down_proj"])
+    )
+    backend = TransformersBackend(model, [adapters[0], linear, other], max_new_tokens=TOKENS, dtype="float32")
+    assert backend.mixed_batch_blocker([None, linear, other]) is None
+    n = len(PROMPTS)
+    got = backend.generate_mixed(PROMPTS * 3, [None] * n + [linear] * n + [other] * n)
+    assert [g.text for g in got] == oracle(model, None) + oracle(model, linear) + oracle(model, other)
+    assert oracle(model, linear) != oracle(model, other)
+    assert backend.mixed_batch_blocker([adapters[0], linear]) == (
+        "module model.layers.0.mlp.down_proj is saved whole by some adapters (modules_to_save) but not by "
+        f"adapter {adapters[0]}: PEFT mixes such modules only when every adapter in the batch saves them"
+    )
+    backend = TransformersBackend(model, [adapters[0], norm], max_new_tokens=TOKENS, dtype="float32")
+    assert backend.mixed_batch_blocker([adapters[0], norm]) == (
+        "module model.norm (LlamaRMSNorm) is saved whole by an adapter (modules_to_save): PEFT mixes such "
+        "modules only for Linear, Embedding and Conv layers"
+    )

@@ -374,6 +374,31 @@ class TransformersBackend:
                 return f"adapter {a} uses DoRA (PEFT's mixed-adapter batches do not support DoRA)"
         if any(getattr(m, "merged", False) for m in self.model.modules() if hasattr(m, "merged_adapters")):
             return "an adapter is merged into the base weights (PEFT mixes unmerged adapters only)"
+        return self._saved_module_blocker([a for a in dict.fromkeys(adapters) if a is not None])
+
+    def _saved_module_blocker(self, adapters: Sequence[str]) -> str | None:
+        """A module an adapter saves whole (modules_to_save) that PEFT cannot split by rows: it mixes such
+        modules only where they are Linear, Embedding or Conv1d/2d/3d (a TypeError at the first forward
+        else) and only where every adapter in the batch has its own copy (a KeyError else)."""
+        from peft.utils.other import ModulesToSaveWrapper  # lazy: peft adds seconds to every start
+
+        mixable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        for name, module in self.model.named_modules():
+            if not isinstance(module, ModulesToSaveWrapper):
+                continue
+            where = f"module {name.removeprefix('base_model.model.')}"
+            if not isinstance(module.original_module, mixable):
+                kind = type(module.original_module).__name__
+                return (
+                    f"{where} ({kind}) is saved whole by an adapter (modules_to_save): PEFT mixes such "
+                    "modules only for Linear, Embedding and Conv layers"
+                )
+            lacking = [a for a in adapters if self.names[a] not in module.modules_to_save]
+            if lacking:
+                return (
+                    f"{where} is saved whole by some adapters (modules_to_save) but not by adapter "
+                    f"{lacking[0]}: PEFT mixes such modules only when every adapter in the batch saves them"
+                )
         return None
 
     def mixed_rows(self, batch_size: int) -> int:
