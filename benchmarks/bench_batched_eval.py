@@ -10,7 +10,8 @@ with the peak resident memory of its own child process (each mode runs in a fres
 loading not timed).
 
 Usage: python benchmarks/bench_batched_eval.py [--k 8] [--prompts 16] [--new-tokens 32]
-       [--batch-size 16] [--rows 128] [--dtype bfloat16] [--threads N] [--repeat 2]
+       [--batch-size 16] [--rows 128] [--dtype bfloat16] [--threads N] [--repeat 2] [--interleaved]
+(--interleaved: the three modes in one process, in turn, best of --repeat each; no memory figures)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from safemerge.common.packaged import smollm2_dir
 
@@ -66,8 +68,9 @@ def child(args: argparse.Namespace) -> None:
     use = adapters[:1] if args.mode == "one" else adapters
     backend = TransformersBackend(model, use, max_new_tokens=args.new_tokens, dtype=args.dtype)
 
-    def run() -> dict[tuple[str, str], list[object]]:
-        if args.mode == "sequential":
+    def run(mode: str = args.mode) -> dict[tuple[str, str], list[object]]:
+        use = adapters[:1] if mode == "one" else adapters
+        if mode == "sequential":
             out: dict[tuple[str, str], list[object]] = {}
             for a in use:
                 v = variants_for(model, [a], include_base=False)
@@ -78,6 +81,25 @@ def child(args: argparse.Namespace) -> None:
         return dict(generate_all(backend, model, v, [bench], None, args.batch_size, args.new_tokens, rows))
 
     backend.generate_full([items[0].prompt], use[0], 2)  # warm-up
+    if args.mode == "interleaved":  # one process, the modes in turn each round: the same load for all
+        best: dict[str, float] = {}
+        got: dict[str, Any] = {}
+        for _ in range(args.repeat):
+            for mode in ("one", "batched", "sequential"):
+                t0 = time.perf_counter()
+                got[mode] = run(mode)
+                best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - t0)
+        same = sum(
+            a.text == b.text
+            for key in got["batched"]
+            for a, b in zip(got["batched"][key], got["sequential"][key], strict=True)
+        )
+        print(
+            json.dumps(
+                {"seconds": best, "dtype": backend.dtype, "same": same, "n": len(adapters) * len(items)}
+            )
+        )
+        return
     times = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
@@ -86,6 +108,30 @@ def child(args: argparse.Namespace) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     texts = {f"{k[0]}|{k[1]}": [getattr(g, "text", g) for g in gs] for k, gs in answers.items()}
     print(json.dumps({"seconds": min(times), "peak_gib": peak, "dtype": backend.dtype, "answers": texts}))
+
+
+def child_command(args: argparse.Namespace, mode: str, adapters: list[str]) -> list[str]:
+    cmd = [sys.executable, __file__, "--mode", mode, "--adapters", json.dumps(adapters)]
+    for flag in ("k", "prompts", "new_tokens", "batch_size", "rows", "dtype", "threads", "repeat"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return cmd
+
+
+def interleaved(args: argparse.Namespace, adapters: list[str]) -> None:
+    """The three modes in one process, in turn each round (best of `repeat`): on a shared machine the
+    load then falls on all three alike. Memory is not measured here."""
+    done = subprocess.run(
+        child_command(args, "interleaved", adapters), check=True, capture_output=True, text=True
+    )
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    sec, k = res["seconds"], args.k
+    one, bat, seq = sec["one"], sec["batched"], sec["sequential"]
+    print(
+        f"interleaved, k={k}, {args.prompts} prompts, {args.new_tokens} new tokens, batch size "
+        f"{args.batch_size}, {res['dtype']}: one {one:.2f} s, batched {bat:.2f} s, sequential {seq:.2f} s; "
+        f"batched/one {bat / one:.2f} (target <= {0.35 * k:.2f}), sequential/one {seq / one:.2f}; "
+        f"answers batched = sequential: {res['same']} of {res['n']}"
+    )
 
 
 def main() -> None:
@@ -99,6 +145,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--interleaved", action="store_true", help="all modes in one process, in turn")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--adapters", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -107,11 +154,12 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         adapters = make_adapters(smollm2_dir(), Path(tmp), args.k)
+        if args.interleaved:
+            interleaved(args, adapters)
+            return
         res = {}
         for mode in ("one", "batched", "sequential"):
-            cmd = [sys.executable, __file__, "--mode", mode, "--adapters", json.dumps(adapters)]
-            for flag in ("k", "prompts", "new_tokens", "batch_size", "rows", "dtype", "threads", "repeat"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            cmd = child_command(args, mode, adapters)
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             res[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{mode:10s} {res[mode]['seconds']:7.2f} s   peak RSS {res[mode]['peak_gib']:.2f} GiB")
