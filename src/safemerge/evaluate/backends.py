@@ -55,6 +55,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+BASE_ROW = "__base__"  # PEFT's adapter name for a row of the base model in a mixed-adapter batch
+# Rows per mixed-adapter pass on a CPU: wider passes are compute-bound there and cost in proportion to
+# their rows, so stacking variants gains nothing (measured, docs/benchmarks.md)
+CPU_MIXED_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -306,9 +310,15 @@ class TransformersBackend:
         """Greedy continuations of already formatted texts (one batch)."""
         return [g.text for g in self.generate_batch(texts, max_new_tokens)]
 
-    def generate_batch(self, texts: Sequence[str], max_new_tokens: int | None = None) -> list[Generation]:
+    def generate_batch(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int | None = None,
+        adapter_names: Sequence[str] | None = None,
+    ) -> list[Generation]:
         """Greedy continuations of already formatted texts (one batch), each with whether it was cut off
-        at `max_new_tokens` (default: the backend's)."""
+        at `max_new_tokens` (default: the backend's). `adapter_names` (one per text, PEFT's names or
+        `BASE_ROW`) runs each row with its own adapter: PEFT's mixed-adapter batch."""
         from transformers import GenerationConfig  # lazy: slow to import
 
         self._reacquire()
@@ -325,7 +335,8 @@ class TransformersBackend:
             eos_token_id=eos,
         )
         with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=config)
+            mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+            out = self.model.generate(**enc, generation_config=config, **mixed)
         new = out[:, enc["input_ids"].shape[1] :]
         texts_out = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         cut = truncated_rows(new, eos, limit)
@@ -346,6 +357,72 @@ class TransformersBackend:
             raise InputError(f"adapter {adapter} was not loaded by this backend")
         self.model.set_adapter(self.names[adapter])
         return self.generate_batch(texts, max_new_tokens)
+
+    def mixed_batch_blocker(self, adapters: Sequence[str | None]) -> str | None:
+        """Why rows of these adapters (None: the base model) cannot share one batch, or None when they
+        can. PEFT's mixed-adapter batches (`adapter_names=`) need LoRA adapters on one unmerged base,
+        without DoRA (PEFT raises for DoRA and merged layers); modules_to_save and trainable tokens are
+        mixed by PEFT too. Every adapter of this backend sits on its one base model by construction."""
+        for a in dict.fromkeys(x for x in adapters if x is not None):
+            if a not in self.names:
+                return f"adapter {a} was not loaded by this backend"
+            cfg = read_adapter_config(a)
+            kind = str(cfg.get("peft_type", "LORA")).upper()
+            if kind != "LORA":
+                return f"adapter {a} is a {kind} adapter (PEFT mixes LoRA adapters only)"
+            if cfg.get("use_dora"):
+                return f"adapter {a} uses DoRA (PEFT's mixed-adapter batches do not support DoRA)"
+        if any(getattr(m, "merged", False) for m in self.model.modules() if hasattr(m, "merged_adapters")):
+            return "an adapter is merged into the base weights (PEFT mixes unmerged adapters only)"
+        return self._saved_module_blocker([a for a in dict.fromkeys(adapters) if a is not None])
+
+    def _saved_module_blocker(self, adapters: Sequence[str]) -> str | None:
+        """A module an adapter saves whole (modules_to_save) that PEFT cannot split by rows: it mixes such
+        modules only where they are Linear, Embedding or Conv1d/2d/3d (a TypeError at the first forward
+        else) and only where every adapter in the batch has its own copy (a KeyError else)."""
+        from peft.utils.other import ModulesToSaveWrapper  # lazy: peft adds seconds to every start
+
+        mixable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        for name, module in self.model.named_modules():
+            if not isinstance(module, ModulesToSaveWrapper):
+                continue
+            where = f"module {name.removeprefix('base_model.model.')}"
+            if not isinstance(module.original_module, mixable):
+                kind = type(module.original_module).__name__
+                return (
+                    f"{where} ({kind}) is saved whole by an adapter (modules_to_save): PEFT mixes such "
+                    "modules only for Linear, Embedding and Conv layers"
+                )
+            lacking = [a for a in adapters if self.names[a] not in module.modules_to_save]
+            if lacking:
+                return (
+                    f"{where} is saved whole by some adapters (modules_to_save) but not by adapter "
+                    f"{lacking[0]}: PEFT mixes such modules only when every adapter in the batch saves them"
+                )
+        return None
+
+    def mixed_rows(self, batch_size: int) -> int:
+        """Rows per mixed-adapter pass: `batch_size`, at most `CPU_MIXED_ROWS` on a CPU."""
+        return min(batch_size, CPU_MIXED_ROWS) if str(self.device).startswith("cpu") else batch_size
+
+    def generate_mixed(
+        self, prompts: Sequence[str], adapters: Sequence[str | None], max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """Greedy answers of one batch whose row i runs `adapters[i]` (None: the base model), through
+        PEFT's mixed-adapter batch: the base weights once per step, each adapter's LoRA product on its own
+        rows. Check `mixed_batch_blocker` first."""
+        if len(prompts) != len(adapters):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        if not self.names:  # no PeftModel: every row is the base model's
+            if any(a is not None for a in adapters):
+                raise InputError(f"adapter {next(a for a in adapters if a)} was not loaded by this backend")
+            return self.generate_full(prompts, None, max_new_tokens)
+        for a in adapters:
+            if a is not None and a not in self.names:
+                raise InputError(f"adapter {a} was not loaded by this backend")
+        texts = chat_texts(self.tokenizer, prompts) if self.chat else list(prompts)
+        names = [BASE_ROW if a is None else self.names[a] for a in adapters]
+        return self.generate_batch(texts, max_new_tokens, adapter_names=names)
 
     def generate(self, prompts: Sequence[str], adapter: str | None) -> list[str]:
         """Greedy answers of the base model (adapter None) or one loaded adapter."""

@@ -61,13 +61,29 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     if tokenizer is None:
         return "none"
     to_str = getattr(getattr(tokenizer, "backend_tokenizer", None), "to_str", None)
-    body = str(to_str()) if callable(to_str) else json.dumps(sorted(tokenizer.get_vocab().items()))
+    body = (
+        call_free_definition(str(to_str()))
+        if callable(to_str)
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
     extra = {
         "class": type(tokenizer).__name__,
         "special": getattr(tokenizer, "special_tokens_map", {}),
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return _sha(body + json.dumps(extra, sort_keys=True, default=str))
+
+
+def call_free_definition(definition: str) -> str:
+    """A fast tokenizer's JSON without the padding and truncation that transformers writes into it on
+    each padded call (they are set per call, so they decide nothing): the key of a tokenizer must not
+    depend on whether it has been called before. A tokenizer loaded without them keeps its JSON as is."""
+    from tokenizers import Tokenizer  # lazy: only fast tokenizers reach here, and they bring it
+
+    copy = Tokenizer.from_str(definition)
+    copy.no_padding()
+    copy.no_truncation()
+    return str(copy.to_str())
 
 
 def chat_template_fingerprint(tokenizer: Any, chat: bool) -> str | None:

@@ -4,6 +4,7 @@ scoring. Works on an already loaded backend, so several adapters share one base 
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -144,6 +145,75 @@ def cached_generations(
     return [Generation(str(cache.get(t)), cache.get_meta(t).get("truncated")) for t in texts]
 
 
+def mixed_blocker(backend: Backend, variants: Sequence[Variant]) -> str | None:
+    """Why these variants' rows cannot share one batch on `backend` (None: they can)."""
+    check = getattr(backend, "mixed_batch_blocker", None)
+    if not callable(check) or not callable(getattr(backend, "generate_mixed", None)):
+        return f"the {backend.name} backend generates one adapter per call"
+    reason = check([v.adapter for v in variants])
+    return None if reason is None else str(reason)
+
+
+def mixed_plan(todo: Sequence[set[int]], sizes: Sequence[int], rows: int) -> list[list[tuple[int, int]]]:
+    """Mixed batches as (variant, batch) pairs: `todo[v]` holds the fixed batches (indices into `sizes`,
+    their row counts) variant v lacks. Batch j of every variant that lacks it is stacked, as many
+    variants per mixed batch as keep it within `rows` rows (at least one), the groups of equal size;
+    rows of one prompt get the same left padding as when generated alone."""
+    plan: list[list[tuple[int, int]]] = []
+    for j, size in enumerate(sizes):
+        need = [v for v, t in enumerate(todo) if j in t]
+        if not need:
+            continue
+        n_groups = -(-len(need) // max(1, rows // max(1, size)))
+        per = -(-len(need) // n_groups)
+        plan += [[(v, j) for v in need[k : k + per]] for k in range(0, len(need), per)]
+    return plan
+
+
+def generate_mixed(
+    backend: Backend,
+    variants: Sequence[Variant],
+    prompts: Sequence[str],
+    caches: Sequence[Cache],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str,
+    rows: int | None = None,
+) -> None:
+    """Generate the fixed batches (`fixed_batches`) each variant lacks, several variants per batch where
+    the backend can mix adapters (`mixed_blocker`), into each variant's own cache; otherwise (or with
+    fewer than two adapters left to generate) leave them to the one-variant-at-a-time loop, logging why.
+    `rows` caps a mixed batch (default: the backend's `mixed_rows(batch_size)`, else `batch_size`; a
+    forward pass never holds more rows than one variant's batch may); a batch that no other variant's
+    fits beside runs alone, as before."""
+    batches = fixed_batches(prompts, batch_size)
+    todo = [{j for j, b in enumerate(batches) if any(c.get(prompts[i]) is None for i in b)} for c in caches]
+    waiting = [v for v in range(len(variants)) if todo[v]]
+    if len({variants[v].adapter for v in waiting}) < 2:
+        return
+    reason = mixed_blocker(backend, [variants[v] for v in waiting])
+    if reason is not None:
+        log.info("%s: generating %d variants one at a time: %s", desc, len(waiting), reason)
+        return
+    mixed: Any = backend
+    limit = getattr(mixed, "mixed_rows", None)
+    rows = rows or (int(limit(batch_size)) if callable(limit) else batch_size)
+    plan = mixed_plan(todo, [len(b) for b in batches], rows)
+    for group in tqdm(plan, desc=f"{desc} | {len(waiting)} variants mixed", unit="batch", leave=False):
+        texts = [prompts[i] for _, j in group for i in batches[j]]
+        adapters = [variants[v].adapter for v, j in group for _ in batches[j]]
+        if len(group) == 1:  # nothing beside it: the one-variant path
+            gens = generate_batch(backend, adapters[0], texts, max_new_tokens)
+        else:
+            gens = list(mixed.generate_mixed(texts, adapters, max_new_tokens))
+        start = 0
+        for v, j in group:
+            mine = gens[start : start + len(batches[j])]
+            start += len(batches[j])
+            chunk = [prompts[i] for i in batches[j]]
+            caches[v].put_many(chunk, [g.text for g in mine], [{"truncated": g.truncated} for g in mine])
+
+
 def generate_all(
     backend: Backend,
     model: str,
@@ -152,21 +222,31 @@ def generate_all(
     cache_dir: Path | None,
     batch_size: int,
     max_new_tokens: int,
+    mixed_rows: int | None = None,
 ) -> Responses:
     """(variant key, benchmark name) -> answers, generated with `max_new_tokens` (it keys the cache and is
-    what the backend is told: one number) only where the cache lacks them."""
+    what the backend is told: one number) only where the cache lacks them: first several variants per
+    batch where the backend can mix adapters (`generate_mixed`, at most `mixed_rows` rows, default
+    `generate_mixed`'s), then the rest one variant at a time. Each variant's answers are cached under its own
+    key."""
     out: Responses = {}
     model_fp = fingerprint_model(model)
     decoding = decoding_key(backend, max_new_tokens)
+    # one stream over every benchmark's prompts: fuller batches of similar length
+    prompts = list(dict.fromkeys(it.prompt for b in benchmarks for it in b.items))
+    shared: dict[str, Cache] = {}  # variants of the same adapter content share one cache, as on disk
+    caches = []
     for v in variants:
-        cache = Cache(cache_dir, {"model": model_fp, "adapter": fingerprint_adapter(v.adapter), **decoding})
-        # one stream over every benchmark's prompts: fuller batches of similar length
-        prompts = list(dict.fromkeys(it.prompt for b in benchmarks for it in b.items))
+        key = {"model": model_fp, "adapter": fingerprint_adapter(v.adapter), **decoding}
+        caches.append(shared.setdefault(json.dumps(key, sort_keys=True), Cache(cache_dir, key)))
+    names = "+".join(b.name for b in benchmarks)
+    generate_mixed(backend, variants, prompts, caches, batch_size, max_new_tokens, names, mixed_rows)
+    for v, cache in zip(variants, caches, strict=True):  # what is still missing: one variant at a time
 
         def fn(chunk: list[str], adapter: str | None = v.adapter) -> list[Generation]:
             return generate_batch(backend, adapter, chunk, max_new_tokens)
 
-        desc = f"{'+'.join(b.name for b in benchmarks)} | {v.key}"
+        desc = f"{names} | {v.key}"
         answers = dict(zip(prompts, cached_generations(fn, prompts, cache, batch_size, desc), strict=True))
         for b in benchmarks:
             out[(v.key, b.name)] = [answers[it.prompt] for it in b.items]
