@@ -31,6 +31,13 @@ PrecisionOption = Annotated[
     ),
 ]
 
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off.")
+]
+CacheOpt = Annotated[
+    Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
+]
+
 organism_app = typer.Typer(
     help="The CPU model organism: SmolLM2-135M aligned, fine-tuned and repaired (see docs/organism.md).",
     no_args_is_help=True,
@@ -57,9 +64,7 @@ def build_command(
             "--full-ft", help="Also build T_full: A fully fine-tuned on T's task data. Default off."
         ),
     ] = False,
-    cache: Annotated[
-        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
-    ] = None,
+    cache: CacheOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
     precision: PrecisionOption = "auto",
 ) -> None:
@@ -97,13 +102,8 @@ def fullft_command(
     reduced: Annotated[
         bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests. Default off.")
     ] = False,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
-    ] = False,
-    cache: Annotated[
-        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
-    ] = None,
+    force: ForceOpt = False,
+    cache: CacheOpt = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No training or defence progress bars. Default off.")
     ] = False,
@@ -191,13 +191,8 @@ def compare_command(
             "--reduced", help="A tiny organism, 4 prompts per set, 2 values per knob, for tests. Default off."
         ),
     ] = False,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="Replace an earlier safemerge output, never other files. Default off."),
-    ] = False,
-    cache: Annotated[
-        Path | None, typer.Option(help="Cache directory. Default $SAFEMERGE_CACHE, else ~/.cache/safemerge.")
-    ] = None,
+    force: ForceOpt = False,
+    cache: CacheOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars. Default off.")] = False,
     precision: PrecisionOption = "auto",
 ) -> None:

@@ -24,18 +24,16 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field
 
-from safemerge.defenses.base import Defense, DefenseResult
+from safemerge.defenses.base import DefenseResult
 from safemerge.defenses.calibration import CalibrationOptions
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.forward import (
+    CalibratedDefense,
     Scanned,
-    calibration_tokens,
     change_norm,
     finetuned_model,
     finish_report,
     input_grams,
-    load_tokenizer,
-    scan_targets,
     write_full_model,
 )
 from safemerge.defenses.report import write_defense_report
@@ -89,7 +87,7 @@ def prune_lora(
     return mask_a, mask_b
 
 
-class Antidote(Defense):
+class Antidote(CalibratedDefense):
     """Antidote: one-shot Wanda pruning of the harmful-data-important weights."""
 
     name = "antidote"
@@ -98,19 +96,12 @@ class Antidote(Defense):
     options = frozenset({"seed", "max_shard_size"})
     option_model = AntidoteOptions
     sweep = MappingProxyType({"ratio": (0.05, 0.1, 0.2, 0.4)})
+    calibration_kind = "harmful examples"
     changed_verb = "pruned (Antidote)"
 
-    def check(self, cfg: DefendConfig) -> None:
-        opts = self.own_options(cfg)
-        assert isinstance(opts, AntidoteOptions)
-        if opts.calibration is None:
-            raise ValueError("method antidote needs calibration: a JSONL/CSV of harmful examples")
-
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
-        opts = self.own_options(cfg)
+        scanned, encoded, opts = self.prepare(cfg, progress)
         assert isinstance(opts, AntidoteOptions)
-        scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
         model = finetuned_model(scanned, resolve_device(cfg.run.device))
         grams = input_grams(model, scanned.targets, encoded)
         del model

@@ -19,6 +19,7 @@ from torch import nn
 
 from safemerge.common.errors import InputError
 from safemerge.common.packaged import resolve_model
+from safemerge.defenses.base import Defense
 from safemerge.defenses.calibration import CalibrationOptions, encode_calibration, load_calibration
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.report import write_defense_report
@@ -241,3 +242,21 @@ def finish_report(
 def change_norm(new: torch.Tensor, w_al: torch.Tensor) -> float:
     """‖W_out − W_al‖_F in float64 (the report's ‖ΔW‖ out)."""
     return float(torch.linalg.vector_norm(new.to(F64) - w_al.to(F64)))
+
+
+class CalibratedDefense(Defense):
+    """A defence measured on calibration data (docs/defenses.md, "Calibration data"): `check` requires the
+    file, `prepare` scans the inputs and encodes the examples with the aligned model's tokenizer."""
+
+    calibration_kind = "safety examples"  # what the file should hold, for the error
+
+    def check(self, cfg: DefendConfig) -> None:
+        if getattr(self.own_options(cfg), "calibration", None) is None:
+            raise ValueError(f"method {self.name} needs calibration: a JSONL/CSV of {self.calibration_kind}")
+
+    def prepare(self, cfg: DefendConfig, progress: bool) -> tuple[Scanned, Encoded, Any]:
+        """The scan, the encoded calibration examples and the defence's own options."""
+        opts = self.own_options(cfg)
+        assert isinstance(opts, CalibrationOptions)  # every calibrated defence's options compose them
+        scanned = scan_targets(cfg, progress)
+        return scanned, calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir))), opts

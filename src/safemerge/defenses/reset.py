@@ -28,22 +28,20 @@ from typing import Any
 import torch
 from pydantic import ConfigDict, Field
 
-from safemerge.defenses.base import Defense, DefenseResult
+from safemerge.defenses.base import DefenseResult
 from safemerge.defenses.calibration import CalibrationOptions
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.forward import (
+    CalibratedDefense,
     Encoded,
     Scanned,
     Target,
     aligned_model,
-    calibration_tokens,
     change_norm,
     finetuned_model,
     finish_report,
     forward,
     linear,
-    load_tokenizer,
-    scan_targets,
     write_full_model,
 )
 from safemerge.engine.pipeline import resolve_device
@@ -161,7 +159,7 @@ def cached_gradients(
     return layer, grads
 
 
-class Reset(Defense):
+class Reset(CalibratedDefense):
     """reset: the fine-tuned entries most implicated in the lost harmful direction restored to W_al."""
 
     name = "reset"
@@ -170,19 +168,12 @@ class Reset(Defense):
     options = frozenset({"seed", "max_shard_size"})
     option_model = ResetOptions
     sweep = MappingProxyType({"reset_fraction": (0.005, 0.01, 0.02, 0.05)})  # the gradients computed once
+    calibration_kind = "harmful prompts"
     changed_verb = "partly reset to aligned"
 
-    def check(self, cfg: DefendConfig) -> None:
-        opts = self.own_options(cfg)
-        assert isinstance(opts, ResetOptions)
-        if opts.calibration is None:
-            raise ValueError("method reset needs calibration: a JSONL/CSV of harmful prompts")
-
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
-        opts = self.own_options(cfg)
+        scanned, encoded, opts = self.prepare(cfg, progress)
         assert isinstance(opts, ResetOptions)
-        scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
         layer, grads = cached_gradients(scanned, encoded, resolve_device(cfg.run.device))
         targets = scanned.targets
         masks = reset_masks(

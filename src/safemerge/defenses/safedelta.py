@@ -29,17 +29,15 @@ import torch
 from pydantic import ConfigDict, Field
 
 from safemerge.common.errors import InputError
-from safemerge.defenses.base import Defense, DefenseResult
+from safemerge.defenses.base import DefenseResult
 from safemerge.defenses.calibration import CalibrationOptions
 from safemerge.defenses.config import DefendConfig
 from safemerge.defenses.forward import (
+    CalibratedDefense,
     aligned_model,
-    calibration_tokens,
     change_norm,
     finish_report,
     input_grams,
-    load_tokenizer,
-    scan_targets,
     write_full_model,
 )
 from safemerge.engine.pipeline import resolve_device
@@ -133,7 +131,7 @@ def compensate(
     w[:, s2:] -= err @ u[s1:s2, s2:]
 
 
-class SafeDelta(Defense):
+class SafeDelta(CalibratedDefense):
     """Safe Delta: delta entries kept under a safety budget, the rest compensated; a full model."""
 
     name = "safedelta"
@@ -144,17 +142,9 @@ class SafeDelta(Defense):
     sweep = MappingProxyType({"scale": (0.05, 0.1, 0.2)})  # the reference's scripts use 0.11
     changed_verb = "edited (Safe Delta)"
 
-    def check(self, cfg: DefendConfig) -> None:
-        opts = self.own_options(cfg)
-        assert isinstance(opts, SafeDeltaOptions)
-        if opts.calibration is None:
-            raise ValueError("method safedelta needs calibration: a JSONL/CSV of safety examples")
-
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
-        opts = self.own_options(cfg)
+        scanned, encoded, opts = self.prepare(cfg, progress)
         assert isinstance(opts, SafeDeltaOptions)
-        scanned = scan_targets(cfg, progress)
-        encoded = calibration_tokens(cfg, opts, load_tokenizer(str(scanned.aligned_dir)))
         model = aligned_model(scanned, resolve_device(cfg.run.device))
         grams = input_grams(model, scanned.targets, encoded)
         del model
