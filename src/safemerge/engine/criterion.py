@@ -250,16 +250,19 @@ def _storage_order(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _dot64(x: torch.Tensor, y: torch.Tensor) -> float:
     """⟨x, y⟩_F of two tensors of one shape, every product and sum in float64 (float32 reductions of long
-    vectors lose digits, docs/method.md §3.6). On the CPU in row chunks of `F64_CHUNK` elements."""
+    vectors lose digits, docs/method.md §3.6). On the CPU in row chunks of `F64_CHUNK` elements, on one
+    thread: each chunk is too small to gain from a second, and every parallel step waits for both
+    threads — thousands of waits when another process holds a core (measured: 168 s of a 253 s scan)."""
     if x.device.type != "cpu" or x.dim() != 2:
         return float((x.to(torch.float64) * y.to(torch.float64)).sum())
     x, y = _storage_order(x, y)
     rows = max(1, F64_CHUNK // max(1, x.shape[1]))
     total = 0.0
-    for i in range(0, x.shape[0], rows):
-        xc = x[i : i + rows].to(torch.float64).reshape(-1)
-        yc = xc if y is x else y[i : i + rows].to(torch.float64).reshape(-1)
-        total += float(torch.dot(xc, yc))
+    with _one_cpu_thread(x.device):
+        for i in range(0, x.shape[0], rows):
+            xc = x[i : i + rows].to(torch.float64).reshape(-1)
+            yc = xc if y is x else y[i : i + rows].to(torch.float64).reshape(-1)
+            total += float(torch.dot(xc, yc))
     return total
 
 
@@ -296,8 +299,9 @@ def _update_terms(
 
     def diff(buf: torch.Tensor, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
         d = buf[: min(step, rows - i)]
-        d.copy_(x[i : i + step])
-        return d.sub_(y[i : i + step])
+        with _one_cpu_thread(d.device):  # bound by memory: as `_dot64`, one thread, no waits for a second
+            d.copy_(x[i : i + step])
+            return d.sub_(y[i : i + step])
 
     acc = torch.zeros(cols, cols, device=al.device, dtype=dtype)  # P (input) or K (output)
     num = cdw2 = dw2 = 0.0
