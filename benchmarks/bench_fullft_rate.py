@@ -47,7 +47,16 @@ GiB = 1 << 30
 TARGET = 0.6
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul"}
 CONVERT = {"aten::copy_", "aten::sub_"}
-FLOAT64_SUMS = {"aten::to", "aten::_to_copy", "aten::dot", "aten::reshape", "aten::view"}
+FLOAT64_SUMS = {
+    "aten::to",
+    "aten::_to_copy",
+    "aten::dot",
+    "aten::reshape",
+    "aten::view",
+    "aten::linalg_vector_norm",
+    "aten::mul",
+    "aten::sum",
+}
 
 
 class ProductFlops(TorchDispatchMode):
