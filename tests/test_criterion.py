@@ -247,3 +247,42 @@ def test_update_similarity_refusals_are_worded() -> None:
     with pytest.raises(ValueError) as err:
         update_similarity(a, torch.zeros(4, 3), torch.full((4, 3), math.nan))
     assert str(err.value) == "non-finite values in the aligned, unaligned or task weights"
+
+
+@pytest.mark.parametrize("shape", [(13, 7), (7, 13)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("route", ["input", "output"])
+def test_update_similarity_in_float64_chunks_and_either_block_layout(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int], transposed: bool, route: str
+) -> None:
+    """The sums of squares run in float64 chunks of a few elements (one row each, last one partial) and
+    the blocks are laid out as the weights are stored (a transposed view on one route per layout, with a
+    partial last block of 4 rows): ρ and ‖ΔW‖ still equal the dense float64 oracle."""
+    import safemerge.engine.criterion as criterion
+
+    monkeypatch.setattr(criterion, "F64_CHUNK", 3)
+    g = torch.Generator().manual_seed(sum(shape) + transposed)
+    un, v, dw = (torch.randn(shape, generator=g) for _ in range(3))
+    al, ft, un = ((w).to(torch.bfloat16) for w in (un + v, un + v + dw, un))  # float32 differences exact
+    sim, norm = update_similarity(al, un, ft, transposed, block_rows=4, route=route)
+    v64, dw64 = al.double() - un.double(), ft.double() - al.double()
+    if transposed:
+        v64, dw64 = v64.T, dw64.T
+    assert sim.rho == pytest.approx(_dense_rho64(v64, dw64), abs=1e-7)
+    assert norm == pytest.approx(float(torch.linalg.norm(dw64)), rel=1e-12)
+
+
+def test_float64_sums_of_squares_are_float64_whatever_the_layout() -> None:
+    """1 + 209,999 · 2⁻²⁶ (every square exact): each small term is below half of float32's spacing at 1,
+    so a float32 accumulation loses digits; the chunked float64 sums are exact, for a row-major tensor,
+    a column-major view, and the two mixed."""
+    from safemerge.engine.criterion import _dot64, _sq
+
+    x = torch.full((300, 700), 2.0**-13)
+    x[0, 0] = 1.0
+    col_major = x.T.contiguous().T
+    want = 1.0 + (300 * 700 - 1) * 2.0**-26
+    for got in (_sq(x), _sq(col_major), _dot64(col_major, x), _dot64(x, col_major)):
+        assert got == pytest.approx(want, rel=1e-15)
+    y = torch.arange(300 * 700, dtype=torch.float32).reshape(300, 700) % 7  # pairs must meet by position
+    assert _dot64(col_major, y) == _dot64(y.T.contiguous().T, x) == float((x.double() * y.double()).sum())

@@ -570,3 +570,19 @@ def test_the_benchmark_runs_end_to_end_on_small_shapes(tmp_path: Path) -> None:
     assert res["by_layers"]["1"]["modules"] == 7
     assert set(res["by_layers"]["1"]["routes"].values()) == {"input", "output"}  # down_proj: d_in > d_out
     assert all(a["abs_diff"] < 1e-7 for a in res["accuracy"].values())
+
+
+def test_the_rate_benchmark_counts_the_code_s_products(tmp_path: Path) -> None:
+    """bench_fullft_rate.py end to end on small shapes: the flops counted from the products the scan runs
+    equal 4 · rows · cols² per module (the docs' count), and every figure of the report is there."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fullft_rate.py"
+    args = ["--hidden", "32", "--mlp", "48", "--threads", "1", "--repeats", "1", "--data", str(tmp_path)]
+    subprocess.run([sys.executable, str(bench), *args, "--json", str(tmp_path / "r.json")], check=True)
+    res = json.loads((tmp_path / "r.json").read_text())["by_threads"]["1"]
+    want = 4 * 4 * 32**3 + 3 * 4 * 48 * 32**2  # q/k/v/o 32 × 32; gate/up 48 × 32, down 32 × 48
+    assert res["flops_per_layer_counted"] == res["flops_per_layer_formula"] == want
+    assert res["ratio"] > 0 and res["scan_peak_rss_gib"] > 0 and len(res["rho"]) == 7
+    assert set(res["profiled"]["split_s"]) == {"products", "read_convert", "float64_sums", "rest"}

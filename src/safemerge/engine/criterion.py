@@ -270,9 +270,50 @@ class UpdateTerms:
         return all(math.isfinite(x) for x in (self.num, self.cdw2, self.dw2))
 
 
+# Elements per float64 chunk of a sum of squares (512 KiB): converting a whole float32 block to float64
+# first costs 5× the sum itself (the copy leaves the cache); chunks are converted while they stay in it.
+F64_CHUNK = 1 << 16
+
+
+def _storage_order(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y (one shape) transposed together when x is a column-major view, so rows are contiguous."""
+    if x.dim() == 2 and x.stride(-1) != 1 and x.stride(0) == 1:
+        return x.T, y.T
+    return x, y
+
+
+def _dot64(x: torch.Tensor, y: torch.Tensor) -> float:
+    """⟨x, y⟩_F of two tensors of one shape, every product and sum in float64 (float32 reductions of long
+    vectors lose digits, docs/method.md §3.6). On the CPU in row chunks of `F64_CHUNK` elements, on one
+    thread: each chunk is too small to gain from a second, and every parallel step waits for both
+    threads — thousands of waits when another process holds a core (measured: 168 s of a 253 s scan)."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return float((x.to(torch.float64) * y.to(torch.float64)).sum())
+    x, y = _storage_order(x, y)
+    rows = max(1, F64_CHUNK // max(1, x.shape[1]))
+    total = 0.0
+    with _one_cpu_thread(x.device):
+        for i in range(0, x.shape[0], rows):
+            xc = x[i : i + rows].to(torch.float64).reshape(-1)
+            yc = xc if y is x else y[i : i + rows].to(torch.float64).reshape(-1)
+            total += float(torch.dot(xc, yc))
+    return total
+
+
 def _sq(x: torch.Tensor) -> float:
-    """‖x‖_F² accumulated in float64 (float32 reductions of long vectors lose digits, §3.6)."""
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    """‖x‖_F² accumulated in float64 (`_dot64`)."""
+    return _dot64(x, x)
+
+
+def _block_buffer(x: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:
+    """A step × cols buffer for row blocks of the view x, laid out as x's rows are stored: row-major,
+    or column-major when x is a transposed view (Linear weights on the output route, Conv1D weights on
+    the input route), so that filling it reads the stored tensor in order; the products take either
+    layout at no cost."""
+    cols = x.shape[1]
+    if x.stride(-1) == 1 or x.stride(0) != 1:
+        return torch.empty(step, cols, device=x.device, dtype=dtype)
+    return torch.empty(cols, step, device=x.device, dtype=dtype).T
 
 
 def _update_terms(
@@ -287,17 +328,16 @@ def _update_terms(
     if route == OUTPUT_ROUTE:
         al, un, ft = al.T, un.T, ft.T  # rows are now the input side: blocks are column blocks of V
     rows, cols = al.shape
-    dev = al.device
     step = max(1, min(block_rows, rows))
-    buf_v = torch.empty(step, cols, device=dev, dtype=dtype)
-    buf_d = torch.empty(step, cols, device=dev, dtype=dtype)
+    buf_v, buf_d = _block_buffer(al, step, dtype), _block_buffer(al, step, dtype)
 
     def diff(buf: torch.Tensor, x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
         d = buf[: min(step, rows - i)]
-        d.copy_(x[i : i + step])
-        return d.sub_(y[i : i + step])
+        with _one_cpu_thread(d.device):  # bound by memory: as `_dot64`, one thread, no waits for a second
+            d.copy_(x[i : i + step])
+            return d.sub_(y[i : i + step])
 
-    acc = torch.zeros(cols, cols, device=dev, dtype=dtype)  # P (input) or K (output)
+    acc = torch.zeros(cols, cols, device=al.device, dtype=dtype)  # P (input) or K (output)
     num = cdw2 = dw2 = 0.0
     if route == INPUT_ROUTE:
         for i in range(0, rows, step):
@@ -313,8 +353,9 @@ def _update_terms(
         acc.addmm_(v.T, v)  # K += V_j V_jᵀ  (here V_jᵀ is a row block)
     for i in range(0, rows, step):
         d = diff(buf_d, ft, al, i)
-        m = d @ acc  # (K ΔW_j)ᵀ: K is symmetric
-        num += float((m.to(torch.float64) * d.to(torch.float64)).sum())
+        # (K ΔW_j)ᵀ = ΔW_jᵀ K (K is symmetric), made in ΔW_j's layout so ⟨·, ΔW_j⟩ reads both in order
+        m = d @ acc if d.stride(-1) == 1 else (acc @ d.T).T
+        num += _dot64(m, d)
         cdw2 += _sq(m)
         dw2 += _sq(d)
     return UpdateTerms(num, cdw2, dw2)
