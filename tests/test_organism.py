@@ -269,7 +269,8 @@ def check_reduced_demo(out: Path, seeds: list[int]) -> dict:
             assert p[kind]["n"] == 4 * len(seeds) * draws and p[kind]["prompts"] == 4
             assert 4 <= p[kind]["n_eff"] <= 4 * len(seeds) * draws
     asked = [(a["question"], a["variant"], a["reference"], a["measure"]) for a in data["answers"]]
-    d = [("d", "safemerge", other, kind) for other in controls for kind in ("harmful", "task")]
+    answered = ["random", "inverse"] if merged else []  # (d): the random draws first, then the inverse
+    d = [("d", "safemerge", other, kind) for other in answered for kind in ("harmful", "task")]
     assert asked == [
         ("a", "safemerge", "task", "harmful"),
         ("b", "safemerge", "control", "harmful"),
