@@ -196,7 +196,15 @@ def test_eval_rerun_generates_nothing_and_gives_identical_metrics(
         calls.append(len(prompts))
         return real(self, prompts, adapter, tokens)
 
-    monkeypatch.setattr(TransformersBackend, "generate_full", counting)  # what the runner calls
+    real_mixed = TransformersBackend.generate_mixed
+
+    def counting_mixed(self: TransformersBackend, prompts: Any, adapters: Any, tokens: Any = None) -> Any:
+        calls.append(len(prompts))
+        return real_mixed(self, prompts, adapters, tokens)
+
+    # what the runner calls: one variant at a time, or several variants' rows in one mixed batch
+    monkeypatch.setattr(TransformersBackend, "generate_full", counting)
+    monkeypatch.setattr(TransformersBackend, "generate_mixed", counting_mixed)
 
     def run(out: Path) -> dict[str, Any]:
         args = [
