@@ -279,3 +279,26 @@ def test_nested_yaml_typos_get_the_closest_key(tmp_path: Path) -> None:
         InputError, match=r"unknown key `setup.safety_adaptor`; did you mean `safety_adapter`\?"
     ):
         load_config(Config, cfg, {})
+
+
+def test_eval_quiet_turns_off_the_progress_bars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eval -q`: no generation/judging bars (the runner's switch) and no transformers loading bars while
+    the evaluation runs; both as before afterwards."""
+    from tinymodel import build_tiny_model
+    from transformers.utils import logging as hf_logging
+
+    from safemerge.evaluate.runner import SHOW_PROGRESS
+
+    seen: list[tuple[bool, bool]] = []
+
+    def fake_evaluate(cfg: Any) -> None:
+        seen.append((SHOW_PROGRESS.get(), hf_logging.is_progress_bar_enabled()))
+
+    monkeypatch.setattr("safemerge.cli.eval.evaluate", fake_evaluate)
+    model = build_tiny_model(tmp_path / "m")
+    for i, flags in enumerate((["-q"], [])):
+        args = ["eval", "--model", str(model), "--benchmarks", "arithmetic", "-o", str(tmp_path / f"o{i}")]
+        res = runner.invoke(app, args + flags)
+        assert res.exit_code == 0, res.output
+    assert seen == [(False, False), (True, True)]
+    assert SHOW_PROGRESS.get() and hf_logging.is_progress_bar_enabled()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +24,7 @@ from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig, split_adapter_names
 from safemerge.evaluate.judge_plugins import judge_names
+from safemerge.evaluate.runner import SHOW_PROGRESS
 
 
 class _ConsoleLog(logging.Handler):
@@ -36,6 +39,23 @@ def show_evaluation_log() -> None:
     if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
         logger.addHandler(_ConsoleLog())
     logger.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """Generation and judging progress bars, and transformers' loading bars, on or off for the block."""
+    from transformers.utils import logging as hf_logging  # lazy: heavy, and only an evaluation needs it
+
+    token = SHOW_PROGRESS.set(shown)
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        SHOW_PROGRESS.reset(token)
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def eval_command(
@@ -123,7 +143,9 @@ def eval_command(
     ] = None,
     quiet: Annotated[
         bool,
-        typer.Option("--quiet", "-q", help="No evaluation log or closing summary. Default off."),
+        typer.Option(
+            "--quiet", "-q", help="No progress bars, evaluation log or closing summary. Default off."
+        ),
     ] = False,
 ) -> None:
     """Measure utility (accuracy) and harmfulness (harmful rate) of a model and its adapters.
@@ -161,7 +183,8 @@ def eval_command(
         cfg = load_cli_config(ctx, EvalConfig, config_file(config_pos, config), overrides, adapters="adapter")
         if not quiet:
             show_evaluation_log()
-        evaluate(cfg)
+        with progress_bars(not quiet):
+            evaluate(cfg)
         if not quiet:
             console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
 

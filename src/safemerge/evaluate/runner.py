@@ -8,6 +8,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +28,9 @@ from safemerge.evaluate.cache import (
 )
 from safemerge.evaluate.judges import OVERREFUSAL_LABEL, Verdict, refusal_opener
 from safemerge.evaluate.report import malformed_warnings, truncation_warnings
+
+# False while `safemerge eval --quiet` runs: no generation or judging progress bars.
+SHOW_PROGRESS: ContextVar[bool] = ContextVar("safemerge_show_progress", default=True)
 
 Responses = dict[tuple[str, str], list[Generation]]  # (variant key, benchmark name) -> answers
 
@@ -87,7 +91,7 @@ def missing_batches(texts: Sequence[str], cache: Cache, batch_size: int, desc: s
     what an interrupted run still has to compute."""
     batches = fixed_batches(texts, batch_size)
     todo = [b for b in batches if any(cache.get(texts[i]) is None for i in b)]
-    for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo):
+    for b in tqdm(todo, desc=desc, unit="batch", leave=False, disable=not todo or not SHOW_PROGRESS.get()):
         yield [texts[i] for i in b]
 
 
@@ -199,7 +203,13 @@ def generate_mixed(
     limit = getattr(mixed, "mixed_rows", None)
     rows = rows or (int(limit(batch_size)) if callable(limit) else batch_size)
     plan = mixed_plan(todo, [len(b) for b in batches], rows)
-    for group in tqdm(plan, desc=f"{desc} | {len(waiting)} variants mixed", unit="batch", leave=False):
+    for group in tqdm(
+        plan,
+        desc=f"{desc} | {len(waiting)} variants mixed",
+        unit="batch",
+        leave=False,
+        disable=not SHOW_PROGRESS.get(),
+    ):
         texts = [prompts[i] for _, j in group for i in batches[j]]
         adapters = [variants[v].adapter for v, j in group for _ in batches[j]]
         if len(group) == 1:  # nothing beside it: the one-variant path
