@@ -145,12 +145,15 @@ def cached_gradients(
     scanned: Scanned, encoded: Encoded, device: torch.device
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """The direction layer and g of every target, computed once per set of inputs (see above)."""
+    from transformers import AutoConfig  # lazy: heavy; only the layer count is read here
+
     global _LAST_GRADIENTS
-    model = aligned_model(scanned, device)
-    layer = direction_layer(int(model.config.num_hidden_layers))
+    layers = AutoConfig.from_pretrained(str(scanned.aligned_dir)).num_hidden_layers
+    layer = direction_layer(int(layers))
     key = gradients_key(scanned, encoded, layer, device)
     if _LAST_GRADIENTS is not None and _LAST_GRADIENTS[0] == key:
-        return layer, _LAST_GRADIENTS[1]
+        return layer, _LAST_GRADIENTS[1]  # a hit loads no model
+    model = aligned_model(scanned, device)
     h_al = mean_hidden(model, encoded, layer)
     del model
     model = finetuned_model(scanned, device)
