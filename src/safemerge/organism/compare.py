@@ -16,6 +16,7 @@ curve with the chosen settings marked.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -92,7 +93,9 @@ def compared_defences(names: tuple[str, ...]) -> list[str]:
     known = defense_names()
     for n in names:
         if n not in known:
-            raise InputError(f"--defences: unknown defence {n!r}; registered: {', '.join(known)}")
+            near = difflib.get_close_matches(n, known, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise InputError(f"--defences: unknown defence {n!r}; {hint}registered: {', '.join(known)}")
         if n != REFERENCE_DEFENCE and not get_defense(n).sweep:
             raise InputError(f"--defences: {n!r} declares no knob to sweep, so it cannot be compared")
     return [n for n in dict.fromkeys(names) if n != REFERENCE_DEFENCE]
