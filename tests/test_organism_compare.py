@@ -36,7 +36,7 @@ def test_every_registered_defence_with_a_sweep_is_compared_by_default() -> None:
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("nope", "unknown defence 'nope'; registered"), ("lsff", "did you mean 'lssf'"), ("none", "no knob")],
+    [("xyzzy", "unknown defence 'xyzzy'; registered"), ("lsff", "did you mean 'lssf'"), ("none", "no knob")],
 )
 def test_a_defence_that_cannot_be_compared_is_refused(name: str, message: str) -> None:
     with pytest.raises(InputError, match=message):
