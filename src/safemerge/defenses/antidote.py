@@ -95,7 +95,8 @@ class Antidote(CalibratedDefense):
     full_finetune = True
     options = frozenset({"seed", "max_shard_size"})
     option_model = AntidoteOptions
-    sweep = MappingProxyType({"ratio": (0.05, 0.1, 0.2, 0.4)})
+    # Pruning 5% already cost the organism's task ~17 validation points, so the sweep starts lower.
+    sweep = MappingProxyType({"ratio": (0.01, 0.02, 0.05, 0.1)})
     calibration_kind = "harmful examples"
     changed_verb = "pruned (Antidote)"
 

@@ -170,7 +170,9 @@ class Reset(CalibratedDefense):
     full_finetune = True
     options = frozenset({"seed", "max_shard_size"})
     option_model = ResetOptions
-    sweep = MappingProxyType({"reset_fraction": (0.005, 0.01, 0.02, 0.05)})  # the gradients computed once
+    # Resetting 0.5% already raised the organism's validation over-refusal past the tolerance in two of
+    # three seeds, so the sweep starts lower. The gradients are computed once per sweep.
+    sweep = MappingProxyType({"reset_fraction": (0.001, 0.002, 0.005, 0.01)})
     calibration_kind = "harmful prompts"
     changed_verb = "partly reset to aligned"
 

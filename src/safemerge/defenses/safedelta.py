@@ -139,7 +139,10 @@ class SafeDelta(CalibratedDefense):
     full_finetune = True
     options = frozenset({"seed", "max_shard_size"})
     option_model = SafeDeltaOptions
-    sweep = MappingProxyType({"scale": (0.05, 0.1, 0.2)})  # the reference's scripts use 0.11
+    # The reference's scripts use s = 0.11 on 7B models; on the 135M organism s ≤ 0.2 keeps ≤ 9% of the
+    # delta entries and erases the task (docs/organism.md, "Which defence"), so the sweep spans the budgets
+    # that keep about 20% to 75% of them.
+    sweep = MappingProxyType({"scale": (0.5, 1.0, 2.0, 4.0)})
     changed_verb = "edited (Safe Delta)"
 
     def run(self, cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> DefenseResult:
