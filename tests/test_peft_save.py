@@ -263,3 +263,50 @@ def test_a_report_without_this_adapter_is_refused(env: dict[str, Path], tmp_path
     with pytest.raises(InputError, match=r"model must be a peft\.PeftModel"):
         safemerge.save_safemerged(model.get_base_model(), report, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"fraction": 0.5}, id="fraction"),
+        pytest.param({"top_k": 2, "preserve_norm": True}, id="top-k"),
+    ],
+)
+def test_a_safelora_adapter_saves_as_the_defend_output(
+    env: dict[str, Path], tmp_path: Path, options: dict[str, Any]
+) -> None:
+    """`add_safelora_adapter`'s adapter saved as `safemerge defend --method safelora` writes it (less its
+    rerunnable defense.yaml): the tensors bit for bit, the report's defence block and rows, the card."""
+    from safemerge.defenses import DefendConfig, defend
+
+    cli = tmp_path / "cli"
+    defend(
+        DefendConfig.model_validate(
+            {
+                "method": "safelora",
+                "aligned": str(env["aligned"]),
+                "unaligned": str(env["unaligned"]),
+                "task_adapter": str(env["task"]),
+                "out": str(cli),
+                **options,
+            }
+        )  # fmt: skip
+    )
+    model = peft_model(env)
+    report = safemerge.add_safelora_adapter(model, str(env["unaligned"]), **options)
+    out = safemerge.save_safemerged(model, report, tmp_path / "saved")
+    assert set(os.listdir(out)) == set(os.listdir(cli)) - {"defense.yaml"}
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(cli / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert all(ours[k].dtype == t.dtype and torch.equal(ours[k], t) for k, t in theirs.items())
+    saved, cli_report = (json.loads((d / "safemerge_report.json").read_text()) for d in (out, cli))
+    assert saved["defense"] == cli_report["defense"]
+    assert saved["summary"] == cli_report["summary"] and saved["summary"]["merged"] > 0
+    assert json.loads((out / MARKER).read_text())["command"] == "defend"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/aligned" and "# safemerge defence `safelora`" in card.text
+    assert "defense.yaml" not in card.text
+    assert (out / "safemerge_report.md").read_text() == (cli / "safemerge_report.md").read_text().replace(
+        str(env["task"]), report.inputs["task_adapter"]["path"]
+    ).replace(str(env["aligned"]), report.inputs["aligned"]["path"])
+    assert check_pushable(out)["command"] == "defend"

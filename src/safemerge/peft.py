@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -29,6 +30,8 @@ from pydantic import BaseModel, ValidationError
 from safemerge.common.config_io import validation_message
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir
+from safemerge.defenses.config import DefendConfig
+from safemerge.defenses.report import defense_card, defense_markdown
 from safemerge.defenses.safelora import (
     SAFELORA_NAME,
     SAFELORA_THRESHOLD,
@@ -58,7 +61,17 @@ from safemerge.engine.pipeline import (
     selected_report,
     warn_in_report,
 )
-from safemerge.engine.report import REPORT_JSON, ModuleRecord, Report, model_card, write_report
+from safemerge.engine.report import (
+    PLOT_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    ModuleRecord,
+    Report,
+    model_card,
+    plot_similarity,
+    report_dict,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -579,10 +592,12 @@ def save_safemerged(
     force: bool = False,
     plot: bool = True,
 ) -> Path:
-    """Save the adapter `add_safemerge_adapter` added as the folder `safemerge merge` writes, which
-    `safemerge push` uploads: the adapter at the top of `out` (PEFT's `save_pretrained` of that one
-    adapter), its model card (README.md, the merge's card), `safemerge_report.json` / `.md` (`report`),
-    the ρ plot (unless `plot=False`) and safemerge's output marker. Returns `out`.
+    """Save the adapter `add_safemerge_adapter` added as the folder `safemerge merge` writes (for
+    `add_safelora_adapter`'s, the folder of `safemerge defend --method safelora`), which `safemerge push`
+    uploads: the adapter at the top of `out` (PEFT's `save_pretrained` of that one adapter), its model
+    card (README.md, the command's card), `safemerge_report.json` / `.md` (`report`), the ρ plot (unless
+    `plot=False`) and safemerge's output marker. Not the command's rerunnable YAML: the adapters were in
+    memory. Returns `out`.
 
     `adapter_name`: the adapter to save, by default the one the report describes (another is refused).
     Written into a temporary sibling renamed into place when complete; an existing `out` is refused
@@ -597,23 +612,49 @@ def save_safemerged(
     base = model.peft_config[name].base_model_name_or_path
     with atomic_output_dir(folder, force, _local_inputs(report), report.command) as tmp:
         _peft_files(model, name, tmp)
-        (tmp / "README.md").write_text(model_card(saved, base, OPTIONS_IN_REPORT))
-        write_report(saved, tmp, plot=plot)
+        if report.command == "merge":  # the files of `safemerge merge` (and `defend --method merge-all`)
+            (tmp / "README.md").write_text(model_card(saved, base, OPTIONS_IN_REPORT))
+            write_report(saved, tmp, plot=plot)
+        else:  # the files of `safemerge defend --method safelora`
+            _write_safelora_reports(saved, tmp, plot)
     return folder
+
+
+def _write_safelora_reports(report: Report, tmp: Path, plot: bool) -> None:
+    """The report files and card of `safemerge defend --method safelora` (`defenses/report.py`), its
+    settings from the report's options; no `defense.yaml`, which would not rerun from memory."""
+    policy = {k: report.options[k] for k in SELECTION_OPTIONS if report.options.get(k) is not None}
+    cfg = DefendConfig.model_validate(
+        {
+            "method": SAFELORA_NAME,
+            **{key: report.inputs[key]["path"] for key in ("aligned", "unaligned", "task_adapter")},
+            "out": report.outputs["adapter"],
+            "preserve_norm": bool(report.options.get("preserve_norm")),
+            **policy,
+        }
+    )
+    data = report_dict(report) | {"defense": cfg.settings()}
+    (tmp / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    (tmp / REPORT_MD).write_text(defense_markdown(report, cfg))
+    if plot and report.modules:
+        plot_similarity(report, tmp / PLOT_PNG)
+    (tmp / "README.md").write_text(defense_card(report, cfg, OPTIONS_IN_REPORT))
 
 
 def _saved_adapter(model: PeftModel, report: Report, adapter_name: str | None) -> str:
     """The adapter to save: the merged adapter the report describes, present in `model` (InputError)."""
     described = report.outputs.get("adapter_name")
-    if report.command != "merge" or described is None:
+    saves = report.command == "merge" or report.options.get("defense") == SAFELORA_NAME
+    if not saves or described is None:
         raise InputError(
             f"the report is a `{report.command}` report without an adapter in memory: save_safemerged "
-            "saves the adapter that add_safemerge_adapter added, with the report it returned"
+            "saves the adapter that add_safemerge_adapter (or add_safelora_adapter) added, with the report "
+            "it returned"
         )
     if adapter_name is not None and adapter_name != described:
         raise InputError(
             f"the report describes the adapter {described!r}, not {adapter_name!r}: pass the report that "
-            f"add_safemerge_adapter returned for {adapter_name!r}"
+            f"was returned when {adapter_name!r} was added"
         )
     require_peft_model(model, {})
     if described not in model.peft_config:
