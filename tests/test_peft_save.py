@@ -27,6 +27,7 @@ import safemerge.peft as peft_api
 from safemerge.cli import app
 from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.common.outdir import MARKER
+from safemerge.defenses import DefendConfig, defend
 from safemerge.engine import push
 from safemerge.engine.push import check_pushable
 
@@ -277,21 +278,9 @@ def test_a_safelora_adapter_saves_as_the_defend_output(
 ) -> None:
     """`add_safelora_adapter`'s adapter saved as `safemerge defend --method safelora` writes it (less its
     rerunnable defense.yaml): the tensors bit for bit, the report's defence block and rows, the card."""
-    from safemerge.defenses import DefendConfig, defend
-
     cli = tmp_path / "cli"
-    defend(
-        DefendConfig.model_validate(
-            {
-                "method": "safelora",
-                "aligned": str(env["aligned"]),
-                "unaligned": str(env["unaligned"]),
-                "task_adapter": str(env["task"]),
-                "out": str(cli),
-                **options,
-            }
-        )  # fmt: skip
-    )
+    inputs = {k: str(env[k]) for k in ("aligned", "unaligned")} | {"task_adapter": str(env["task"])}
+    defend(DefendConfig.model_validate({"method": "safelora", "out": str(cli), **inputs, **options}))
     model = peft_model(env)
     report = safemerge.add_safelora_adapter(model, str(env["unaligned"]), **options)
     out = safemerge.save_safemerged(model, report, tmp_path / "saved")
