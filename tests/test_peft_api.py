@@ -360,4 +360,5 @@ def test_every_python_api_doc_snippet_runs(tmp_path: Path, monkeypatch: pytest.M
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SafemergeWarning)
             exec(compile(code, str(DOC), "exec"), namespace)
-    assert (tmp_path / "gsm8k-safemerged" / "safemerged" / "adapter_model.safetensors").is_file()
+    saved = tmp_path / "gsm8k-safemerged"
+    assert (saved / "adapter_model.safetensors").is_file() and (saved / ".safemerge-output").is_file()

@@ -113,6 +113,10 @@ def test_every_bring_your_own_model_snippet_runs(tmp_path: Path, monkeypatch: py
             exec(compile(code, f"{README}:{SECTION}", "exec"), namespace)
     # what the snippets promise: a merged adapter, a comparison with the task LoRA, an upload with a card
     assert (tmp_path / "gsm8k-safemerged" / "adapter_model.safetensors").is_file()
+    notebook = tmp_path / "notebook-merged"  # save_safemerged: merge's folder, not PEFT's subfolder
+    assert {"adapter_model.safetensors", "README.md", "safemerge_report.json", ".safemerge-output"} <= {
+        p.name for p in notebook.iterdir()
+    }
     assert (
         json.loads((tmp_path / "safety-lora" / "adapter_config.json").read_text())["r"]
         == json.loads((tmp_path / "gsm8k-lora" / "adapter_config.json").read_text())["r"]

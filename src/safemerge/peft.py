@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from pydantic import BaseModel, ValidationError
 
 from safemerge.common.config_io import validation_message
 from safemerge.common.errors import InputError
+from safemerge.common.outdir import atomic_output_dir
+from safemerge.defenses.config import DefendConfig
+from safemerge.defenses.report import defense_card, defense_markdown
 from safemerge.defenses.safelora import (
     SAFELORA_NAME,
     SAFELORA_THRESHOLD,
@@ -37,6 +44,7 @@ from safemerge.defenses.tensors import rescale, safelora_project
 from safemerge.engine.checkpoint import Checkpoint, candidate_keys, find_module_weight
 from safemerge.engine.config import SELECTION_OPTIONS, MergeOptions, SelectionConfig
 from safemerge.engine.criterion import safety_difference
+from safemerge.engine.hub import looks_like_hub_id, split_revision
 from safemerge.engine.inputs import names_model
 from safemerge.engine.lora import LoraFactors, check_config, merged_adapter_settings
 from safemerge.engine.merging import exact_merge, pad_rank
@@ -53,7 +61,17 @@ from safemerge.engine.pipeline import (
     selected_report,
     warn_in_report,
 )
-from safemerge.engine.report import ModuleRecord, Report
+from safemerge.engine.report import (
+    PLOT_PNG,
+    REPORT_JSON,
+    REPORT_MD,
+    ModuleRecord,
+    Report,
+    model_card,
+    plot_similarity,
+    report_dict,
+    write_report,
+)
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -294,6 +312,23 @@ def _adapter_info(model: PeftModel, name: str) -> dict[str, Any]:
     }
 
 
+def base_model_info(model: PeftModel) -> dict[str, Any]:
+    """The report's description of the PeftModel's base (the aligned model): the name it was loaded from,
+    with `local_dir` for a directory and `hub_id` for a hub id (its card, when in the local cache, as
+    `local_dir`: the license the output's card inherits). `revision` is None: transformers keeps no
+    commit of a loaded model, so none is claimed."""
+    name = str(getattr(model.get_base_model().config, "name_or_path", "") or "")
+    info: dict[str, Any] = {"path": name or "the PeftModel's base model", "revision": None}
+    if name and Path(name).expanduser().is_dir():
+        info["local_dir"] = str(Path(name).expanduser().resolve())
+    elif looks_like_hub_id(split_revision(name)[0]):
+        info["hub_id"] = split_revision(name)[0]
+        card = try_to_load_from_cache(info["hub_id"], "README.md")  # the local cache, never the network
+        if isinstance(card, str):
+            info["local_dir"] = str(Path(card).parent)
+    return info
+
+
 def _scan(
     model: PeftModel,
     unaligned: Any,
@@ -309,9 +344,8 @@ def _scan(
     check_distinct(modules, source, unaligned)
     _check_not_swapped(model, adapters, unaligned, source)
     records = list(_records(modules, adapters["task adapter"], source))
-    base_config: Any = model.get_base_model().config
     inputs = {
-        "aligned": {"path": str(base_config.name_or_path or "the PeftModel's base model")},
+        "aligned": base_model_info(model),
         "unaligned": source.info,
         "task_adapter": _adapter_info(model, adapters["task adapter"]),
     }
@@ -542,3 +576,110 @@ def _safelora_factors(
         factors[mod.name] = (a.to(dtype), b.to(dtype))
         rec.delta_norm_out = lora_delta_norm(LoraFactors(a, b, out_scale))
     return factors, rank, alpha, out_scale
+
+
+# --- save -----------------------------------------------------------------------------------------------
+PEFT_STAGING = "_peft_save"  # PEFT's save_pretrained writes here inside the temporary output, then moves
+OPTIONS_IN_REPORT = "`safemerge_report.json` (`options`)"
+
+
+def save_safemerged(
+    model: PeftModel,
+    report: Report,
+    out: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    *,
+    force: bool = False,
+    plot: bool = True,
+) -> Path:
+    """Save the adapter `add_safemerge_adapter` added as the folder `safemerge merge` writes (for
+    `add_safelora_adapter`'s, the folder of `safemerge defend --method safelora`), which `safemerge push`
+    uploads: the adapter at the top of `out` (PEFT's `save_pretrained` of that one adapter), its model
+    card (README.md, the command's card), `safemerge_report.json` / `.md` (`report`), the ρ plot (unless
+    `plot=False`) and safemerge's output marker. Not the command's rerunnable YAML: the adapters were in
+    memory. Returns `out`.
+
+    `adapter_name`: the adapter to save, by default the one the report describes (another is refused).
+    Written into a temporary sibling renamed into place when complete; an existing `out` is refused
+    unless `force=True`, and even then unless safemerge wrote it (the CLI's `--force` rule). `report`
+    is not changed: the saved copy names `out` as its output."""
+    name = _saved_adapter(model, report, adapter_name)
+    folder = Path(out).expanduser()
+    saved = dataclasses.replace(
+        report,
+        outputs={**report.outputs, "adapter": str(folder), "report": str(folder / REPORT_JSON)},
+    )
+    base = model.peft_config[name].base_model_name_or_path
+    with atomic_output_dir(folder, force, _local_inputs(report), report.command) as tmp:
+        _peft_files(model, name, tmp)
+        if report.command == "merge":  # the files of `safemerge merge` (and `defend --method merge-all`)
+            (tmp / "README.md").write_text(model_card(saved, base, OPTIONS_IN_REPORT))
+            write_report(saved, tmp, plot=plot)
+        else:  # the files of `safemerge defend --method safelora`
+            _write_safelora_reports(saved, tmp, plot)
+    return folder
+
+
+def _write_safelora_reports(report: Report, tmp: Path, plot: bool) -> None:
+    """The report files and card of `safemerge defend --method safelora` (`defenses/report.py`), its
+    settings from the report's options; no `defense.yaml`, which would not rerun from memory."""
+    policy = {k: report.options[k] for k in SELECTION_OPTIONS if report.options.get(k) is not None}
+    cfg = DefendConfig.model_validate(
+        {
+            "method": SAFELORA_NAME,
+            **{key: report.inputs[key]["path"] for key in ("aligned", "unaligned", "task_adapter")},
+            "out": report.outputs["adapter"],
+            "preserve_norm": bool(report.options.get("preserve_norm")),
+            **policy,
+        }
+    )
+    data = report_dict(report) | {"defense": cfg.settings()}
+    (tmp / REPORT_JSON).write_text(json.dumps(data, indent=2) + "\n")
+    (tmp / REPORT_MD).write_text(defense_markdown(report, cfg))
+    if plot and report.modules:
+        plot_similarity(report, tmp / PLOT_PNG)
+    (tmp / "README.md").write_text(defense_card(report, cfg, OPTIONS_IN_REPORT))
+
+
+def _saved_adapter(model: PeftModel, report: Report, adapter_name: str | None) -> str:
+    """The adapter to save: the merged adapter the report describes, present in `model` (InputError)."""
+    described = report.outputs.get("adapter_name")
+    saves = report.command == "merge" or report.options.get("defense") == SAFELORA_NAME
+    if not saves or described is None:
+        raise InputError(
+            f"the report is a `{report.command}` report without an adapter in memory: save_safemerged "
+            "saves the adapter that add_safemerge_adapter (or add_safelora_adapter) added, with the report "
+            "it returned"
+        )
+    if adapter_name is not None and adapter_name != described:
+        raise InputError(
+            f"the report describes the adapter {described!r}, not {adapter_name!r}: pass the report that "
+            f"was returned when {adapter_name!r} was added"
+        )
+    require_peft_model(model, {})
+    if described not in model.peft_config:
+        have = ", ".join(repr(n) for n in model.peft_config)
+        raise InputError(f"the model has no adapter {described!r} (the report's); its adapters: {have}")
+    return str(described)
+
+
+def _local_inputs(report: Report) -> dict[str, str | None]:
+    """The report's inputs that are directories on this machine, which `out` must not overlap."""
+    return {
+        key: info.get("local_dir")
+        for key, info in report.inputs.items()
+        if isinstance(info, Mapping) and info.get("local_dir") and not info.get("hub_id")
+    }
+
+
+def _peft_files(model: PeftModel, name: str, tmp: Path) -> None:
+    """PEFT's files of the one adapter `name` (adapter_config.json, adapter_model.safetensors) at the top
+    of `tmp`: PEFT saves an adapter other than "default" in a subfolder of its name, and writes its own
+    README.md, which the merge's card replaces."""
+    staging = tmp / PEFT_STAGING
+    model.save_pretrained(str(staging), selected_adapters=[name])
+    written = staging if name == "default" else staging / name
+    for entry in written.iterdir():
+        if entry.name != "README.md" and entry.is_file():
+            entry.rename(tmp / entry.name)
+    shutil.rmtree(staging)

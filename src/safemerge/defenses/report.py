@@ -78,8 +78,10 @@ def write_defense_cards(report: Report, directory: Path, cfg: DefendConfig) -> N
         (full / "README.md").write_text(merged_model_card(report, cfg.inputs.aligned, what))
 
 
-def defense_card(report: Report, cfg: DefendConfig) -> str:
-    """The model card of a defence's output: the Hub's front matter (engine/hub.py) and what was done."""
+def defense_card(report: Report, cfg: DefendConfig, options_in: str = f"`{DEFENSE_YAML}`") -> str:
+    """The model card of a defence's output: the Hub's front matter (engine/hub.py) and what was done.
+    `options_in`: where the card says the resolved options are (an adapter saved from memory has no
+    rerunnable `defense.yaml`)."""
     kind: Kind = "adapter" if "adapter" in report.outputs else "model"
     task_key = "task_adapter" if "task_adapter" in report.inputs else "task_model"
     base, license_fields = card_base(report.inputs)
@@ -97,7 +99,7 @@ def defense_card(report: Report, cfg: DefendConfig) -> str:
 
 {load_snippet(kind, name)}
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
-`{DEFENSE_YAML}`.
+{options_in}.
 """
     return render_card(card_metadata(kind, base, license_fields), body)
 

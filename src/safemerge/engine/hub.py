@@ -95,12 +95,15 @@ def config_name_or_path(directory: str | Path | None) -> str | None:
 
 
 def input_hub_id(info: Mapping[str, Any] | None) -> str | None:
-    """The hub id a report input stands for: its own id for a hub input (one with a resolved revision),
-    else a local model's `_name_or_path` when that is a hub id; None when unknown."""
+    """The hub id a report input stands for: its own id for a hub input (one with a resolved revision, or
+    a model in memory loaded from the hub: its `hub_id`), else a local model's `_name_or_path` when that
+    is a hub id; None when unknown."""
     if not info:
         return None
     if info.get("revision"):
         return split_revision(str(info["path"]))[0]
+    if info.get("hub_id"):
+        return str(info["hub_id"])
     return config_name_or_path(info.get("local_dir"))
 
 
@@ -108,7 +111,7 @@ def display_name(info: Mapping[str, Any]) -> str:
     """How a card or a pushed report names an input: the hub id as given (`owner/name@rev`) for a hub
     input, the directory's basename for a local one (a local path means nothing on the Hub)."""
     path = str(info["path"])
-    if info.get("revision"):
+    if info.get("revision") or info.get("hub_id"):
         return path
     return Path(path).name or path
 

@@ -298,12 +298,13 @@ def plot_similarity(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(report: Report, base: str | None) -> str:
+def model_card(report: Report, base: str | None, options_in: str = "`safemerge.yaml`") -> str:
     """README.md of a merged adapter: the Hub's front matter (engine/hub.py), then what was done. `base`
     is the base model the adapter loads on as given: the aligned model, or (merging with a sketch and no
     aligned model) the task adapter's `base_model_name_or_path`. The card names the base by its hub id
     (a local aligned model's `_name_or_path` when that is one), never by a local path; unknown, it leaves
-    the Hub's `base_model` out rather than write a path."""
+    the Hub's `base_model` out rather than write a path. `options_in`: where the card says the resolved
+    options are (an adapter saved from memory has no rerunnable `safemerge.yaml`)."""
     o = report.options
     hub_base, license_fields = card_base(report.inputs, base)
     name = hub_base or "BASE_MODEL"
@@ -319,7 +320,7 @@ All other modules are the task adapter's, unchanged.
 
 {load_snippet("adapter", name)}
 The per-module similarities and decisions are in `safemerge_report.md`; the resolved options in
-`safemerge.yaml`.
+{options_in}.
 """
     return render_card(card_metadata("adapter", hub_base, license_fields), body)
 
