@@ -1,8 +1,8 @@
 """safemerge: selective layer-wise merging of LoRA adapters to restore safety alignment (SafeMERGE).
 
 The in-memory API on a `peft.PeftModel` (docs/python-api.md), `add_safemerge_adapter`,
-`add_safelora_adapter` and `scan_peft_model`, is imported on first use: `import safemerge` stays fast
-(the CLI starts from it).
+`add_safelora_adapter`, `scan_peft_model` and `evaluate_model`, is imported on first use: `import
+safemerge` stays fast (the CLI starts from it).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time `__getattr__` imports them on first use
+    from safemerge.evaluate.inmemory import evaluate_model
     from safemerge.peft import add_safelora_adapter, add_safemerge_adapter, scan_peft_model
 
 __version__ = "0.1.0"
@@ -18,13 +19,21 @@ _LAZY = {
     "add_safemerge_adapter": "safemerge.peft",
     "add_safelora_adapter": "safemerge.peft",
     "scan_peft_model": "safemerge.peft",
+    "evaluate_model": "safemerge.evaluate.inmemory",
 }
-__all__ = ["__version__", "add_safelora_adapter", "add_safemerge_adapter", "scan_peft_model"]
+__all__ = [
+    "__version__",
+    "add_safelora_adapter",
+    "add_safemerge_adapter",
+    "evaluate_model",
+    "scan_peft_model",
+]
 
 
 def __getattr__(name: str) -> Any:
-    """`safemerge.add_safemerge_adapter`, `add_safelora_adapter` and `scan_peft_model`, imported on first
-    access (PEP 562): the in-memory API imports PEFT, which adds seconds to every command's start."""
+    """`safemerge.add_safemerge_adapter`, `add_safelora_adapter`, `scan_peft_model` and `evaluate_model`,
+    imported on first access (PEP 562): the in-memory API imports PEFT and transformers, which add
+    seconds to every command's start."""
     if name in _LAZY:
         import importlib
 
