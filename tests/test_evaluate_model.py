@@ -120,14 +120,17 @@ def test_model_left_as_found(setup: dict[str, Path], monkeypatch: pytest.MonkeyP
     model = loaded(setup)
     tokenizer = AutoTokenizer.from_pretrained(setup["aligned"])
     model.set_adapter("safety")  # makes "safety" trainable, as PEFT does
+    model.requires_grad_(False)  # a pattern set_adapter does not make: one trainable tensor of "default"
+    next(p for n, p in model.named_parameters() if "lora_A.default" in n).requires_grad_(True)
     model.train()
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     assert any(grads.values()) and not all(grads.values())
     seen: list[bool] = []
     model.get_base_model().register_forward_pre_hook(lambda m, a: seen.append(m.training))
     side = tokenizer.padding_side
-    kw: dict[str, Any] = {"benchmarks": ["arithmetic"], "quiet": True, **FAST}
-    safemerge.evaluate_model(model, tokenizer, **kw)
+    # one adapter alone: generated one variant at a time, through PEFT's set_adapter
+    kw: dict[str, Any] = {"benchmarks": ["arithmetic"], "quiet": True, "include_base": False, **FAST}
+    safemerge.evaluate_model(model, tokenizer, ["default"], **kw)
     assert seen and not any(seen)  # every forward in eval mode
 
     def judging_fails(*args: Any, **kwargs: Any) -> Any:
@@ -141,7 +144,7 @@ def test_model_left_as_found(setup: dict[str, Path], monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(inmemory, "score", judging_fails)
         seen.clear()
         with pytest.raises(RuntimeError, match="judging failed"):
-            safemerge.evaluate_model(model, tokenizer, **kw)
+            safemerge.evaluate_model(model, tokenizer, ["default"], **kw)
         assert seen  # it failed after generating
 
 
