@@ -20,7 +20,7 @@ from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.evaluate import EvalConfig, evaluate, inmemory
 
 BENCH = ["arithmetic", "harmbench"]
-FAST = {"limit": 3, "max_new_tokens": 8, "batch_size": 4}
+FAST = {"limit": 3, "max_new_tokens": 8}  # batch_size 16: two variants per mixed batch of 6 prompts
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def without_adapter(metrics: dict[str, Any], base: str) -> dict[str, Any]:
     }
 
 
-def test_in_memory_equals_saved_adapters(setup: dict[str, Path], tmp_path: Path) -> None:
+def test_in_memory_equals_saved_adapters(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Oracle: the adapters saved with `save_pretrained` and evaluated from disk by `evaluate` (its own
     model load, adapters named adapter0.. on it) give the same greedy answers, verdicts and metrics
     (with the reference comparison) as the same adapters evaluated by name in memory; the merged
@@ -65,6 +67,14 @@ def test_in_memory_equals_saved_adapters(setup: dict[str, Path], tmp_path: Path)
     safemerge.add_safemerge_adapter(model, str(setup["unaligned"]), allow_partial=True)
     saved = tmp_path / "saved"
     model.save_pretrained(saved)  # "default" in saved/, the others in saved/<name>/
+    mixed: list[list[str | None]] = []
+    original = inmemory.LoadedModelBackend.generate_mixed
+
+    def spy(self: Any, prompts: Any, adapters: Any, n: Any = None) -> Any:
+        mixed.append(list(adapters))
+        return original(self, prompts, adapters, n)
+
+    monkeypatch.setattr(inmemory.LoadedModelBackend, "generate_mixed", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SafemergeWarning)
         memory = safemerge.evaluate_model(
@@ -86,6 +96,7 @@ def test_in_memory_equals_saved_adapters(setup: dict[str, Path], tmp_path: Path)
             )
         )
     assert list(memory) == ["base", "default", "safety", "safemerged"]
+    assert {a for rows in mixed for a in rows} == {None, "default", "safety", "safemerged"}  # by PEFT name
     mem_records = keyed(tmp_path / "mem" / "generations.jsonl", "base")
     disk_records = keyed(tmp_path / "disk" / "generations.jsonl", str(setup["aligned"]))
     assert mem_records == disk_records
@@ -162,6 +173,7 @@ def test_model_left_as_found(setup: dict[str, Path], monkeypatch: pytest.MonkeyP
         ({"merged": True}, r"merged into the base weights .*unmerge_adapter"),
         ({"judge": "keywrod"}, "invalid options: .*keywrod"),
         ({"benchmarks": "arithmetic"}, "give a list of names"),
+        ({"adapters": "default"}, "give a list of adapter names"),
     ],
 )  # fmt: skip
 def test_bad_input_is_input_error(setup: dict[str, Path], case: dict[str, Any], match: str) -> None:

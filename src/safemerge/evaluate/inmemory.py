@@ -129,6 +129,8 @@ def model_variants(
     is off, or `adapters` places it), then each adapter by its name, or by its key where `adapters` is a
     mapping (name the variant: PEFT adapter name). None: every adapter of a PeftModel; a model that is no
     PeftModel is the one variant `"base"`."""
+    if isinstance(adapters, str):
+        raise InputError(f"adapters={adapters!r}: give a list of adapter names, e.g. [{adapters!r}]")
     peft = _is_peft(model)
     if not peft and adapters:
         given = list(adapters.values()) if isinstance(adapters, Mapping) else list(adapters)
@@ -138,8 +140,6 @@ def model_variants(
             f"adapters to evaluate the model itself (the variant {BASE!r})"
         )
     have = list(model.peft_config) if peft else []
-    if isinstance(adapters, str):
-        raise InputError(f"adapters={adapters!r}: give a list of adapter names, e.g. [{adapters!r}]")
     pairs = (
         list(adapters.items())
         if isinstance(adapters, Mapping)
