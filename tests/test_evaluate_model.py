@@ -189,3 +189,28 @@ def test_bad_input_is_input_error(setup: dict[str, Path], case: dict[str, Any], 
     kw: dict[str, Any] = {"benchmarks": ["arithmetic"], "quiet": True, **FAST, **case}
     with pytest.raises(InputError, match=match):
         safemerge.evaluate_model(model, tokenizer, **kw)
+
+
+def test_model_judge_cached_generations_not(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model judge (the tiny model standing in for Llama Guard) runs after the model is released and
+    restored: its outputs are cached under cache_dir/judge, the generations nowhere on disk."""
+    calls: list[str] = []
+    for name in ("release", "restore"):
+        original = getattr(inmemory.LoadedModelBackend, name)
+
+        def spy(self: Any, _name: str = name, _original: Any = original) -> None:
+            calls.append(_name)
+            _original(self)
+
+        monkeypatch.setattr(inmemory.LoadedModelBackend, name, spy)
+    cache = tmp_path / "cache"
+    metrics = safemerge.evaluate_model(
+        loaded(setup), AutoTokenizer.from_pretrained(setup["aligned"]), ["default"], benchmarks=["harmbench"],
+        judge="llama-guard", judge_model=str(setup["aligned"]), cache_dir=cache, quiet=True, **FAST,
+    )  # fmt: skip
+    assert metrics["default"]["benchmarks"]["harmbench"]["judge"] == f"llama-guard ({setup['aligned']})"
+    assert calls == ["release", "restore"]
+    assert list((cache / "judge").glob("*.jsonl"))
+    assert [p for p in cache.rglob("*.jsonl") if p.parent != cache / "judge"] == []
