@@ -214,3 +214,17 @@ def test_model_judge_cached_generations_not(
     assert calls == ["release", "restore"]
     assert list((cache / "judge").glob("*.jsonl"))
     assert [p for p in cache.rglob("*.jsonl") if p.parent != cache / "judge"] == []
+
+
+def test_exported_lazily_at_the_package_top() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, safemerge; assert 'safemerge.evaluate.inmemory' not in sys.modules; "
+        "assert 'evaluate_model' in safemerge.__all__ and 'evaluate_model' in dir(safemerge); "
+        "from safemerge.evaluate.inmemory import evaluate_model; "
+        "assert safemerge.evaluate_model is evaluate_model; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "ok", done.stderr
