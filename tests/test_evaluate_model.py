@@ -174,6 +174,7 @@ def test_model_left_as_found(setup: dict[str, Path], monkeypatch: pytest.MonkeyP
         ({"judge": "keywrod"}, "invalid options: .*keywrod"),
         ({"benchmarks": "arithmetic"}, "give a list of names"),
         ({"adapters": "default"}, "give a list of adapter names"),
+        ({"plain": True, "hf_adapter": True}, r"adapters loaded through transformers \(model.load_adapter\)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_input_error(setup: dict[str, Path], case: dict[str, Any], match: str) -> None:
@@ -184,6 +185,8 @@ def test_bad_input_is_input_error(setup: dict[str, Path], case: dict[str, Any], 
         model: Any = AutoModelForCausalLM.from_pretrained(setup["aligned"], dtype=torch.float32)
     else:
         model = loaded(setup)
+    if case.pop("hf_adapter", False):
+        model.load_adapter(str(setup["task"]))
     if case.pop("merged", False):
         model.merge_adapter()
     kw: dict[str, Any] = {"benchmarks": ["arithmetic"], "quiet": True, **FAST, **case}

@@ -176,6 +176,12 @@ def check_model(model: Any, tokenizer: Any, peft: bool) -> None:
             "(tokenizer.apply_chat_template); load the tokenizer of the instruct model, or set "
             "tokenizer.chat_template"
         )
+    if not peft and getattr(model, "_hf_peft_config_loaded", False):
+        raise InputError(
+            "the model holds adapters loaded through transformers (model.load_adapter), which cannot be "
+            "told apart from its base here: load them with peft.PeftModel.from_pretrained(base, ADAPTER, "
+            "adapter_name=NAME) and evaluate that"
+        )
     if any(p.device.type == "meta" for p in model.parameters()):
         raise InputError("the model has weights on the meta device (not loaded): load them first")
     if peft:
