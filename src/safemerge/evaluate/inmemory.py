@@ -183,7 +183,10 @@ def check_model(model: Any, tokenizer: Any, peft: bool) -> None:
             "adapter_name=NAME) and evaluate that"
         )
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise InputError("the model has weights on the meta device (not loaded): load them first")
+        raise InputError(
+            "the model has weights on the meta device (not loaded, or offloaded by device_map): load them "
+            "onto a CPU or GPU"
+        )
     if peft:
         merged = {a for m in model.modules() for a in getattr(m, "merged_adapters", None) or []}
         if merged:
