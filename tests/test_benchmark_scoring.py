@@ -259,3 +259,13 @@ def test_scoring_rules_do_not_touch_arithmetic() -> None:
     item = a.items[0]
     assert a.score(item, f"The answer is {item.reference}.") == {"extracted": item.reference, "correct": True}
     assert re.fullmatch(r"What is \d{3} [+-] \d{3}\?", item.prompt)
+
+
+def test_long_digit_strings_are_numbers_to_the_last_digit() -> None:
+    """A model that repeats digits writes numbers longer than decimal's 28-digit context: each is scored
+    as written (it raised InvalidOperation from quantize, stopping the evaluation)."""
+    from safemerge.evaluate.scoring import extract_flexible, normalise_number
+
+    assert normalise_number("1" * 40) == "1" * 40
+    assert normalise_number("1" * 30 + ".50") == "1" * 30 + ".5"
+    assert extract_flexible("it is 14141414141414141414141414141414 then") == "14" * 16

@@ -6,7 +6,7 @@ The mapping from the README's names to the stand-ins (nothing else in a snippet 
 - `meta-llama/Llama-3.1-8B-Instruct` → a tiny aligned chat model, `meta-llama/Llama-3.1-8B` → a tiny
   unaligned one (tests/builders.tiny_chat_setup); `./gsm8k-lora` → a LoRA on the tiny aligned model;
 - the `gsm8k` benchmark (a hub dataset) → `arithmetic` (offline, utility too);
-- for time: `train` gets `--samples 16 --max-steps 2 --batch-size 8`, `eval` (and `EvalConfig`)
+- for time: `train` gets `--samples 16 --max-steps 2 --batch-size 8`, `eval` (and `evaluate_model`)
   `--limit 3 --max-new-tokens 8`;
 - `safemerge push` and `push()` talk to a fake `HfApi` (nothing reaches the network).
 Commands run through typer's CliRunner on `safemerge.cli.app`.

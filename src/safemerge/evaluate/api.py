@@ -164,14 +164,22 @@ def make_judge(
 
 
 def write_outputs(
-    folder: Path, records: list[Record], metrics: dict[str, Any], cfg: EvalConfig, judge: str
+    folder: Path,
+    records: list[Record],
+    metrics: dict[str, Any],
+    cfg: EvalConfig,
+    judge: str,
+    config: bool = True,
 ) -> None:
+    """generations.jsonl, metrics.json, summary.md and (with `config`) the eval_config.yaml that reruns
+    it; a model held in memory has no config to rerun."""
     with (folder / "generations.jsonl").open("w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     (folder / "summary.md").write_text(markdown(metrics, judge), encoding="utf-8")
-    (folder / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    if config:
+        (folder / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
 
 def eval_inputs(cfg: EvalConfig) -> dict[str, Any]:

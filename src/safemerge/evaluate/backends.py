@@ -142,7 +142,7 @@ def _contiguous_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].contiguous(), *args[1:])
 
 
-def contiguous_head_input(model: Any) -> None:
+def contiguous_head_input(model: Any) -> Any:
     """Make the LM head's input contiguous before its matrix product.
 
     During generation transformers hands the head the last position only, `hidden[:, -1:, :]`: a
@@ -150,10 +150,12 @@ def contiguous_head_input(model: Any) -> None:
     model under a PEFT adapter) torch's matmul then fails to fold it into one matrix product and runs a
     batched product against the weight expanded per sequence (pytorch/pytorch#186148): at batch 200 and
     SmolLM2's 49,152-token vocabulary that copies 11 GB and took 10 s per prefill instead of 0.02 s
-    (measured, docs/benchmarks.md). A copy of [batch, 1, hidden] costs nothing in comparison."""
+    (measured, docs/benchmarks.md). A copy of [batch, 1, hidden] costs nothing in comparison. Returns
+    the hook's handle (None without an output embedding), to remove it from a model the caller owns."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
-        head.register_forward_pre_hook(_contiguous_input)
+        return head.register_forward_pre_hook(_contiguous_input)
+    return None
 
 
 def chat_texts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:

@@ -233,21 +233,24 @@ def generate_all(
     batch_size: int,
     max_new_tokens: int,
     mixed_rows: int | None = None,
+    model_fingerprint: str | None = None,
+    adapter_fingerprint: Callable[[str | None], str] = fingerprint_adapter,
 ) -> Responses:
     """(variant key, benchmark name) -> answers, generated with `max_new_tokens` (it keys the cache and is
     what the backend is told: one number) only where the cache lacks them: first several variants per
     batch where the backend can mix adapters (`generate_mixed`, at most `mixed_rows` rows, default
     `generate_mixed`'s), then the rest one variant at a time. Each variant's answers are cached under its own
-    key."""
+    key: the model's and the adapter's fingerprints (default: of their files; a model held in memory
+    passes its own) and the decoding settings."""
     out: Responses = {}
-    model_fp = fingerprint_model(model)
+    model_fp = model_fingerprint or fingerprint_model(model)
     decoding = decoding_key(backend, max_new_tokens)
     # one stream over every benchmark's prompts: fuller batches of similar length
     prompts = list(dict.fromkeys(it.prompt for b in benchmarks for it in b.items))
     shared: dict[str, Cache] = {}  # variants of the same adapter content share one cache, as on disk
     caches = []
     for v in variants:
-        key = {"model": model_fp, "adapter": fingerprint_adapter(v.adapter), **decoding}
+        key = {"model": model_fp, "adapter": adapter_fingerprint(v.adapter), **decoding}
         caches.append(shared.setdefault(json.dumps(key, sort_keys=True), Cache(cache_dir, key)))
     names = "+".join(b.name for b in benchmarks)
     generate_mixed(backend, variants, prompts, caches, batch_size, max_new_tokens, names, mixed_rows)

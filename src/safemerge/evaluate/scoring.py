@@ -9,7 +9,7 @@ docs/train_eval.md, "How each benchmark is scored".
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 
 from safemerge.common.datasets import gsm8k_final
 
@@ -32,9 +32,11 @@ def normalise_number(text: str) -> str | None:
         value = Decimal(t)
     except InvalidOperation:
         return None
-    if value == value.to_integral_value():
-        return str(value.quantize(Decimal(1)))
-    return format(value.normalize(), "f")
+    with localcontext() as ctx:  # every digit exact: a model that repeats digits writes 29 and more
+        ctx.prec = max(ctx.prec, len(t))
+        if value == value.to_integral_value():
+            return str(value.quantize(Decimal(1)))
+        return format(value.normalize(), "f")
 
 
 def extract_strict(text: str) -> str | None:
