@@ -134,3 +134,22 @@ def test_train_config_records_files_absolute_and_names_as_given(
         train_config_yaml(TrainConfig(model="smollm2", recipe="arithmetic", out=Path("o")))
     )
     assert packaged["model"] == "smollm2"
+
+
+def test_defense_yaml_records_a_calibration_file_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safemerge.defenses.config import DefendConfig
+    from safemerge.defenses.report import defense_yaml
+
+    (tmp_path / "cal.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = DefendConfig.model_validate(
+        {"method": "reset", "aligned": "a", "unaligned": "org/u", "task_adapter": "t", "out": "o",
+         "calibration": "cal.jsonl"}
+    )  # fmt: skip
+    data = yaml.safe_load(defense_yaml(cfg))
+    root = tmp_path.resolve()
+    assert data["plugin_options"] == {"calibration": str(root / "cal.jsonl")}
+    assert (data["aligned"], data["unaligned"], data["task_adapter"]) == (str(root / "a"), "org/u", "t")
