@@ -1,5 +1,5 @@
 """Resolved configs that rerun from any working directory (`safemerge.yaml`, `defense.yaml`,
-`train_config.yaml`; docs/engine.md, "Outputs of `merge`").
+`train_config.yaml`; README, "Outputs of `merge`").
 
 A resolved config records each input so that `safemerge merge -c OUT/safemerge.yaml --out NEW` reads the
 same files wherever it is run: a local path is written absolute (symbolic links resolved), while a hub id
