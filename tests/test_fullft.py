@@ -405,9 +405,9 @@ def test_bad_inputs_exit_2_without_output(setups: dict, tmp_path: Path) -> None:
     assert_exit_2([*args, *task, *safety, "--mode", "peft-linear"], out, "peft-linear")
     assert_exit_2([*args, *task, *safety, "--merge-into-base"], out, "merge_into_base")
     defend_args = base_args(env, "defend")
-    assert_exit_2([*defend_args, *task, "-m", "safemerge"], out, "needs safety_adapter or safety_model")
+    assert_exit_2([*defend_args, *task, "-m", "safemerge"], out, "needs --safety-adapter or --safety-model")
     assert_exit_2([*defend_args, *task, *safety, "-s", str(env["safety"])], out, "not both")
-    assert_exit_2([*defend_args, *task, "-m", "resta", *safety], out, "safety_model", "do not apply")
+    assert_exit_2([*defend_args, *task, "-m", "resta", *safety], out, "--safety-model do not apply")
 
 
 def test_a_defence_without_full_finetune_support_says_so(
@@ -543,7 +543,7 @@ def test_defences_that_need_v_itself_refuse_a_sketch(sketched: dict, tmp_path: P
         str(env["sketch"]),
     ]
     for method in ("safelora", "resta"):
-        assert_exit_2([*base, "-m", method], tmp_path / method, f"method {method} needs unaligned")
+        assert_exit_2([*base, "-m", method], tmp_path / method, f"method {method} needs --unaligned")
     rep = report_of([*base, "-m", "safemerge", "-s", str(env["safety"])], tmp_path / "ok")
     assert rep["summary"]["merged"] == rep["summary"]["selected"]
 
