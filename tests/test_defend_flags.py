@@ -110,3 +110,19 @@ def test_the_python_api_names_keys() -> None:
     assert "`alpah` is not an option of method interpolate; did you mean `alpha`?" in str(err.value)
     with pytest.raises(InputError, match="method safemerge needs `safety_adapter` or `safety_model`"):
         load_config(DefendConfig, None, base)
+
+
+def test_a_run_error_names_a_key_the_yaml_file_gave_as_its_key(env: dict[str, Path], tmp_path: Path) -> None:
+    """Errors raised while the defence runs get the same mapping: `--unaligned` (not given), but
+    `subspace` as the file's key."""
+    sketch = tmp_path / "sketch"
+    args = ["subspace", "-a", str(env["aligned"]), "-u", str(env["unaligned"]), "-k", "4", "-o", str(sketch)]
+    result = runner.invoke(app, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text(f"method: lssf\nsubspace: {sketch}\n")
+    text = refused(["-c", str(cfg), "-a", str(env["aligned"]), "-t", str(env["task"])], tmp_path / "o")
+    assert (
+        "error: method lssf needs --unaligned: it uses V = W_al - W_un itself, not a sketch (`subspace`)"
+        in text
+    )
