@@ -105,7 +105,8 @@ class Defense(ABC):
         return bool(SELECTION & self.options)
 
     def check(self, cfg: DefendConfig) -> None:
-        """Consistency checks beyond which options apply; raise ValueError naming the option."""
+        """Consistency checks beyond which options apply; raise ValueError naming the option in backticks
+        (`factor`: the command line shows it as its flag, `--option factor`)."""
         return None  # none by default
 
     def own_options(self, cfg: DefendConfig) -> BaseModel | None:
