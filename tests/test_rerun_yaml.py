@@ -4,6 +4,7 @@ hub ids and the packaged alias as given, and say the command that reruns them.""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -153,3 +154,26 @@ def test_defense_yaml_records_a_calibration_file_absolute(
     root = tmp_path.resolve()
     assert data["plugin_options"] == {"calibration": str(root / "cal.jsonl")}
     assert (data["aligned"], data["unaligned"], data["task_adapter"]) == (str(root / "a"), "org/u", "t")
+
+
+def test_train_config_reruns_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train` with a relative model and data file, rerun from elsewhere with `-c OUT/train_config.yaml
+    --out NEW`: the same adapter (one seeded step on CPU)."""
+    from builders import tiny_chat_setup
+
+    setup = tiny_chat_setup(tmp_path / "models")
+    work = tmp_path / "work"
+    shutil.copytree(setup["aligned"], work / "base")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(8)]
+    (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(work)
+    args = ["train", "--model", "base", "--recipe", "data.jsonl", "--out", "first", "--max-steps", "1",
+            "--batch-size", "4", "--max-length", "64", "-q"]  # fmt: skip
+    code, text = invoke(args)
+    assert code == 0, text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, text = invoke(["train", "-c", str(work / "first" / "train_config.yaml"), "--out", "again", "-q"])
+    assert code == 0, text
+    assert factors(elsewhere / "again") == factors(work / "first")
