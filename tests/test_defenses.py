@@ -357,13 +357,13 @@ def test_safemerge_defence_equals_the_merge_command(env: dict[str, Path], tmp_pa
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "safelora", "beta": 0.3}, "beta do not apply to method safelora"),
+        ({"method": "safelora", "beta": 0.3}, "`beta` do not apply to method safelora"),
         ({"method": "resta", "weights": "0.7,0.3"}, "do not apply to method resta"),
         ({"method": "resta", "weights": "0.8,0.2"}, None),  # defaults of other methods are tolerated
-        ({"method": "merge-all", "threshold": 0.3}, "threshold do not apply"),
+        ({"method": "merge-all", "threshold": 0.3}, "`threshold` do not apply"),
         ({"method": "safemerge", "threshold": 0.3, "top_k": 2}, "only one of"),
-        ({"method": "safemerge"}, "needs safety_adapter"),
-        ({"method": "resta", "density": 0.3}, "only with dare"),
+        ({"method": "safemerge"}, "needs `safety_adapter`"),
+        ({"method": "resta", "density": 0.3}, "only with `dare`"),
         ({"method": "bogus"}, "method"),
         ({"method": "none", "typo": 1}, "typo"),
     ],
@@ -399,7 +399,7 @@ def test_cli_defend(env: dict[str, Path], tmp_path: Path) -> None:
     res = CliRunner().invoke(
         app, [*args[:2], "resta", *args[3:5], "--beta", "0.1", *args[5:11], "-o", str(tmp_path / "x")]
     )
-    assert res.exit_code == 2 and "top_k" in res.output
+    assert res.exit_code == 2 and "option(s) --top-k do not apply to method resta" in res.output
     help_text = CliRunner().invoke(app, ["defend", "--help"]).output
     for opt in ("--method", "--beta", "--scope", "--dare", "--preserve-norm", "--weights"):
         assert opt in help_text

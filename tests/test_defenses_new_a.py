@@ -191,12 +191,12 @@ def test_defend_help_describes_the_built_in_options() -> None:
         ("interpolate", {"alpha": 1.5}, "alpha"),
         ("interpolate", {"alpha": -0.1}, "alpha"),
         ("interpolate", {"alpha": "nan"}, "alpha"),
-        ("interpolate", {"beta": 0.3}, "beta do not apply to method interpolate"),
+        ("interpolate", {"beta": 0.3}, "`beta` do not apply to method interpolate"),
         ("interpolate", {"factor": 2}, "factor"),
         ("lssf", {"scale": 0}, "scale"),
         ("lssf", {"scale": -1}, "scale"),
         ("lssf", {"scale": "inf"}, "scale"),
-        ("lssf", {"threshold": 0.3}, "threshold do not apply to method lssf"),
+        ("lssf", {"threshold": 0.3}, "`threshold` do not apply to method lssf"),
         ("oneshot", {"steps": 0}, "steps"),
         ("oneshot", {"steps": 2.5}, "steps"),
         ("oneshot", {"lr": 0}, "lr"),
@@ -478,7 +478,7 @@ def test_oneshot_is_deterministic_and_the_seed_picks_the_example(
 
 def test_oneshot_bad_inputs_exit_2(chat: dict[str, Path], tmp_path: Path) -> None:
     code, out = cli("-m", "oneshot", *inputs(chat), "-o", str(tmp_path / "x"))
-    assert code == 2 and "`calibration` is required" in out
+    assert code == 2 and "--option calibration is required" in out, out  # the CLI names its flag
     code, out = cli(*oneshot_args(chat, tmp_path / "y", "--option", "steps=0"))
     assert code == 2 and "steps" in out
     code, out = cli(*oneshot_args({**chat, "calibration": tmp_path / "nope.jsonl"}, tmp_path / "z"))
@@ -531,5 +531,5 @@ def test_a_sketch_of_v_serves_interpolate_not_lssf(env: dict[str, Path], tmp_pat
         torch.testing.assert_close(dense_delta(tmp_path / "i")[m], 0.5 * d, rtol=1e-6, atol=1e-7)
     args = ["--subspace", str(sketch), "-a", str(env["aligned"]), "-t", str(env["task"])]
     code, out = cli("-m", "lssf", *args, "-o", str(tmp_path / "l"))
-    assert code == 2 and "method lssf needs unaligned" in out, out
+    assert code == 2 and "method lssf needs --unaligned" in out, out
     assert not (tmp_path / "l").exists()

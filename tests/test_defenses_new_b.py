@@ -462,7 +462,7 @@ def test_bad_options_are_rejected(method: str, option: str, value: object) -> No
 @pytest.mark.parametrize("method", sorted(NEW))
 def test_calibration_is_required_and_defaults_validate(method: str) -> None:
     base = {"aligned": "a", "unaligned": "u", "task_adapter": "t", "out": "o", "method": method}
-    with pytest.raises(InputError, match=f"method {method} needs calibration"):
+    with pytest.raises(InputError, match=f"method {method} needs `calibration`"):
         load_config(DefendConfig, None, base)
     cfg = load_config(DefendConfig, None, {**base, "calibration": "c.jsonl"})
     knob = {"safedelta": ("scale", 0.1), "antidote": ("ratio", 0.1), "reset": ("reset_fraction", 0.01)}[
@@ -489,7 +489,7 @@ def test_cli_runs_and_bad_inputs_exit_2(env: dict[str, Path], tmp_path: Path) ->
     leak.write_text(json.dumps({"prompt": harmbench_prompts()[0], "response": "No."}) + "\n")
     cases = [
         ("safedelta", ["--option", "scale=-1", "--option", f"calibration={env['cal']}"], "scale"),
-        ("reset", [], "needs calibration"),
+        ("reset", [], "needs --option calibration"),
         ("antidote", ["--option", f"calibration={tmp_path / 'missing.jsonl'}"], "not found"),
         ("reset", ["--option", f"calibration={leak}"], "HarmBench"),
         ("antidote", ["--option", "ratio"], "KEY=VALUE"),

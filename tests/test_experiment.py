@@ -148,7 +148,7 @@ def test_dry_run_lists_cells_and_does_nothing(inputs: dict[str, Path], tmp_path:
 
 BAD: list[tuple[str, Any, str]] = [
     ("unknown defence", {"defenses": [{"method": "bogus"}]}, "defenses.0.method"),
-    ("unknown option", {"defenses": [{"method": "safelora", "options": {"beta": 0.1}}]}, "beta do not apply"),
+    ("unknown option", {"defenses": [{"method": "safelora", "options": {"beta": 0.1}}]}, "beta` do not"),
     ("unknown grid key", {"defenses": [{"method": "safemerge", "grid": {"tau": [0.3]}}]}, "tau"),
     ("unknown top-level key", {"defences": []}, "defences"),
     ("empty grid", {"defenses": [{"method": "safemerge", "grid": {"threshold": []}}]}, "no cells"),

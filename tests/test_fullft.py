@@ -405,9 +405,9 @@ def test_bad_inputs_exit_2_without_output(setups: dict, tmp_path: Path) -> None:
     assert_exit_2([*args, *task, *safety, "--mode", "peft-linear"], out, "peft-linear")
     assert_exit_2([*args, *task, *safety, "--merge-into-base"], out, "merge_into_base")
     defend_args = base_args(env, "defend")
-    assert_exit_2([*defend_args, *task, "-m", "safemerge"], out, "needs safety_adapter or safety_model")
+    assert_exit_2([*defend_args, *task, "-m", "safemerge"], out, "needs --safety-adapter or --safety-model")
     assert_exit_2([*defend_args, *task, *safety, "-s", str(env["safety"])], out, "not both")
-    assert_exit_2([*defend_args, *task, "-m", "resta", *safety], out, "safety_model", "do not apply")
+    assert_exit_2([*defend_args, *task, "-m", "resta", *safety], out, "--safety-model do not apply")
 
 
 def test_a_defence_without_full_finetune_support_says_so(
@@ -429,7 +429,10 @@ def test_two_runs_are_byte_identical(setups: dict, tmp_path: Path, monkeypatch: 
         monkeypatch.chdir(tmp_path / run)
         code, text = invoke(args)
         assert code == 0, text
-        trees.append({p.name: p.read_bytes() for p in sorted((tmp_path / run / "out").iterdir())})
+        here = f"{(tmp_path / run).resolve()}/".encode()  # safemerge.yaml records absolute paths
+        trees.append(
+            {p.name: p.read_bytes().replace(here, b"") for p in sorted((tmp_path / run / "out").iterdir())}
+        )
     assert trees[0] == trees[1] and "similarity.png" in trees[0] and "safemerge.yaml" in trees[0]
     assert len([n for n in trees[0] if n.endswith(".safetensors")]) > 1
     # the resolved config reruns the same merge
@@ -540,7 +543,7 @@ def test_defences_that_need_v_itself_refuse_a_sketch(sketched: dict, tmp_path: P
         str(env["sketch"]),
     ]
     for method in ("safelora", "resta"):
-        assert_exit_2([*base, "-m", method], tmp_path / method, f"method {method} needs unaligned")
+        assert_exit_2([*base, "-m", method], tmp_path / method, f"method {method} needs --unaligned")
     rep = report_of([*base, "-m", "safemerge", "-s", str(env["safety"])], tmp_path / "ok")
     assert rep["summary"]["merged"] == rep["summary"]["selected"]
 

@@ -24,6 +24,9 @@ Normalisation (`normalised_bytes`), nothing else:
    random vector — each within 1e-5 · the tensor's norm (+1e-12). The same MKL measurement changed the
    float32 products behind `--merge-into-base`, RESTA and the TIES/DARE SVD in the last bits; a change of
    the code's output moves the random projection far more than that.
+4. YAML files (the resolved `safemerge.yaml` / `defense.yaml`, which record local inputs and `out` as
+   absolute paths so that they rerun from any directory): the working directory of the run (a case's
+   temporary directory) followed by a path separator is removed, so they read as the relative paths given.
 Everything else, PNG plots included, is compared byte for byte: two runs of the same code, in different
 directories, give identical bytes for every other file (test_golden_outputs_are_byte_identical_per_run
 keeps the byte-for-byte check of the whole output on one machine).
@@ -40,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -82,6 +86,8 @@ def normalised_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if path.suffix not in TEXT_SUFFIXES:
         return data
+    if path.suffix == ".yaml":  # resolved configs record local paths absolute (point 4)
+        return data.replace(f"{Path.cwd()}{os.sep}".encode(), b"")
     if path.suffix != ".json":
         return data
     obj = json.loads(data)

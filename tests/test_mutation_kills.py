@@ -1080,7 +1080,7 @@ def test_resta_density_without_dare_message() -> None:
             method="resta", aligned="a", unaligned="u", task_adapter="t", out="o", density=0.3
         )
     assert [e["msg"] for e in err.value.errors()] == [
-        "Value error, density applies to resta only with dare: true"
+        "Value error, `density` applies to resta only with `dare`"
     ]
 
 
@@ -1251,7 +1251,7 @@ def test_parse_pair_by_hand() -> None:
     for bad in ("novalue", "=5", " =5"):
         with pytest.raises(ValueError) as err:
             _parse_pair(bad)
-        assert str(err.value) == f"--option expects KEY=VALUE, got {bad!r}"
+        assert str(err.value) == f"`plugin_options` expects KEY=VALUE, got {bad!r}"
 
 
 def test_defence_markdown_warnings_two_flags_and_a_zero_update(tmp_path: Path) -> None:
@@ -1336,7 +1336,7 @@ def test_own_options_given_to_a_defence_without_any_are_named() -> None:
     with pytest.raises(ValidationError) as err:
         DefendConfig.model_validate({**fields, "plugin_options": {"zeta": 1, "alpha": 2}})
     assert [e["msg"] for e in err.value.errors()] == [
-        "Value error, method none takes no options of its own (got --option alpha, zeta)"
+        "Value error, method none takes no options of its own (got `alpha`, `zeta`)"
     ]
 
 
@@ -1381,7 +1381,9 @@ def test_unaligned_of_refuses_a_missing_unaligned_model() -> None:
     bare = cfg.model_copy(update={"inputs": cfg.inputs.model_copy(update={"unaligned": None})})
     with pytest.raises(InputError) as err:
         unaligned_of(bare)
-    assert str(err.value) == "method resta needs unaligned: it uses V = W_al - W_un itself, not a sketch"
+    assert str(err.value) == (
+        "method resta needs `unaligned`: it uses V = W_al - W_un itself, not a sketch (`subspace`)"
+    )
 
 
 def test_resta_and_none_dispatch_a_full_finetune(tmp_path: Path) -> None:

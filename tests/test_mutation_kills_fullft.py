@@ -607,7 +607,8 @@ def test_safelora_full_result_report_and_output_dtype(bf16_sketched: dict, tmp_p
     with pytest.raises(InputError) as err:
         _defend(env, tmp_path / "again", "safelora", top_k=3, merge_into_base=True)
     assert (
-        str(err.value) == "merge_into_base does not apply to task_model: the output is already a full model"
+        str(err.value)
+        == "`merge_into_base` does not apply to `task_model`: the output is already a full model"
     )
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from safemerge.cli.common import (
@@ -33,28 +35,74 @@ from safemerge.cli.common import (
     TaskOpt,
     UnalignedOpt,
     config_file,
+    flag_names,
     given_options,
-    load_cli_config,
     pin_revisions,
     run_guarded,
 )
+from safemerge.common.config_io import load_config, name_keys, read_yaml_mapping
+from safemerge.common.errors import InputError
 from safemerge.common.plugins import entry_point
 from safemerge.defenses import DefendConfig, defend, defense_names, get_defense
 from safemerge.defenses.registry import GROUP
 from safemerge.engine.report import print_summary
+
+T = TypeVar("T")
+
+
+def builtin_option_models() -> dict[str, type[BaseModel]]:
+    """{defence: its own options' model} of safemerge's own defences (another package's plugin is never
+    loaded just for help or messages)."""
+    models = {}
+    for name in defense_names():
+        if entry_point(GROUP, name).value.startswith("safemerge."):
+            model = get_defense(name).option_model
+            if model is not None:
+                models[name] = model
+    return models
+
+
+def defend_flags(ctx: typer.Context, config: Path | None, options: dict[str, Any]) -> dict[str, str]:
+    """{config key: how the command line names it}, for defend's messages: each option as its flag
+    (`task_adapter` → --task-adapter, `merge_method` → --merge-method) and each defence's own option as
+    `--option KEY`, except a key that the YAML file gives and no flag overrides, which stays a key (as
+    `load_config` names it)."""
+    flags = flag_names(ctx)
+    pairs = [str(p) for p in options.get("plugin_options") or []]
+    typed = {k.strip() for k, sep, _ in (p.partition("=") for p in pairs) if sep and k.strip()}
+    own = {k for model in builtin_option_models().values() for k in model.model_fields}
+    method = options.get("method")
+    if method in defense_names():
+        try:
+            model = get_defense(method).option_model
+        except InputError:  # a plugin that fails to load: using it says why
+            model = None
+        own |= set(model.model_fields) if model is not None else set()
+    flags.update({k: f"--option {k}" for k in own | typed if k not in flags})
+    data = read_yaml_mapping(config) if config is not None else {}
+    nested = data.get("plugin_options")
+    from_yaml = set(data) | (set(nested) if isinstance(nested, dict) else set())
+    overridden = {k for k, v in options.items() if v is not None} | typed
+    return {k: v for k, v in flags.items() if k not in from_yaml or k in overridden}
+
+
+def in_flags(flags: dict[str, str], fn: Callable[[], T]) -> T:
+    """`fn()`, with the keys its input errors name in backticks (`aligned`, `calibration`) shown as the
+    command line's flags (--aligned, --option calibration): the Python API's messages name keys."""
+    try:
+        return fn()
+    except InputError as exc:
+        exc.args = (name_keys(str(exc), flags), *exc.args[1:])
+        raise
 
 
 def own_options_help() -> str:
     """The built-in defences' own options (`--option KEY=VALUE`) with their descriptions. Only safemerge's
     own defences are imported for this: another package's plugin is never loaded just to print help."""
     parts = []
-    for name in defense_names():
-        if not entry_point(GROUP, name).value.startswith("safemerge."):
-            continue
-        model = get_defense(name).option_model
-        if model is not None:
-            fields = "; ".join(f"{k}: {f.description}" for k, f in model.model_fields.items())
-            parts.append(f"{name} — {fields}.")
+    for name, model in builtin_option_models().items():
+        fields = "; ".join(f"{k}: {f.description}" for k, f in model.model_fields.items())
+        parts.append(f"{name} — {fields}.")
     return " ".join(parts)
 
 
@@ -165,8 +213,10 @@ def defend_command(
 
     def body() -> None:
         options = pin_revisions(given_options(ctx, "quiet"), revision)
-        cfg = load_cli_config(ctx, DefendConfig, config_file(config_pos, config), options)
-        result = defend(cfg, progress=not quiet)
+        path = config_file(config_pos, config)
+        flags = defend_flags(ctx, path, options)
+        cfg = load_config(DefendConfig, path, options, flags)
+        result = in_flags(flags, lambda: defend(cfg, progress=not quiet))
         if not quiet:
             print_summary(result.report, Console())
             Console().print(

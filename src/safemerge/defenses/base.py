@@ -8,6 +8,7 @@ report words its changes — is an attribute of that object, so adding a defence
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from safemerge.common.config_io import plain_dump
 from safemerge.engine.config import DEFAULT_THRESHOLD, ORDER_OPTIONS, SELECTION_OPTIONS
@@ -104,17 +105,34 @@ class Defense(ABC):
         return bool(SELECTION & self.options)
 
     def check(self, cfg: DefendConfig) -> None:
-        """Consistency checks beyond which options apply; raise ValueError naming the option."""
+        """Consistency checks beyond which options apply; raise ValueError naming the option in backticks
+        (`factor`: the command line shows it as its flag, `--option factor`)."""
         return None  # none by default
 
     def own_options(self, cfg: DefendConfig) -> BaseModel | None:
-        """The defence's own options (`option_model`) validated from `cfg.plugin_options`."""
+        """The defence's own options (`option_model`) validated from `cfg.plugin_options`; a bad one is a
+        ValueError naming it in backticks (the command line shows it as `--option KEY`)."""
         if self.option_model is None:
             if cfg.plugin_options:
-                given = ", ".join(sorted(cfg.plugin_options))
-                raise ValueError(f"method {self.name} takes no options of its own (got --option {given})")
+                given = ", ".join(f"`{k}`" for k in sorted(cfg.plugin_options))
+                raise ValueError(f"method {self.name} takes no options of its own (got {given})")
             return None
-        return self.option_model.model_validate(cfg.plugin_options)
+        try:
+            return self.option_model.model_validate(cfg.plugin_options)
+        except ValidationError as exc:
+            raise ValueError("; ".join(self._option_error(e) for e in exc.errors())) from None
+
+    def _option_error(self, error: Any) -> str:
+        """One pydantic error of the own options, worded for the user: an unknown key with the closest
+        known one (difflib, as for YAML keys) and the list of options, else the key and the problem."""
+        assert self.option_model is not None
+        key = ".".join(map(str, error["loc"]))
+        if error["type"] != "extra_forbidden":
+            return f"`{key}`: {error['msg']}"
+        known = list(self.option_model.model_fields)
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean `{near[0]}`?" if near else ""
+        return f"`{key}` is not an option of method {self.name}{hint} (its options: {', '.join(known)})"
 
     def settings(self, cfg: DefendConfig) -> dict[str, Any]:
         """What was computed (no paths, no how-to-write flags), for reports and experiment cells."""

@@ -9,6 +9,7 @@ starts (unknown keys always fail), while a full dump of a config (`defense.yaml`
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection
 from typing import Any, ClassVar, Literal
 
@@ -74,17 +75,20 @@ class DefendConfig(FlatConfig):
     @model_validator(mode="before")
     @classmethod
     def _route_plugin_options(cls, data: Any) -> Any:
-        """Move the chosen defence's own option keys (and `--option K=V` strings) into plugin_options."""
+        """Move the chosen defence's own option keys (and `--option K=V` strings) into plugin_options.
+        The strings are the command line's flags, which override a YAML file's flat keys."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         given = data.pop("plugin_options", None) or {}
-        own = dict(given) if isinstance(given, dict) else dict(_parse_pair(s) for s in given)
+        own = dict(given) if isinstance(given, dict) else {}
         method = data.get("method", cls.model_fields["method"].default)
         model = get_defense(method).option_model if method in defense_names() else None
         for key in list(model.model_fields) if model is not None else []:
             if key in data:
                 own[key] = data.pop(key)
+        if not isinstance(given, dict):
+            own.update(_parse_pair(s) for s in given)
         if own:
             data["plugin_options"] = own
         return data
@@ -92,8 +96,11 @@ class DefendConfig(FlatConfig):
     @field_validator("method")
     @classmethod
     def _registered(cls, method: str) -> str:
-        if method not in defense_names():
-            raise ValueError(f"unknown defence {method!r}: use one of {', '.join(defense_names())}")
+        known = defense_names()
+        if method not in known:
+            near = difflib.get_close_matches(method, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown defence {method!r}{hint} (use one of {', '.join(known)})")
         return method
 
     @model_validator(mode="after")
@@ -106,21 +113,23 @@ class DefendConfig(FlatConfig):
             for n in self.flat_fields_set() - defense.applies - {"plugin_options"}
             if flat.get(n) != self.flat_default(n)
         )
+        # keys in backticks: the command line shows them as its flags (cli/defend.py)
         if wrong:
-            raise ValueError(f"option(s) {', '.join(wrong)} do not apply to method {self.method}")
+            named = ", ".join(f"`{n}`" for n in wrong)
+            raise ValueError(f"option(s) {named} do not apply to method {self.method}")
         if self.safety_adapter is not None and self.safety_model is not None:
-            raise ValueError("give either safety_adapter or safety_model, not both")
+            raise ValueError("give either `safety_adapter` or `safety_model`, not both")
         if self.safety_model is not None and self.inputs.task_model is None:
-            raise ValueError("safety_model needs task_model: a LoRA merge takes a safety_adapter")
+            raise ValueError("`safety_model` needs `task_model`: a LoRA merge takes a `safety_adapter`")
         if self.inputs.task_model is not None and not defense.full_finetune:
             raise ValueError(
-                f"method {self.method} takes a task LoRA only, not a full fine-tune (task_model); the "
+                f"method {self.method} takes a task LoRA only, not a full fine-tune (`task_model`); the "
                 f"defences for full fine-tunes: {', '.join(full_finetune_defences())}"
             )
         for need in defense.needs:
             alts = (need, *defense.alternatives.get(need, ()))
             if not any(flat.get(a) for a in alts):
-                raise ValueError(f"method {self.method} needs {' or '.join(alts)}")
+                raise ValueError(f"method {self.method} needs {' or '.join(f'`{a}`' for a in alts)}")
         defense.check(self)
         defense.own_options(self)  # validates them
         return self
@@ -166,5 +175,5 @@ def _parse_pair(text: str) -> tuple[str, Any]:
     """`factor=0.5` (an `--option` flag) → ('factor', 0.5): the value is read as YAML (numbers, bools)."""
     key, sep, value = str(text).partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"--option expects KEY=VALUE, got {text!r}")
+        raise ValueError(f"`plugin_options` expects KEY=VALUE, got {text!r}")
     return key.strip(), yaml.safe_load(value)

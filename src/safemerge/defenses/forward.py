@@ -71,7 +71,8 @@ class Scanned:
 def scan_targets(cfg: DefendConfig, progress: bool) -> Scanned:
     """ρ of every module (the report) and each module's W_al and ΔW, for a task LoRA or a full fine-tune."""
     if cfg.inputs.aligned is None:
-        raise InputError(f"method {cfg.method} needs aligned: it runs the aligned model on calibration data")
+        why = "it runs the aligned model on calibration data"
+        raise InputError(f"method {cfg.method} needs `aligned`: {why}")
     if cfg.inputs.task_model is not None:
         report, full, aligned = run_full_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
         if full.transposed:
@@ -149,7 +150,7 @@ def calibration_tokens(cfg: DefendConfig, opts: CalibrationOptions, tokenizer: A
     """The calibration examples (seeded by the run's `seed`) as token ids and response starts."""
     examples = load_calibration(opts.calibration, opts.calibration_samples, seed=cfg.merge.seed)
     if not examples:
-        raise InputError(f"calibration {opts.calibration} holds no examples")
+        raise InputError(f"`calibration` {opts.calibration} holds no examples")
     return encode_calibration(tokenizer, examples, opts.calibration_max_length)
 
 
@@ -252,7 +253,8 @@ class CalibratedDefense(Defense):
 
     def check(self, cfg: DefendConfig) -> None:
         if getattr(self.own_options(cfg), "calibration", None) is None:
-            raise ValueError(f"method {self.name} needs calibration: a JSONL/CSV of {self.calibration_kind}")
+            what = f"a JSONL/CSV of {self.calibration_kind}"
+            raise ValueError(f"method {self.name} needs `calibration`: {what}")
 
     def prepare(self, cfg: DefendConfig, progress: bool) -> tuple[Scanned, Encoded, Any]:
         """The scan, the encoded calibration examples and the defence's own options."""

@@ -86,7 +86,7 @@ class Interpolate(Defense):
         alpha = alpha_of(cfg)
         report, task, aligned = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
         if cfg.merge.merge_into_base and aligned is None:  # a scan from a sketch needs no aligned model
-            raise InputError("merge_into_base needs the aligned model (`aligned`) to merge into")
+            raise InputError("`merge_into_base` needs the aligned model (`aligned`) to merge into")
         rank = max(task.rank(m) for m in task.lora_modules)
         out_scale, lora_alpha = output_scaling([task.scaling(m) for m in task.lora_modules], rank)
         factors: Factors = {}
@@ -124,7 +124,7 @@ class Interpolate(Defense):
         """W_al + α (W_task − W_al) on every floating-point tensor of a full fine-tune."""
         if cfg.merge.merge_into_base:
             raise InputError(
-                "merge_into_base does not apply to task_model: the output is already a full model"
+                "`merge_into_base` does not apply to `task_model`: the output is already a full model"
             )
         alpha = alpha_of(cfg)
         report, task, aligned = run_full_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)

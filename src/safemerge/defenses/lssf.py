@@ -150,7 +150,7 @@ class Lssf(Defense):
         """W_task + λ V_k on every scanned module of a full fine-tune; every other tensor the task's."""
         if cfg.merge.merge_into_base:
             raise InputError(
-                "merge_into_base does not apply to task_model: the output is already a full model"
+                "`merge_into_base` does not apply to `task_model`: the output is already a full model"
             )
         scale = LssfOptions.model_validate(cfg.plugin_options).scale
         unaligned_name = unaligned_of(cfg)

@@ -135,7 +135,7 @@ class OneShot(Defense):
         (example,) = load_calibration(opts.calibration, 1, cfg.merge.seed)
         report, task, _ = run_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
         if cfg.inputs.aligned is None:
-            raise InputError("method oneshot needs aligned: the model the task adapter is trained on")
+            raise InputError("method oneshot needs `aligned`: the model the task adapter is trained on")
         base, _ = resolve_local_dir(cfg.inputs.aligned, allow_pickle=cfg.run.allow_pickle)
         model, tok = load_trainable(base, task.directory, resolve_device(cfg.run.device))
         ((ids, start),) = encode_calibration(tok, [example], opts.calibration_max_length)

@@ -3,7 +3,7 @@
 `safemerge_report.json` is the engine's JSON with a `defense` block (and, for RESTA, a `tensors` list);
 `safemerge_report.md` shows per module ρ, the decision and ‖ΔW‖ before and after the defence;
 `similarity.png` is the engine's ρ plot; `defense.yaml` the resolved config (rerun with
-`safemerge defend defense.yaml`).
+`safemerge defend -c OUT/defense.yaml --out NEW_DIR`, from any working directory).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from safemerge.engine.report import (
     plot_similarity,
     report_dict,
 )
+from safemerge.engine.rerun import rerun_comment, rerunnable
 
 if TYPE_CHECKING:
     from safemerge.defenses.config import DefendConfig
@@ -61,10 +62,18 @@ def write_defense_report(
     if cfg.run.plot and report.modules:
         plot_similarity(report, directory / "similarity.png")
     write_defense_cards(report, directory, cfg)
-    resolved = plain_dump(cfg, exclude=("force",))
+    (directory / DEFENSE_YAML).write_text(defense_yaml(cfg))
+
+
+def defense_yaml(cfg: DefendConfig) -> str:
+    """The resolved config as `defense.yaml`: local inputs (and a calibration file) absolute, hub ids as
+    given (engine/rerun.py), so `safemerge defend -c OUT/defense.yaml --out NEW_DIR` reruns it anywhere."""
+    resolved = rerunnable(plain_dump(cfg, exclude=("force",)))
     resolved["weights"] = list(cfg.merge.weights)
-    header = "# resolved defence configuration (rerun: safemerge defend defense.yaml --out NEW_DIR)\n"
-    (directory / DEFENSE_YAML).write_text(header + yaml.safe_dump(resolved, sort_keys=False))
+    if "plugin_options" in resolved:
+        resolved["plugin_options"] = rerunnable(resolved["plugin_options"], ("calibration",), out=None)
+    header = rerun_comment("defence configuration", "defend", DEFENSE_YAML)
+    return header + yaml.safe_dump(resolved, sort_keys=False)
 
 
 def write_defense_cards(report: Report, directory: Path, cfg: DefendConfig) -> None:

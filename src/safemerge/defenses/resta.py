@@ -85,7 +85,7 @@ class Resta(Defense):
 
     def check(self, cfg: DefendConfig) -> None:
         if cfg.merge.density != cfg.flat_default("density") and not cfg.dare:
-            raise ValueError("density applies to resta only with dare: true")
+            raise ValueError("`density` applies to resta only with `dare`")
 
     def settings(self, cfg: DefendConfig) -> dict[str, Any]:
         data = super().settings(cfg)

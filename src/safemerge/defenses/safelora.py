@@ -174,7 +174,9 @@ def run_full(cfg: DefendConfig, tmp: Path, out: Path, progress: bool) -> Defense
     """Safe LoRA on a full fine-tune: ΔW_f ← C ΔW_f on the selected modules (W = W_al + C ΔW_f), every other
     tensor the task model's. All ρ first, then the selection, then the projection, as for LoRAs."""
     if cfg.merge.merge_into_base:
-        raise InputError("merge_into_base does not apply to task_model: the output is already a full model")
+        raise InputError(
+            "`merge_into_base` does not apply to `task_model`: the output is already a full model"
+        )
     unaligned_name = unaligned_of(cfg)
     report, task, aligned = run_full_scan(scan_config(cfg, {"fraction": 0.0}), "defend", progress)
     unaligned, _ = open_checkpoint(unaligned_name, "unaligned", cfg.run.allow_pickle)

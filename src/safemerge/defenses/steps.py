@@ -34,5 +34,6 @@ def move_up(inner: Path, outer: Path) -> None:
 def unaligned_of(cfg: DefendConfig) -> str:
     """The unaligned model of a defence that needs V itself, not only ρ (Safe LoRA's C, RESTA's β V)."""
     if cfg.inputs.unaligned is None:
-        raise InputError(f"method {cfg.method} needs unaligned: it uses V = W_al - W_un itself, not a sketch")
+        why = "it uses V = W_al - W_un itself, not a sketch (`subspace`)"
+        raise InputError(f"method {cfg.method} needs `unaligned`: {why}")
     return cfg.inputs.unaligned

@@ -71,6 +71,7 @@ from safemerge.engine.report import (
     model_card,
     write_report,
 )
+from safemerge.engine.rerun import rerun_comment, rerunnable
 from safemerge.engine.subspace import Sketch, load_sketch, measured_error, near_threshold
 from safemerge.engine.writer import write_merged_model
 
@@ -805,13 +806,12 @@ def _write_merge(
 
 
 def merge_config_yaml(cfg: MergeConfig) -> str:
-    """The resolved config as `safemerge.yaml` (rerun with `safemerge merge safemerge.yaml`)."""
-    data = plain_dump(cfg, exclude=("force",))
+    """The resolved config as `safemerge.yaml`: local inputs absolute, hub ids as given (engine/rerun.py),
+    so `safemerge merge -c OUT/safemerge.yaml --out NEW_DIR` reruns it from any working directory."""
+    data = rerunnable(plain_dump(cfg, exclude=("force",)))
     data["weights"] = list(cfg.merge.weights)
-    return (
-        "# resolved safemerge merge configuration (rerun: safemerge merge safemerge.yaml)\n"
-        + yaml.safe_dump(data, sort_keys=False)
-    )
+    header = rerun_comment("safemerge merge configuration", "merge", "safemerge.yaml")
+    return header + yaml.safe_dump(data, sort_keys=False)
 
 
 # --- full fine-tunes -------------------------------------------------------------------------------

@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from safemerge.common.config_io import dump_config
+from safemerge.common.config_io import plain_dump
 from safemerge.common.datasets import Example
 from safemerge.common.errors import InputError
 from safemerge.common.guard import check_no_harmbench
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
 from safemerge.common.packaged import resolve_model
 from safemerge.engine.lora import LoraAdapter, module_type
+from safemerge.engine.rerun import rerun_comment, rerunnable
 from safemerge.train.config import ALL_LINEAR, TrainConfig
-from safemerge.train.recipes import build_examples, mix_in_safety, user_texts
+from safemerge.train.recipes import RECIPES, build_examples, mix_in_safety, user_texts
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +199,24 @@ def _sft_args(cfg: TrainConfig, output_dir: Path, use_bf16: bool, progress: bool
     )
 
 
+def train_config_yaml(cfg: TrainConfig) -> str:
+    """The resolved config: a local model and a data file absolute, a hub id, the packaged model's alias
+    and a built-in recipe as given (engine/rerun.py), the output directory absolute; `force` left out
+    (a rerun replaces nothing unless asked)."""
+    files = ("model",) if cfg.recipe in RECIPES else ("model", "recipe")
+    data = rerunnable(plain_dump(cfg, exclude=("force",)), files)
+    header = rerun_comment("safemerge train configuration", "train", "train_config.yaml")
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
 def _write_logs(
     tmp: Path, cfg: TrainConfig, model_name: str, n: int, history: list[dict[str, Any]], like: str | None
 ) -> None:
-    """train_config.yaml (resolved: it trains the same adapter again), train_log.jsonl (one record per
-    logging step), loss_curve.png."""
+    """train_config.yaml (resolved: it trains the same adapter again, from any working directory),
+    train_log.jsonl (one record per logging step), loss_curve.png."""
     copied = f"# target_modules, lora_r, lora_alpha: copied from --like {like}\n" if like else ""
     (tmp / "train_config.yaml").write_text(
-        dump_config(cfg) + f"# resolved model path: {model_name}\n# examples: {n}\n" + copied,
+        train_config_yaml(cfg) + f"# resolved model path: {model_name}\n# examples: {n}\n" + copied,
         encoding="utf-8",
     )
     with (tmp / "train_log.jsonl").open("w", encoding="utf-8") as f:
