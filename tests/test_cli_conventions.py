@@ -287,7 +287,7 @@ def test_eval_quiet_turns_off_the_progress_bars(tmp_path: Path, monkeypatch: pyt
     from tinymodel import build_tiny_model
     from transformers.utils import logging as hf_logging
 
-    from safemerge.evaluate.runner import SHOW_PROGRESS
+    from safemerge.common.progress import SHOW_PROGRESS
 
     seen: list[tuple[bool, bool]] = []
 
@@ -302,3 +302,33 @@ def test_eval_quiet_turns_off_the_progress_bars(tmp_path: Path, monkeypatch: pyt
         assert res.exit_code == 0, res.output
     assert seen == [(False, False), (True, True)]
     assert SHOW_PROGRESS.get() and hf_logging.is_progress_bar_enabled()
+
+
+def test_quiet_turns_off_every_library_bar_and_restores_them() -> None:
+    """`run_guarded(body, quiet=True)` (every command's `-q`): safemerge's switch, transformers' loading
+    bars and huggingface_hub's download bars are off inside, as they were afterwards, also on an error."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    from safemerge.cli.common import run_guarded
+    from safemerge.common.errors import InputError
+    from safemerge.common.progress import SHOW_PROGRESS
+
+    def state() -> tuple[bool, bool, bool]:
+        return (
+            SHOW_PROGRESS.get(),
+            hf_logging.is_progress_bar_enabled(),
+            not hub_utils.are_progress_bars_disabled(),
+        )
+
+    before = state()
+    assert before == (True, True, True)
+    assert run_guarded(state, quiet=True) == (False, False, False)
+    assert run_guarded(state) == (True, True, True)
+
+    def fails() -> None:
+        raise InputError("bad")
+
+    with pytest.raises(typer.Exit):
+        run_guarded(fails, quiet=True)
+    assert state() == before

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError, SafemergeWarning
+from safemerge.common.progress import progress_bars
 from safemerge.engine.config import MergeMethod
 from safemerge.engine.hub import split_revision
 
@@ -24,8 +25,9 @@ console = Console(stderr=True)
 M = TypeVar("M", bound=BaseModel)
 
 
-def run_guarded(fn: Callable[[], Any]) -> Any:
-    """Run a command body, mapping bad input to exit code 2 and unexpected failures to exit code 1.
+def run_guarded(fn: Callable[[], Any], quiet: bool = False) -> Any:
+    """Run a command body, mapping bad input to exit code 2 and unexpected failures to exit code 1;
+    `quiet` (the command's `-q`) turns off every progress bar, the libraries' too.
 
     safemerge's own warnings (`SafemergeWarning`) are printed once each, as they happen, styled like the
     errors and without the source line Python adds; the reports keep them in full. Warnings of the
@@ -34,7 +36,8 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         with warnings.catch_warnings():  # restores the filters and `showwarning` afterwards
             warnings.simplefilter("always", SafemergeWarning)  # deduplicated by text below
             warnings.showwarning = _warning_printer(warnings.showwarning)
-            return fn()
+            with progress_bars(not quiet):
+                return fn()
     except InputError as exc:
         # escape: `[ray]` as written; soft_wrap: one line per message, so a log can be grepped
         console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -225,4 +225,4 @@ def defend_command(
                 highlight=False,
             )
 
-    run_guarded(body)
+    run_guarded(body, quiet)

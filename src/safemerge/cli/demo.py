@@ -80,4 +80,4 @@ def demo_command(
         n_drift, n_sel = len(inputs.drifted), len(selected)
         Console().print(f"planted drifted modules: {n_drift}, selected by SafeMERGE: {n_sel} — {verdict}")
 
-    run_guarded(body)
+    run_guarded(body, quiet)

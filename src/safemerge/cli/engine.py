@@ -82,7 +82,7 @@ def scan_command(
         if not quiet:
             print_summary(report, Console())
 
-    run_guarded(body)
+    run_guarded(body, quiet)
 
 
 def merge_command(
@@ -154,4 +154,4 @@ def merge_command(
         if not quiet:
             print_summary(report, Console())
 
-    run_guarded(body)
+    run_guarded(body, quiet)

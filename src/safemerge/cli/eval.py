@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -24,7 +22,6 @@ from safemerge.evaluate.api import evaluate
 from safemerge.evaluate.benchmarks import benchmark_names
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig, split_adapter_names
 from safemerge.evaluate.judge_plugins import judge_names
-from safemerge.evaluate.runner import SHOW_PROGRESS
 
 
 class _ConsoleLog(logging.Handler):
@@ -39,23 +36,6 @@ def show_evaluation_log() -> None:
     if not any(isinstance(h, _ConsoleLog) for h in logger.handlers):
         logger.addHandler(_ConsoleLog())
     logger.setLevel(logging.INFO)
-
-
-@contextlib.contextmanager
-def progress_bars(shown: bool) -> Iterator[None]:
-    """Generation and judging progress bars, and transformers' loading bars, on or off for the block."""
-    from transformers.utils import logging as hf_logging  # lazy: heavy, and only an evaluation needs it
-
-    token = SHOW_PROGRESS.set(shown)
-    was = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        SHOW_PROGRESS.reset(token)
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def eval_command(
@@ -183,9 +163,8 @@ def eval_command(
         cfg = load_cli_config(ctx, EvalConfig, config_file(config_pos, config), overrides, adapters="adapter")
         if not quiet:
             show_evaluation_log()
-        with progress_bars(not quiet):
-            evaluate(cfg)
+        evaluate(cfg)
         if not quiet:
             console.print(f"results written to {cfg.out} (metrics.json, generations.jsonl, summary.md)")
 
-    run_guarded(body)
+    run_guarded(body, quiet)

@@ -96,6 +96,6 @@ def experiment_command(
             Console(stderr=True).print(f"[bold red]failed:[/] {label}: {escape(error)}", highlight=False)
         return 1 if result.failed else 0
 
-    code = run_guarded(body)
+    code = run_guarded(body, quiet)
     if code:
         raise typer.Exit(code)

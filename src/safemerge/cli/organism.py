@@ -93,7 +93,7 @@ def build_command(
             "seconds per stage (0 = cached): " + ", ".join(f"{k} {v:.0f}" for k, v in org.timings.items())
         )
 
-    run_guarded(body)
+    run_guarded(body, quiet)
 
 
 @organism_app.command("fullft")
@@ -120,7 +120,7 @@ def fullft_command(
         run_fullft_table(s)
         typer.echo((out / "results.md").read_text(encoding="utf-8"))
 
-    run_guarded(body)
+    run_guarded(body, quiet)
 
 
 def run_organism_demo(
@@ -209,4 +209,4 @@ def compare_command(
             f"{len(data['defences'])} defences compared over {len(data['seeds'])} seed(s); files in {out}"
         )
 
-    run_guarded(body)
+    run_guarded(body, quiet)

@@ -78,7 +78,7 @@ def subspace_command(
         if not quiet:
             print_result(result, Console())
 
-    run_guarded(body)
+    run_guarded(body, quiet)
 
 
 def _size(n: float) -> str:

@@ -103,4 +103,4 @@ def train_command(
                 f"loss {result.first_loss:.4f} -> {result.last_loss:.4f})"
             )
 
-    run_guarded(body)
+    run_guarded(body, quiet)

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from safemerge.common.config_io import validation_message
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import atomic_output_dir, check_output_dir
+from safemerge.common.progress import progress_bars
 from safemerge.evaluate.api import judges_label, load_benchmarks, score, write_outputs
 from safemerge.evaluate.backends import TransformersBackend, contiguous_head_input
 from safemerge.evaluate.cache import default_cache_dir
@@ -39,7 +40,7 @@ from safemerge.evaluate.compare import add_reference_comparison
 from safemerge.evaluate.config import DEFAULT_GUARD, EvalConfig
 from safemerge.evaluate.judge_plugins import preflight_judges
 from safemerge.evaluate.report import print_table
-from safemerge.evaluate.runner import SHOW_PROGRESS, Variant, generate_all
+from safemerge.evaluate.runner import Variant, generate_all
 
 __all__ = ["BASE", "LoadedModelBackend", "evaluate_model"]
 
@@ -271,11 +272,8 @@ def evaluate_model(
     inputs = {"benchmark file": [b for b in cfg.benchmarks if Path(b).is_file()], "judge cache": judge_cache}
     if out is not None:
         check_output_dir(out, force, inputs)
-    token = SHOW_PROGRESS.set(not quiet)
-    try:
+    with progress_bars(not quiet):
         records, metrics = _run(model, tokenizer, peft, cfg, variants, loaded, judge_cache)
-    finally:
-        SHOW_PROGRESS.reset(token)
     add_reference_comparison(reference, records, metrics)
     label = judges_label(cfg.judge, cfg.judge_model)
     if out is not None:

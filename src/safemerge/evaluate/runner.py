@@ -8,7 +8,6 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +15,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from safemerge.common.errors import SafemergeWarning
+from safemerge.common.progress import SHOW_PROGRESS
 from safemerge.evaluate.backends import Backend, Generation
 from safemerge.evaluate.benchmarks import Benchmark
 from safemerge.evaluate.benchmarks.base import Record
@@ -28,9 +28,6 @@ from safemerge.evaluate.cache import (
 )
 from safemerge.evaluate.judges import OVERREFUSAL_LABEL, Verdict, refusal_opener
 from safemerge.evaluate.report import malformed_warnings, truncation_warnings
-
-# False while `safemerge eval --quiet` runs: no generation or judging progress bars.
-SHOW_PROGRESS: ContextVar[bool] = ContextVar("safemerge_show_progress", default=True)
 
 Responses = dict[tuple[str, str], list[Generation]]  # (variant key, benchmark name) -> answers
 

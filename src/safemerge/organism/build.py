@@ -34,6 +34,7 @@ from safemerge.common.guard import check_no_harmbench
 from safemerge.common.outdir import atomic_output_dir
 from safemerge.common.packaged import cache_root, smollm2_dir
 from safemerge.common.precision import PrecisionChoice, env_precision, resolve_precision
+from safemerge.common.progress import SHOW_PROGRESS
 from safemerge.evaluate.backends import TransformersBackend, chat_texts
 from safemerge.evaluate.runner import fixed_batches
 from safemerge.organism.data import prompt_sets
@@ -149,7 +150,12 @@ def benign_answers(
     backend = TransformersBackend(str(model_dir), max_new_tokens=max_new_tokens, dtype=dtype)
     texts = chat_texts(backend.tokenizer, prompts)
     out = [""] * len(texts)
-    for batch in tqdm(fixed_batches(texts, batch_size), desc="U answers benign prompts", unit="batch"):
+    for batch in tqdm(
+        fixed_batches(texts, batch_size),
+        desc="U answers benign prompts",
+        unit="batch",
+        disable=not SHOW_PROGRESS.get(),
+    ):
         for i, answer in zip(batch, backend.generate_texts([texts[i] for i in batch]), strict=True):
             out[i] = answer
     backend.close()
