@@ -11,7 +11,9 @@ loading not timed).
 
 Usage: python benchmarks/bench_batched_eval.py [--k 8] [--prompts 16] [--new-tokens 32]
        [--batch-size 16] [--rows 128] [--dtype bfloat16] [--threads N] [--repeat 2] [--interleaved]
-(--interleaved: the three modes in one process, in turn, best of --repeat each; no memory figures)
+(--interleaved: the three modes in one process, in turn, best of --repeat each; no memory figures; it
+also prints the compute floor of the batched run: its matrix-product FLOPs at the rate of a same-shaped
+product measured in the process, over time(one) — where that floor exceeds 0.35 k no schedule meets it)
 """
 
 from __future__ import annotations
@@ -51,11 +53,44 @@ def make_adapters(model_dir: Path, folder: Path, n: int) -> list[str]:
     return paths
 
 
+def gemm_rate(dtype: Any, rows: int, d_in: int, d_out: int, repeat: int = 10) -> float:
+    """FLOP/s of one `linear` of rows × d_in by d_out × d_in in `dtype`, best of `repeat`, this process's
+    threads: the rate the model's projections can reach at best."""
+    import torch
+
+    x, w = torch.randn(rows, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
+    torch.nn.functional.linear(x, w)  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * d_in * d_out / best
+
+
+def batched_flops(model: Any, tokenizer: Any, texts: list[str], k: int, new_tokens: int) -> float:
+    """Matrix-product FLOPs of generating `new_tokens` for each text under k adapters: every decoder
+    projection for each prompt token (left-padded to the longest) and each generated token, the output
+    head for the last prompt token and each generated one (2 FLOPs per weight and token). Attention,
+    norms and the LoRA products are left out, so this is a lower bound."""
+    import torch
+
+    head = model.get_output_embeddings()
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    decoder = linear - lora  # PEFT's lora_A/lora_B are Linear modules too
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    rows = k * len(texts)
+    return 2.0 * rows * (decoder * (longest + new_tokens) + head.weight.numel() * (1 + new_tokens))
+
+
 def child(args: argparse.Namespace) -> None:
     """One mode in this process: load, warm up, time `repeat` runs (the best is kept), print JSON."""
     import torch
 
-    from safemerge.evaluate.backends import TransformersBackend
+    from safemerge.evaluate.backends import TransformersBackend, chat_texts
     from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
     from safemerge.evaluate.runner import generate_all, variants_for
 
@@ -94,9 +129,20 @@ def child(args: argparse.Namespace) -> None:
             for key in got["batched"]
             for a, b in zip(got["batched"][key], got["sequential"][key], strict=True)
         )
+        texts = chat_texts(backend.tokenizer, [it.prompt for it in items])
+        flops = batched_flops(backend.model, backend.tokenizer, texts, len(adapters), args.new_tokens)
+        cfg = backend.model.config
+        rate = gemm_rate(getattr(torch, backend.dtype), 64 * 32, cfg.hidden_size, cfg.intermediate_size)
         print(
             json.dumps(
-                {"seconds": best, "dtype": backend.dtype, "same": same, "n": len(adapters) * len(items)}
+                {
+                    "seconds": best,
+                    "dtype": backend.dtype,
+                    "same": same,
+                    "n": len(adapters) * len(items),
+                    "floor_s": flops / rate,
+                    "gemm_gflops": rate / 1e9,
+                }
             )
         )
         return
@@ -130,7 +176,8 @@ def interleaved(args: argparse.Namespace, adapters: list[str]) -> None:
         f"interleaved, k={k}, {args.prompts} prompts, {args.new_tokens} new tokens, batch size "
         f"{args.batch_size}, {res['dtype']}: one {one:.2f} s, batched {bat:.2f} s, sequential {seq:.2f} s; "
         f"batched/one {bat / one:.2f} (target <= {0.35 * k:.2f}), sequential/one {seq / one:.2f}; "
-        f"answers batched = sequential: {res['same']} of {res['n']}"
+        f"answers batched = sequential: {res['same']} of {res['n']}; compute floor of batched "
+        f"{res['floor_s']:.2f} s at {res['gemm_gflops']:.0f} GFLOP/s, floor/one {res['floor_s'] / one:.2f}"
     )
 
 
