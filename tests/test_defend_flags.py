@@ -126,3 +126,33 @@ def test_a_run_error_names_a_key_the_yaml_file_gave_as_its_key(env: dict[str, Pa
         "error: method lssf needs --unaligned: it uses V = W_al - W_un itself, not a sketch (`subspace`)"
         in text
     )
+
+
+def test_merge_and_scan_errors_name_flags_or_the_files_keys(env: dict[str, Path], tmp_path: Path) -> None:
+    """`merge`/`scan` word the engine's run-time and selection errors as `defend` does: flags when typed,
+    the YAML file's keys when the file gave them."""
+
+    def run(cmd: str, args: list[str]) -> str:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        result = runner.invoke(app, [cmd, *args, "--out", str(out), "-q"], env={"COLUMNS": "400"})
+        text = " ".join((result.output + (result.stderr if result.stderr_bytes is not None else "")).split())
+        assert result.exit_code == 2, text
+        assert not out.exists()
+        return text
+
+    full = ["-a", str(env["aligned"]), "-u", str(env["unaligned"]), "--task-model", str(env["aligned"])]
+    safety = ["-s", str(env["safety"])]
+    assert "--rank sets a LoRA output rank" in run("merge", [*full, *safety, "--rank", "8"])
+    assert "--merge-into-base does not apply to --task-model" in run(
+        "merge", [*full, *safety, "--merge-into-base"]
+    )
+    two = ["--threshold", "0.3", "--top-k", "2"]
+    assert "give only one of --threshold, --top-k, --fraction (got --threshold, --top-k)" in run(
+        "scan", [*lora(env), *two]
+    )
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"aligned: {env['aligned']}\nunaligned: {env['unaligned']}\ntask_model: {env['aligned']}\n"
+        f"safety_adapter: {env['safety']}\nrank: 8\n"
+    )
+    assert "`rank` sets a LoRA output rank" in run("merge", ["-c", str(cfg)])

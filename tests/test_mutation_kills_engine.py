@@ -509,12 +509,12 @@ def test_full_merge_option_refusals_are_worded() -> None:
     cases = [
         (
             {"mode": "peft-linear"},
-            "mode peft-linear mixes LoRA factors: a full fine-tune (task_model) has none",
+            "`mode` peft-linear mixes LoRA factors: a full fine-tune (`task_model`) has none",
         ),
-        ({"rank": 8}, "rank sets a LoRA output rank: the output of a full fine-tune is a full model"),
+        ({"rank": 8}, "`rank` sets a LoRA output rank: the output of a full fine-tune is a full model"),
         (
             {"merge_into_base": True},
-            "merge_into_base does not apply to task_model: the output is already a full model",
+            "`merge_into_base` does not apply to `task_model`: the output is already a full model",
         ),
     ]
     for options, message in cases:

@@ -211,7 +211,7 @@ REFUSALS = [
     ),
     pytest.param({"top_k": 0}, "invalid options: top_k: top_k must be at least 1", id="top-k"),
     pytest.param(
-        {"threshold": 0.3, "top_k": 2}, "give only one of threshold, top_k, fraction", id="two-policies"
+        {"threshold": 0.3, "top_k": 2}, "give only one of `threshold`, `top_k`, `fraction`", id="two-policies"
     ),
     pytest.param({"weights": (0.8, 0.8)}, "weights must each lie in", id="weights"),
     pytest.param({"treshold": 0.3}, r"unknown option 'treshold' \(did you mean threshold\?\)", id="typo"),

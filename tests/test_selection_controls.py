@@ -54,8 +54,8 @@ def test_random_needs_a_seed_and_orders_are_named() -> None:
 @pytest.mark.parametrize(
     ("given", "message"),
     [
-        ({"order": "highest"}, "order highest ranks modules: give top_k or fraction"),
-        ({"threshold": 0.3, "order": "random", "order_seed": 1}, "give top_k or fraction"),
+        ({"order": "highest"}, "`order` highest ranks modules: give `top_k` or `fraction`"),
+        ({"threshold": 0.3, "order": "random", "order_seed": 1}, "give `top_k` or `fraction`"),
         ({"top_k": 2, "order": "random"}, "order random needs order_seed"),
         ({"top_k": 2, "order_seed": 1}, "order_seed applies to order random only"),
         ({"top_k": 2, "order": "middle"}, "order"),

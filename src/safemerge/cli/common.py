@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from safemerge.common.config_io import load_config
+from safemerge.common.config_io import load_config, name_keys, read_yaml_mapping
 from safemerge.common.errors import InputError, SafemergeWarning
 from safemerge.common.progress import progress_bars
 from safemerge.engine.config import MergeMethod
@@ -23,6 +23,7 @@ from safemerge.engine.hub import split_revision
 
 console = Console(stderr=True)
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 def run_guarded(fn: Callable[[], Any], quiet: bool = False) -> Any:
@@ -106,6 +107,28 @@ def flag_names(ctx: typer.Context, **rename: str) -> dict[str, str]:
     }
     flags.update({key: flags[param] for key, param in rename.items() if param in flags})
     return flags
+
+
+def typed_only(
+    flags: dict[str, str], config: Path | None, options: dict[str, Any], typed: set[str] | None = None
+) -> dict[str, str]:
+    """`flags` less the keys the YAML file gives and no flag (nor a name in `typed`) overrides: a message
+    names those as the file's keys, as `load_config` does."""
+    data = read_yaml_mapping(config) if config is not None else {}
+    nested = data.get("plugin_options")
+    from_yaml = set(data) | (set(nested) if isinstance(nested, dict) else set())
+    overridden = {k for k, v in options.items() if v is not None} | (typed or set())
+    return {k: v for k, v in flags.items() if k not in from_yaml or k in overridden}
+
+
+def in_flags(flags: dict[str, str], fn: Callable[[], T]) -> T:
+    """`fn()`, with the keys its input errors name in backticks (`aligned`, `calibration`) shown as the
+    command line's flags (--aligned, --option calibration): the Python API's messages name keys."""
+    try:
+        return fn()
+    except InputError as exc:
+        exc.args = (name_keys(str(exc), flags), *exc.args[1:])
+        raise
 
 
 def load_cli_config(

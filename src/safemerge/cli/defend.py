@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import BaseModel
@@ -37,17 +36,17 @@ from safemerge.cli.common import (
     config_file,
     flag_names,
     given_options,
+    in_flags,
     pin_revisions,
     run_guarded,
+    typed_only,
 )
-from safemerge.common.config_io import load_config, name_keys, read_yaml_mapping
+from safemerge.common.config_io import load_config
 from safemerge.common.errors import InputError
 from safemerge.common.plugins import entry_point
 from safemerge.defenses import DefendConfig, defend, defense_names, get_defense
 from safemerge.defenses.registry import GROUP
 from safemerge.engine.report import print_summary
-
-T = TypeVar("T")
 
 
 def builtin_option_models() -> dict[str, type[BaseModel]]:
@@ -79,21 +78,7 @@ def defend_flags(ctx: typer.Context, config: Path | None, options: dict[str, Any
             model = None
         own |= set(model.model_fields) if model is not None else set()
     flags.update({k: f"--option {k}" for k in own | typed if k not in flags})
-    data = read_yaml_mapping(config) if config is not None else {}
-    nested = data.get("plugin_options")
-    from_yaml = set(data) | (set(nested) if isinstance(nested, dict) else set())
-    overridden = {k for k, v in options.items() if v is not None} | typed
-    return {k: v for k, v in flags.items() if k not in from_yaml or k in overridden}
-
-
-def in_flags(flags: dict[str, str], fn: Callable[[], T]) -> T:
-    """`fn()`, with the keys its input errors name in backticks (`aligned`, `calibration`) shown as the
-    command line's flags (--aligned, --option calibration): the Python API's messages name keys."""
-    try:
-        return fn()
-    except InputError as exc:
-        exc.args = (name_keys(str(exc), flags), *exc.args[1:])
-        raise
+    return typed_only(flags, config, options, typed)
 
 
 def own_options_help() -> str:

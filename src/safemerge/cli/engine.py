@@ -36,11 +36,14 @@ from safemerge.cli.common import (
     TopKOpt,
     UnalignedOpt,
     config_file,
+    flag_names,
     given_options,
+    in_flags,
     load_cli_config,
     merge_method_of,
     pin_revisions,
     run_guarded,
+    typed_only,
 )
 from safemerge.engine.config import MergeConfig, ScanConfig
 from safemerge.engine.pipeline import merge, scan
@@ -77,8 +80,9 @@ def scan_command(
 
     def body() -> None:
         options = pin_revisions(given_options(ctx, "quiet"), revision)
-        cfg = load_cli_config(ctx, ScanConfig, config_file(config_pos, config), options)
-        report = scan(cfg, progress=not quiet)
+        file = config_file(config_pos, config)
+        cfg = load_cli_config(ctx, ScanConfig, file, options)
+        report = in_flags(typed_only(flag_names(ctx), file, options), lambda: scan(cfg, progress=not quiet))
         if not quiet:
             print_summary(report, Console())
 
@@ -147,10 +151,10 @@ def merge_command(
     def body() -> None:
         options = pin_revisions(given_options(ctx, "quiet"), revision)
         options["method"] = merge_method_of(options)
-        cfg = load_cli_config(
-            ctx, MergeConfig, config_file(config_pos, config), options, method="merge_method"
-        )
-        report = merge(cfg, progress=not quiet)
+        file = config_file(config_pos, config)
+        cfg = load_cli_config(ctx, MergeConfig, file, options, method="merge_method")
+        flags = typed_only(flag_names(ctx, method="merge_method"), file, options)
+        report = in_flags(flags, lambda: merge(cfg, progress=not quiet))
         if not quiet:
             print_summary(report, Console())
 

@@ -167,11 +167,12 @@ class SelectionOptions(BaseModel):
     def _one_policy(self) -> SelectionOptions:
         given = self.given()
         if len(given) > 1:
-            raise ValueError(f"give only one of threshold, top_k, fraction (got {', '.join(given)})")
+            got = ", ".join(f"`{k}`" for k in given)
+            raise ValueError(f"give only one of `threshold`, `top_k`, `fraction` (got {got})")
         if self.order != "lowest" and (self.top_k is None and self.fraction is None):
             raise ValueError(
-                f"order {self.order} ranks modules: give top_k or fraction with it (a threshold selects "
-                "ρ < τ whatever the order)"
+                f"`order` {self.order} ranks modules: give `top_k` or `fraction` with it (a threshold "
+                "selects ρ < τ whatever the order)"
             )
         if (self.order == "random") != (self.order_seed is not None):
             raise ValueError(

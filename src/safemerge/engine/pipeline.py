@@ -818,11 +818,13 @@ def merge_config_yaml(cfg: MergeConfig) -> str:
 def check_full_options(opts: MergeOptions) -> None:
     """Merge options that have no meaning for a full fine-tune are refused, naming the option."""
     if opts.mode != "exact":
-        raise InputError("mode peft-linear mixes LoRA factors: a full fine-tune (task_model) has none")
+        raise InputError("`mode` peft-linear mixes LoRA factors: a full fine-tune (`task_model`) has none")
     if opts.rank is not None:
-        raise InputError("rank sets a LoRA output rank: the output of a full fine-tune is a full model")
+        raise InputError("`rank` sets a LoRA output rank: the output of a full fine-tune is a full model")
     if opts.merge_into_base:
-        raise InputError("merge_into_base does not apply to task_model: the output is already a full model")
+        raise InputError(
+            "`merge_into_base` does not apply to `task_model`: the output is already a full model"
+        )
 
 
 def open_safety(cfg: MergeConfig) -> tuple[SafetyUpdates, str, dict[str, Any]]:
