@@ -212,6 +212,8 @@ def test_merge_method_old_spelling_warns_once_and_merges_the_same(
         (["train", "--lr", "1e-4"], "error: missing required options: --model, --recipe, --out"),
         (["eval", "--limit", "2"], "error: missing required options: --model, --benchmarks, --out"),
         (["experiment"], "error: missing required option: --config (or the YAML as the first argument)"),
+        (["organism", "compare", "--seeds", "2"], "error: missing required option: --out"),
+        (["organism", "fullft", "--reduced"], "error: missing required option: --out"),
     ],
 )  # fmt: skip
 def test_every_missing_option_is_named_at_once_as_a_flag(args: list[str], message: str | None) -> None:

@@ -96,9 +96,22 @@ def build_command(
     run_guarded(body, quiet)
 
 
+RequiredOutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")
+]
+
+
+def required_out(out: Path | None) -> Path:
+    """--out, which these commands need (an `InputError` naming it, as every command words a missing
+    option, rather than click's own usage error)."""
+    if out is None:
+        raise InputError("missing required option: --out")
+    return out
+
+
 @organism_app.command("fullft")
 def fullft_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
+    out: RequiredOutOpt = None,
     reduced: Annotated[
         bool, typer.Option("--reduced", help="A tiny organism and 4 prompts per set, for tests. Default off.")
     ] = False,
@@ -113,12 +126,13 @@ def fullft_command(
     fine-tune (built if needed), evaluated like the demo's rows; writes results.{md,json,csv} to OUT."""
 
     def body() -> None:
-        s = FullFtSettings(out=out, cache=cache, force=force, progress=not quiet)
+        target = required_out(out)
+        s = FullFtSettings(out=target, cache=cache, force=force, progress=not quiet)
         if reduced:
             s = replace(s, recipe=reduced_recipe(), task_limit=4, harm_limit=4, benign_limit=4)
         s = replace(s, recipe=s.recipe.with_precision(check_precision(precision, "--precision")))
         run_fullft_table(s)
-        typer.echo((out / "results.md").read_text(encoding="utf-8"))
+        typer.echo((target / "results.md").read_text(encoding="utf-8"))
 
     run_guarded(body, quiet)
 
@@ -173,7 +187,7 @@ def organism_settings(
 
 @organism_app.command("compare")
 def compare_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory, written atomically. Required.")],
+    out: RequiredOutOpt = None,
     seeds: Annotated[
         int, typer.Option(help="Training seeds 0 … N−1, pooled. Default 3.", show_default=False)
     ] = 3,
@@ -201,12 +215,13 @@ def compare_command(
     validation.png to OUT (docs/organism.md, "Which defence")."""
 
     def body() -> None:
-        s = organism_settings(out, force, reduced, cache, seeds, precision, quiet)
+        target = required_out(out)
+        s = organism_settings(target, force, reduced, cache, seeds, precision, quiet)
         names = tuple(n.strip() for n in defences.split(",") if n.strip())
         data = run_compare(CompareSettings(s, names, 2 if reduced else None))
-        typer.echo((out / "results.md").read_text(encoding="utf-8"))
+        typer.echo((target / "results.md").read_text(encoding="utf-8"))
         typer.echo(
-            f"{len(data['defences'])} defences compared over {len(data['seeds'])} seed(s); files in {out}"
+            f"{len(data['defences'])} defences compared over {len(data['seeds'])} seed(s); files in {target}"
         )
 
     run_guarded(body, quiet)
