@@ -334,3 +334,26 @@ def test_quiet_turns_off_every_library_bar_and_restores_them() -> None:
     with pytest.raises(typer.Exit):
         run_guarded(fails, quiet=True)
     assert state() == before
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("I/O error: No space left on device (os error 28)"),
+    ],
+)
+def test_a_full_disk_is_an_error_not_a_traceback(exc: Exception, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk (ENOSPC, or a library's error wrapping it, as safetensors words it) is the machine's
+    state, not a bug: exit 1 with one line saying what to do, and no traceback."""
+    from safemerge.cli.common import run_guarded
+
+    def fails() -> None:
+        raise exc
+
+    with pytest.raises(typer.Exit) as info:
+        run_guarded(fails)
+    err = capsys.readouterr().err
+    assert info.value.exit_code == 1
+    assert "error: no space left on the device" in " ".join(err.split())
+    assert "Traceback" not in err and "internal error" not in err

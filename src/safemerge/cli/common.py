@@ -5,6 +5,7 @@ Kept apart from `cli.py` so that command modules can import them without importi
 
 from __future__ import annotations
 
+import errno
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -45,12 +46,29 @@ def run_guarded(fn: Callable[[], Any], quiet: bool = False) -> Any:
         raise typer.Exit(2) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
-    except Exception as exc:  # internal error: keep the traceback visible for bug reports
+    except Exception as exc:
+        if out_of_space(exc):  # the machine's state, not a bug: no traceback
+            console.print(
+                f"[bold red]error:[/] no space left on the device ({escape(str(exc))}): free some space, "
+                "or write --out or $SAFEMERGE_CACHE elsewhere, and run again",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+        # internal error: keep the traceback visible for bug reports
         console.print_exception(show_locals=False)
         console.print(
             f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False
         )
         raise typer.Exit(1) from None
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a full disk: an OSError with ENOSPC, or a library's own error wrapping one
+    (safetensors reports "No space left on device (os error 28)")."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(exc)
 
 
 def _warning_printer(library: Callable[..., None]) -> Callable[..., None]:

@@ -187,7 +187,16 @@ def organism_settings(
 
 @organism_app.command("compare")
 def compare_command(
-    out: RequiredOutOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (each variant written atomically; a rerun resumes in it, and only "
+            "safemerge's own directory is reused). Needs about 7.5 GB per seed for the full-model "
+            "variants. Required.",
+        ),
+    ] = None,
     seeds: Annotated[
         int, typer.Option(help="Training seeds 0 … N−1, pooled. Default 3.", show_default=False)
     ] = 3,
