@@ -403,7 +403,9 @@ def test_bad_inputs_exit_2_without_output(setups: dict, tmp_path: Path) -> None:
     assert_exit_2([*args, *task, *safety, "--modules", "("], out, "--modules")
     assert_exit_2([*args, *task, *safety, "--modules", "nothing_matches"], out, "no linear-layer weights")
     assert_exit_2([*args, *task, *safety, "--mode", "peft-linear"], out, "peft-linear")
-    assert_exit_2([*args, *task, *safety, "--merge-into-base"], out, "merge_into_base")
+    assert_exit_2(
+        [*args, *task, *safety, "--merge-into-base"], out, "--merge-into-base does not apply to --task-model"
+    )
     defend_args = base_args(env, "defend")
     assert_exit_2([*defend_args, *task, "-m", "safemerge"], out, "needs --safety-adapter or --safety-model")
     assert_exit_2([*defend_args, *task, *safety, "-s", str(env["safety"])], out, "not both")
