@@ -1,17 +1,20 @@
 """Mixed-adapter batched evaluation vs one variant, side by side in one run (CPU or GPU).
 
 k seeded random LoRA adapters (r=8 on q_proj, v_proj) on the packaged SmolLM2-135M-Instruct; the same
-P prompts. Three timings of the evaluation harness's generation (`generate_all`, no cache):
+P prompts. Four timings of the evaluation harness's generation (`generate_all`, no cache):
   one        one adapter on the P prompts;
-  batched    k adapters on the P prompts, rows of several adapters in one batch (PEFT mixed batches);
+  batched    k adapters on the P prompts, rows of several adapters in one batch (the backend's default,
+             stacked LoRA: one LoRA product per layer, `safemerge.evaluate.stacked_lora`);
+  peft       the same mixed batches through PEFT's own `adapter_names=` (a loop over the adapters);
   sequential k adapters one after another (what the harness did before mixed batches).
-Prints time(batched) / time(one) (target: <= 0.35 k at k = 8) and time(sequential) / time(one), each
+Prints time(batched) / time(one) (target: <= 0.35 k at k = 8), time(peft) / time(one) and
+time(sequential) / time(one), each
 with the peak resident memory of its own child process (each mode runs in a fresh process, model
 loading not timed).
 
 Usage: python benchmarks/bench_batched_eval.py [--k 8] [--prompts 16] [--new-tokens 32]
        [--batch-size 16] [--rows 128] [--dtype bfloat16] [--threads N] [--repeat 2] [--interleaved]
-(--interleaved: the three modes in one process, in turn, best of --repeat each; no memory figures; it
+(--interleaved: the four modes in one process, in turn, best of --repeat each; no memory figures; it
 also prints the compute floor of the batched run: its matrix-product FLOPs at the rate of a same-shaped
 product measured in the process, over time(one) — where that floor exceeds 0.35 k no schedule meets it)
 """
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.common.packaged import smollm2_dir
+
+MODES = ("one", "batched", "peft", "sequential")
 
 
 def make_adapters(model_dir: Path, folder: Path, n: int) -> list[str]:
@@ -105,6 +110,7 @@ def child(args: argparse.Namespace) -> None:
 
     def run(mode: str = args.mode) -> dict[tuple[str, str], list[object]]:
         use = adapters[:1] if mode == "one" else adapters
+        backend.mixed_impl = "peft" if mode == "peft" else "stacked"
         if mode == "sequential":
             out: dict[tuple[str, str], list[object]] = {}
             for a in use:
@@ -120,15 +126,18 @@ def child(args: argparse.Namespace) -> None:
         best: dict[str, float] = {}
         got: dict[str, Any] = {}
         for _ in range(args.repeat):
-            for mode in ("one", "batched", "sequential"):
+            for mode in MODES:
                 t0 = time.perf_counter()
                 got[mode] = run(mode)
                 best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - t0)
-        same = sum(
-            a.text == b.text
-            for key in got["batched"]
-            for a, b in zip(got["batched"][key], got["sequential"][key], strict=True)
-        )
+        same = {
+            mode: sum(
+                a.text == b.text
+                for key in got[mode]
+                for a, b in zip(got[mode][key], got["sequential"][key], strict=True)
+            )
+            for mode in ("batched", "peft")
+        }
         texts = chat_texts(backend.tokenizer, [it.prompt for it in items])
         flops = batched_flops(backend.model, backend.tokenizer, texts, len(adapters), args.new_tokens)
         cfg = backend.model.config
@@ -164,19 +173,21 @@ def child_command(args: argparse.Namespace, mode: str, adapters: list[str]) -> l
 
 
 def interleaved(args: argparse.Namespace, adapters: list[str]) -> None:
-    """The three modes in one process, in turn each round (best of `repeat`): on a shared machine the
-    load then falls on all three alike. Memory is not measured here."""
+    """The four modes in one process, in turn each round (best of `repeat`): on a shared machine the
+    load then falls on all four alike. Memory is not measured here."""
     done = subprocess.run(
         child_command(args, "interleaved", adapters), check=True, capture_output=True, text=True
     )
     res = json.loads(done.stdout.strip().splitlines()[-1])
     sec, k = res["seconds"], args.k
-    one, bat, seq = sec["one"], sec["batched"], sec["sequential"]
+    one, bat, peft, seq = sec["one"], sec["batched"], sec["peft"], sec["sequential"]
+    same = res["same"]
     print(
         f"interleaved, k={k}, {args.prompts} prompts, {args.new_tokens} new tokens, batch size "
-        f"{args.batch_size}, {res['dtype']}: one {one:.2f} s, batched {bat:.2f} s, sequential {seq:.2f} s; "
-        f"batched/one {bat / one:.2f} (target <= {0.35 * k:.2f}), sequential/one {seq / one:.2f}; "
-        f"answers batched = sequential: {res['same']} of {res['n']}; compute floor of batched "
+        f"{args.batch_size}, {res['dtype']}: one {one:.2f} s, batched {bat:.2f} s, PEFT's mixed batch "
+        f"{peft:.2f} s, sequential {seq:.2f} s; batched/one {bat / one:.2f} (target <= {0.35 * k:.2f}), "
+        f"peft/one {peft / one:.2f}, sequential/one {seq / one:.2f}; answers = sequential: batched "
+        f"{same['batched']}, peft {same['peft']} of {res['n']}; compute floor of batched "
         f"{res['floor_s']:.2f} s at {res['gemm_gflops']:.0f} GFLOP/s, floor/one {res['floor_s'] / one:.2f}"
     )
 
@@ -205,24 +216,27 @@ def main() -> None:
             interleaved(args, adapters)
             return
         res = {}
-        for mode in ("one", "batched", "sequential"):
+        for mode in MODES:
             cmd = child_command(args, mode, adapters)
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             res[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{mode:10s} {res[mode]['seconds']:7.2f} s   peak RSS {res[mode]['peak_gib']:.2f} GiB")
     one, k = res["one"]["seconds"], args.k
-    same = res["batched"]["answers"] == res["sequential"]["answers"]
     n = sum(len(v) for v in res["batched"]["answers"].values())
-    differ = sum(
-        a != b
-        for key, rows in res["batched"]["answers"].items()
-        for a, b in zip(rows, res["sequential"]["answers"][key], strict=True)
-    )
+    differ = {
+        mode: sum(
+            a != b
+            for key, rows in res[mode]["answers"].items()
+            for a, b in zip(rows, res["sequential"]["answers"][key], strict=True)
+        )
+        for mode in ("batched", "peft")
+    }
     print(
         f"k={k}, {args.prompts} prompts, {args.new_tokens} new tokens, batch size {args.batch_size}, "
         f"{res['one']['dtype']}: batched/one {res['batched']['seconds'] / one:.2f} "
-        f"(target <= {0.35 * k:.2f}), sequential/one {res['sequential']['seconds'] / one:.2f}; "
-        f"answers batched vs sequential: {'identical' if same else f'{differ} of {n} differ'}"
+        f"(target <= {0.35 * k:.2f}), peft/one {res['peft']['seconds'] / one:.2f}, "
+        f"sequential/one {res['sequential']['seconds'] / one:.2f}; answers differing from sequential: "
+        f"batched {differ['batched']}, peft {differ['peft']} of {n}"
     )
 
 

@@ -308,25 +308,28 @@ def test_eval_quiet_turns_off_the_progress_bars(tmp_path: Path, monkeypatch: pyt
 
 def test_quiet_turns_off_every_library_bar_and_restores_them() -> None:
     """`run_guarded(body, quiet=True)` (every command's `-q`): safemerge's switch, transformers' loading
-    bars and huggingface_hub's download bars are off inside, as they were afterwards, also on an error."""
+    bars, huggingface_hub's download bars and transformers' GGUF conversion bar are off inside, as they
+    were afterwards, also on an error."""
     from huggingface_hub import utils as hub_utils
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     from safemerge.cli.common import run_guarded
     from safemerge.common.errors import InputError
     from safemerge.common.progress import SHOW_PROGRESS
 
-    def state() -> tuple[bool, bool, bool]:
+    def state() -> tuple[bool, bool, bool, bool]:
         return (
             SHOW_PROGRESS.get(),
             hf_logging.is_progress_bar_enabled(),
             not hub_utils.are_progress_bars_disabled(),
+            not gguf_utils.tqdm(range(2), desc="GGUF").disable,  # the bar the packaged model's load draws
         )
 
     before = state()
-    assert before == (True, True, True)
-    assert run_guarded(state, quiet=True) == (False, False, False)
-    assert run_guarded(state) == (True, True, True)
+    assert before == (True, True, True, True)
+    assert run_guarded(state, quiet=True) == (False, False, False, False)
+    assert run_guarded(state) == (True, True, True, True)
 
     def fails() -> None:
         raise InputError("bad")

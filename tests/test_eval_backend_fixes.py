@@ -329,6 +329,28 @@ def test_a_short_generation_is_never_served_for_a_longer_request(
     assert backend.max_new_tokens == 4  # told per call, not changed
 
 
+def test_generation_key_holds_the_cpu_threads(models: dict[str, Path]) -> None:
+    """Answers generated on the CPU with 1 and 2 torch threads may differ in their last bits, so the
+    transformers backend's thread count keys its cache; a backend that reports none (a GPU) keys none."""
+    import torch
+
+    backend = TransformersBackend(str(models["tiny"]), max_new_tokens=4, dtype="float32")
+    before = torch.get_num_threads()
+    try:
+        keys = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            keys[n] = decoding_key(backend, 8)
+    finally:
+        torch.set_num_threads(before)
+    assert (keys[1]["cpu_threads"], keys[2]["cpu_threads"]) == (1, 2)
+    assert {k: v for k, v in keys[1].items() if k != "cpu_threads"} == {
+        k: v for k, v in keys[2].items() if k != "cpu_threads"
+    }
+    gpu = SimpleNamespace(name="t", dtype="bf16", tokenizer=backend.tokenizer, chat=True, cpu_threads=None)
+    assert "cpu_threads" not in decoding_key(gpu, 8)  # type: ignore[arg-type]
+
+
 def test_generation_key_changes_with_tokenizer_template_config_revision_and_chat(
     models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

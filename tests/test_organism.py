@@ -84,26 +84,49 @@ def test_length_bucketed_batches_cover_an_epoch_with_little_padding() -> None:
     assert batches == length_bucketed_batches(lengths, 8, random.Random(1))  # seeded
 
 
-def test_busy_cores_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_fixed_per_machine_not_by_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`$SAFEMERGE_THREADS`, else one per usable core, at most 2; the load plays no part (a product's
+    rounding depends on the thread count, so a busy machine must build the same organism)."""
     import os
 
+    from safemerge.common.errors import InputError
     from safemerge.organism import build
 
-    busy = build.busy_cores(0.05)
-    assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-6
     monkeypatch.setenv("SAFEMERGE_THREADS", "3")
     assert build.cpu_threads() == 3
-    from safemerge.common.errors import InputError
-
     for bad in ("abc", "0", "-1"):
         monkeypatch.setenv("SAFEMERGE_THREADS", bad)
         with pytest.raises(InputError, match="SAFEMERGE_THREADS"):
             build.cpu_threads()
     monkeypatch.delenv("SAFEMERGE_THREADS")
-    monkeypatch.setattr(build, "busy_cores", lambda: 0.0)
-    assert build.cpu_threads() == min(2, os.cpu_count() or 1)
-    monkeypatch.setattr(build, "busy_cores", lambda: float(os.cpu_count() or 1))
-    assert build.cpu_threads() == 1
+    for usable, want in (({0}, 1), ({0, 1}, 2), (set(range(16)), 2)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=usable: cores, raising=False)
+        assert build.cpu_threads() == want
+
+
+def test_cli_waits_passively_before_torch_loads() -> None:
+    """The command line sets OpenMP's passive waiting before torch (and its OpenMP runtime) is loaded,
+    and keeps a policy the user set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys\n"
+        "class Seen:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            print('torch', os.environ.get('OMP_WAIT_POLICY')); sys.meta_path.remove(self)\n"
+        "sys.meta_path.insert(0, Seen())\n"
+        "import safemerge.cli, torch\n"
+        "print('after', os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "PASSIVE", "after", "PASSIVE"]
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["torch", "ACTIVE", "after", "ACTIVE"]
 
 
 @needs_packaged

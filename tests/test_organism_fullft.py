@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from safemerge.cli import app
 from safemerge.organism.recipe import FullTaskRecipe, LoraRecipe, OrganismRecipe, reduced_recipe
 
-# The stage keys of recipe version 5's default and reduced recipes. They name the cached stages, so they
-# must move only deliberately (a recipe change, or RECIPE_VERSION bumped when the build code changes);
-# T_full, built only when asked for, must not move any of them.
+# The stage keys of recipe version 5's default and reduced recipes without a CPU thread count (a GPU
+# build; a CPU build adds its threads, tested below). They name the cached stages, so they must move only
+# deliberately (a recipe change, or RECIPE_VERSION bumped when the build code changes); T_full, built
+# only when asked for, must not move any of them.
 KEYS_BEFORE = {
     "default": ("d3446f12a9c8", "0813356ba335", "d8ed53487505", "e0ed42bb0d90", "8f6ddb780fd9"),
     "reduced": ("d3446f12a9c8", "e625dc21e30d", "fd72690091f3", "a8befe2ad93a", "d6eee0f488a2"),
@@ -38,6 +39,21 @@ def test_existing_stage_keys_and_recipe_dump_unchanged() -> None:
     # the demo records the recipe's dump in results.json: T_full's recipe stays out of it
     assert "taskfull" not in OrganismRecipe().model_dump()
     assert "taskfull" not in reduced_recipe().model_dump()
+
+
+def test_cpu_threads_key_every_trained_stage() -> None:
+    """A CPU build's thread count is part of every trained stage's key (a product's rounding depends on
+    it), not of U's (a conversion); without it (a GPU build) the keys are the ones above."""
+    r = OrganismRecipe().resolved("bfloat16")
+    ku = r.stage_key("unaligned")
+    keys = {}
+    for threads in (1, 2):
+        ka = r.stage_key("aligned", ku, threads)
+        keys[threads] = (ka, *(r.stage_key(s, ka, threads) for s in ("task", "safety", "safeinstr")))
+    assert len(set(keys[1] + keys[2] + KEYS_BEFORE["default"][1:])) == 12
+    assert ku == KEYS_BEFORE["default"][0]
+    # the key within a stage moves with the threads even where its upstream key is held fixed
+    assert r.stage_key("task", "x", 1) != r.stage_key("task", "x", 2)
 
 
 def test_taskfull_key_is_its_recipe_plus_task_data_plus_aligned() -> None:

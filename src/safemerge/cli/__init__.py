@@ -3,6 +3,9 @@ and is a thin wrapper over the Python API (nothing is computed here)."""
 
 from __future__ import annotations
 
+import safemerge.cli.openmp  # noqa: F401  # first: before anything loads torch (and its OpenMP)
+
+# isort: split
 import inspect
 from typing import Annotated
 

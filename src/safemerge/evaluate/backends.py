@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ from safemerge.evaluate.preflight import (
     supported_lora_rank,
     vllm_lora_ranks,
 )
+from safemerge.evaluate.stacked_lora import BASE_ROW, stacked_lora, stacked_lora_blocker
 
 __all__ = [
     "VLLM_LORA_RANKS",
@@ -55,7 +56,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 GIB = 2**30
-BASE_ROW = "__base__"  # PEFT's adapter name for a row of the base model in a mixed-adapter batch
 # Rows per mixed-adapter pass on a CPU: wider passes are compute-bound there and cost in proportion to
 # their rows, so stacking variants gains nothing (measured, docs/benchmarks.md)
 CPU_MIXED_ROWS = 64
@@ -234,6 +234,10 @@ class TransformersBackend:
     """Batched greedy generation with left padding and the KV cache; adapters share one base model."""
 
     name = "transformers"
+    # How a mixed-adapter batch runs: "stacked" (one LoRA product per layer, `stacked_lora`; PEFT's
+    # own path wherever `stacked_lora_blocker` objects) or "peft" (PEFT's `adapter_names=`, a loop over
+    # the batch's adapters in every layer). benchmarks/bench_batched_eval.py times both.
+    mixed_impl = "stacked"
 
     def __init__(
         self,
@@ -267,6 +271,12 @@ class TransformersBackend:
         self.names: dict[str, str] = {}
         self._released = False
         self.model = self._attach(base, list(adapters)).to(self.device).eval()
+
+    @property
+    def cpu_threads(self) -> int | None:
+        """Torch's CPU threads where this backend generates on the CPU (None elsewhere): they key the
+        generation cache (`decoding_key`)."""
+        return torch.get_num_threads() if str(self.device).startswith("cpu") else None
 
     def _attach(self, base: Any, adapters: list[str]) -> Any:
         """Load every adapter onto the one base model (PEFT multi-adapter), named adapter0, adapter1, ..."""
@@ -320,7 +330,7 @@ class TransformersBackend:
     ) -> list[Generation]:
         """Greedy continuations of already formatted texts (one batch), each with whether it was cut off
         at `max_new_tokens` (default: the backend's). `adapter_names` (one per text, PEFT's names or
-        `BASE_ROW`) runs each row with its own adapter: PEFT's mixed-adapter batch."""
+        `BASE_ROW`) runs each row with its own adapter: a mixed-adapter batch (`_mixed`)."""
         from transformers import GenerationConfig  # lazy: slow to import
 
         self._reacquire()
@@ -336,13 +346,30 @@ class TransformersBackend:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=eos,
         )
-        with torch.inference_mode():
-            mixed = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+        with torch.inference_mode(), self._mixed(adapter_names) as mixed:
             out = self.model.generate(**enc, generation_config=config, **mixed)
         new = out[:, enc["input_ids"].shape[1] :]
         texts_out = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         cut = truncated_rows(new, eos, limit)
         return [Generation(t.strip(), c) for t, c in zip(texts_out, cut, strict=True)]
+
+    @contextlib.contextmanager
+    def _mixed(self, adapter_names: Sequence[str] | None) -> Iterator[dict[str, Any]]:
+        """The extra `generate` arguments for a batch whose rows run `adapter_names` (None: the active
+        adapter for every row): none within the stacked-LoRA path (`stacked_lora`, one LoRA product per
+        layer), which `mixed_impl = "peft"` or a `stacked_lora_blocker` turns off, else PEFT's own
+        `adapter_names=`."""
+        if adapter_names is None:
+            yield {}
+            return
+        names = list(adapter_names)
+        why = "mixed_impl is peft" if self.mixed_impl == "peft" else stacked_lora_blocker(self.model, names)
+        if why is not None:
+            log.debug("mixed batch through PEFT's adapter_names: %s", why)
+            yield {"adapter_names": names}
+            return
+        with stacked_lora(self.model, names):
+            yield {}
 
     def generate_full(
         self, prompts: Sequence[str], adapter: str | None, max_new_tokens: int | None = None

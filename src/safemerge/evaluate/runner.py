@@ -97,13 +97,15 @@ def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
     adapter that decides an answer. `dtype` is the dtype the backend really generates in (resolved,
     never "auto"): fp16 and bf16 runs must not share cached generations. `tokenizer` hashes the
     tokenizer the backend really uses (vocabulary, special tokens, chat template), `chat_template` the
-    template the prompts are rendered with (None with `chat` off: raw prompts)."""
+    template the prompts are rendered with (None with `chat` off: raw prompts). `cpu_threads`, where a
+    backend generates on the CPU, the torch threads: a product's rounding depends on how many threads
+    split it, so answers generated with 1 and 2 threads may differ (docs/train_eval.md)."""
     dtype = getattr(backend, "dtype", None)
     if not dtype or dtype == "auto":
         raise ValueError(f"backend {backend.name!r} does not report the dtype it generates in")
     tokenizer = getattr(backend, "tokenizer", None)
     chat = bool(getattr(backend, "chat", True))
-    return {
+    key = {
         "backend": backend.name,
         "dtype": str(dtype),
         "max_new_tokens": max_new_tokens,
@@ -112,6 +114,10 @@ def decoding_key(backend: Backend, max_new_tokens: int) -> dict[str, Any]:
         "chat_template": chat_template_fingerprint(tokenizer, chat),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    threads = getattr(backend, "cpu_threads", None)
+    if threads:
+        key["cpu_threads"] = int(threads)
+    return key
 
 
 def generate_batch(

@@ -77,36 +77,22 @@ def organism_root(cache: Path | None = None) -> Path:
     return (cache or cache_root()) / "organism"
 
 
-def busy_cores(window_s: float = 0.5) -> float:
-    """Cores kept busy by other processes right now, from two reads of /proc/stat (Linux); the load
-    average lags by a minute, so a job that just ended would still count. 0.0 where unavailable."""
-
-    def read() -> tuple[int, int]:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(fields[:8]), fields[3] + fields[4]  # (all, idle + iowait)
-
-    try:
-        total0, idle0 = read()
-        time.sleep(window_s)
-        total1, idle1 = read()
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    if total1 <= total0:
-        return 0.0
-    return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
-
-
 def cpu_threads() -> int:
-    """Torch CPU threads: `$SAFEMERGE_THREADS`, else one per core that nobody else is using (at most 2,
-    at least 1): on an oversubscribed CPU, OpenMP's spinning threads made a forward pass 3-6x slower
-    with 2 threads than with 1 (measured on this machine, see docs/organism.md)."""
+    """Torch CPU threads: `$SAFEMERGE_THREADS`, else one per core this process may use, at most 2.
+
+    Fixed per machine, never chosen by the load: a matrix product's rounding depends on how many
+    threads split it (bfloat16 on AMX and float32 alike, docs/organism.md "Threads"), so a stage built
+    with 1 thread is not the stage built with 2, and the thread count is part of every stage key. On a
+    busy machine the CLI's passive OpenMP waiting (`safemerge.cli.openmp`) keeps 2 threads at 1 thread's
+    speed instead of 2-8x slower."""
     env = os.environ.get("SAFEMERGE_THREADS")
     if env:
         if not env.strip().isdigit() or int(env) < 1:
             raise InputError(f"$SAFEMERGE_THREADS={env!r}: expected a whole number of threads, 1 or more")
         return int(env)
-    cores = os.cpu_count() or 1
-    return max(1, min(2, cores - round(busy_cores())))
+    usable = getattr(os, "sched_getaffinity", None)
+    cores = len(usable(0)) if usable else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
 
 
 def set_threads() -> int:
@@ -402,16 +388,16 @@ def build_organism(
 ) -> Organism:
     """Build (or reuse) every stage of the organism; returns the paths. The recipe's precision is
     resolved first (`resolve_recipe`), so every stage is keyed by the precision it is trained in."""
-    set_threads()
+    threads = None if torch.cuda.is_available() else set_threads()  # a CPU stage's key holds its threads
     recipe, choice = resolve_recipe(recipe or OrganismRecipe())
     root = organism_root(cache)
     timings: dict[str, float] = {}
     ku = recipe.stage_key("unaligned")
     unaligned = root / f"unaligned-{ku}"
-    ka = recipe.stage_key("aligned", ku)
+    ka = recipe.stage_key("aligned", ku, threads)
     aligned = root / f"aligned-{ka}"
     on_aligned = ("task", "safety", "safeinstr", "taskfull")
-    paths = {s: root / f"{s}-{recipe.stage_key(s, ka)}" for s in on_aligned}
+    paths = {s: root / f"{s}-{recipe.stage_key(s, ka, threads)}" for s in on_aligned}
 
     def safeinstr_examples() -> list[Example]:
         rows = task_examples(recipe.task) + safety_examples(recipe, recipe.safeinstr_mix, "safeinstr")

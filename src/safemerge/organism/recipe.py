@@ -137,14 +137,18 @@ class OrganismRecipe(BaseModel):
         }
         return self.model_copy(update=update)
 
-    def stage_key(self, stage: str, upstream: str = "") -> str:
+    def stage_key(self, stage: str, upstream: str = "", threads: int | None = None) -> str:
         """Content key of one stage (12 hex digits). The recipe must be `resolved`: the precision a stage
-        is trained in is part of its key, so bfloat16 and float32 stages never mix."""
+        is trained in is part of its key, so bfloat16 and float32 stages never mix. `threads`: the CPU
+        threads a trained stage is built with (None on a GPU), part of its key because a product's
+        rounding depends on how many threads split it (docs/organism.md, "Threads")."""
         if any(r.precision == "auto" for r in self.steps()):
             raise ValueError("stage_key of a recipe whose precision is still 'auto': call resolved() first")
         part: dict[str, Any] = {"version": RECIPE_VERSION, "stage": stage, "upstream": upstream}
+        if threads is not None and stage != "unaligned":
+            part["cpu_threads"] = threads
         if stage == "unaligned":
-            pass  # the packaged model with an empty default system message
+            pass  # the packaged model with an empty default system message (a conversion, no products)
         elif stage == "aligned":
             part.update(seed=self.seed, n_val=self.n_val_strongreject, recipe=self.aligned.model_dump())
         elif stage == "task":
