@@ -360,3 +360,20 @@ def test_a_full_disk_is_an_error_not_a_traceback(exc: Exception, capsys: pytest.
     assert info.value.exit_code == 1
     assert "error: no space left on the device" in " ".join(err.split())
     assert "Traceback" not in err and "internal error" not in err
+
+
+def test_experiment_progress_notes_follow_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`computing <cell>` is a progress note: printed with progress, not under `-q` (progress off)."""
+    from types import SimpleNamespace
+
+    from safemerge.experiment import runner as exp_runner
+
+    monkeypatch.setattr(exp_runner, "variant_done", lambda out, c: False)
+    monkeypatch.setattr(exp_runner, "run_cell", lambda c, out, progress: None)
+    for progress in (True, False):
+        result = SimpleNamespace(computed=[])
+        exp_runner.compute_cells([SimpleNamespace(label="cell-x")], tmp_path, progress, result)  # type: ignore[list-item,arg-type]
+        assert result.computed == ["cell-x"]
+        assert ("computing cell-x" in capsys.readouterr().err) is progress

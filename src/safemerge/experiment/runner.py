@@ -118,7 +118,8 @@ def compute_cells(cells: list[Cell], out: Path, progress: bool, result: Experime
     """Compute every cell whose variant is missing or stale."""
     for c in cells:
         if not variant_done(out, c):
-            console.print(f"computing {c.label}", highlight=False)
+            if progress:  # a progress note: `-q` silences it with the bars
+                console.print(f"computing {c.label}", highlight=False)
             run_cell(c, out, progress)
             result.computed.append(c.label)
 
