@@ -84,7 +84,7 @@ def cpu_threads() -> int:
     threads split it (bfloat16 on AMX and float32 alike, docs/organism.md "Threads"), so a stage built
     with 1 thread is not the stage built with 2, and the thread count is part of every stage key. On a
     busy machine the CLI's passive OpenMP waiting (`safemerge.cli.openmp`) keeps 2 threads at 1 thread's
-    speed instead of 2-8x slower."""
+    speed instead of 2-6x slower."""
     env = os.environ.get("SAFEMERGE_THREADS")
     if env:
         if not env.strip().isdigit() or int(env) < 1:
