@@ -377,3 +377,40 @@ def test_experiment_progress_notes_follow_quiet(
         exp_runner.compute_cells([SimpleNamespace(label="cell-x")], tmp_path, progress, result)  # type: ignore[list-item,arg-type]
         assert result.computed == ["cell-x"]
         assert ("computing cell-x" in capsys.readouterr().err) is progress
+
+
+def test_experiment_evaluation_tables_follow_quiet(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each evaluation's own table (and the "validating" note) inside an experiment or the demo is
+    progress: shown by default, not under `-q`; the results files are written either way."""
+    from types import SimpleNamespace
+
+    from safemerge.common.progress import progress_bars
+    from safemerge.experiment import evaluation as exp_eval
+    from safemerge.experiment import runner as exp_runner
+
+    tables: list[str] = []
+    written: list[str] = []
+    monkeypatch.setattr(exp_eval, "generate", lambda *a: {})
+    monkeypatch.setattr(exp_eval, "_eval_config", lambda *a: None)
+    monkeypatch.setattr(exp_eval, "cache_dir", lambda *a: None)
+    monkeypatch.setattr(exp_eval, "score", lambda *a: ([], {"m": {"benchmarks": {}}}))
+    monkeypatch.setattr(exp_eval, "print_table", lambda metrics, judge: tables.append(judge))
+    monkeypatch.setattr(exp_eval, "_write_row", lambda out, cell, plan, rows, m: written.append(cell))
+    cfg = SimpleNamespace(evaluation=SimpleNamespace(judge="keyword", judge_model=None))
+    groups = [("m", [], "base-cell")]
+    monkeypatch.setattr(exp_runner, "evaluate_cells", lambda *a: None)
+    monkeypatch.setattr(exp_runner, "eval_done", lambda *a: False)
+    monkeypatch.setattr(exp_runner, "load_planned", lambda *a: [])
+    result = SimpleNamespace(
+        plans={"validation": None}, cells=[SimpleNamespace(validates=True, label="c1")], out=None
+    )
+    for shown in (True, False):
+        tables.clear()
+        with progress_bars(shown):
+            exp_eval._evaluate_models(cfg, Path("."), groups, None, [(None, None)])  # type: ignore[arg-type]
+            exp_runner.validate(SimpleNamespace(defenses=[]), result, {}, shown)  # type: ignore[arg-type]
+        assert len(tables) == int(shown) and written[-1] == "base-cell"
+        assert ("validating 1 variant(s): c1" in capsys.readouterr().err) is shown
+    assert len(written) == 2

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from safemerge.common.progress import SHOW_PROGRESS
 from safemerge.evaluate.api import judges_label, make_backend, score
 from safemerge.evaluate.backends import Backend, TransformersBackend
 from safemerge.evaluate.benchmarks import Benchmark, load_benchmark
@@ -150,7 +151,8 @@ def _evaluate_models(
         variants += mine
     ecfg = _eval_config(cfg, out, groups[0][0], [], planned[0][1])
     records, metrics = score(ecfg, variants, [b for b, _ in planned], responses, cache_dir(cfg, out))
-    print_table(metrics, judges_label(cfg.evaluation.judge, cfg.evaluation.judge_model))
+    if SHOW_PROGRESS.get():  # each evaluation's own table is progress; `-q` leaves only the results files
+        print_table(metrics, judges_label(cfg.evaluation.judge, cfg.evaluation.judge_model))
     for model, adapters, base_cell in groups:
         owners = dict(adapters)
         if base_cell is not None:

@@ -175,9 +175,10 @@ def validate(
     plan = result.plans["validation"]
     todo = [c for c in result.cells if c.validates and not eval_done(result.out, c, plan)]
     if todo:
-        console.print(
-            f"validating {len(todo)} variant(s): {', '.join(c.label for c in todo)}", highlight=False
-        )
+        if progress:  # a progress note, like "computing"
+            console.print(
+                f"validating {len(todo)} variant(s): {', '.join(c.label for c in todo)}", highlight=False
+            )
         evaluate_cells(cfg, result.out, todo, plan, load_planned(plan, provided))
         result.validated = [c.label for c in todo]
     for i, spec in enumerate(cfg.defenses):
