@@ -358,3 +358,18 @@ def check_seed_dir(out: Path, tokenizer: Any) -> None:
         assert f"| {n} |" in md
     assert len(data["targets"]) >= 8
     assert set(data["validation"]) == {"aligned", "task", chosen}  # the reduced grid has one cell
+
+
+@pytest.mark.parametrize("command", [["demo"], ["organism", "compare"]])
+@pytest.mark.parametrize("env", [("SAFEMERGE_THREADS", "two"), ("SAFEMERGE_DTYPE", "float8")])
+def test_bad_environment_fails_before_the_output_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str], env: tuple[str, str]
+) -> None:
+    """A bad $SAFEMERGE_THREADS or $SAFEMERGE_DTYPE is an input error (exit 2) naming the variable, and
+    leaves no output directory behind (nothing is claimed before the settings are resolved)."""
+    monkeypatch.setenv(*env)
+    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [*command, "--out", str(out), "-q"])
+    assert res.exit_code == 2, res.output
+    assert env[0] in res.output and not out.exists()

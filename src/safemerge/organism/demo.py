@@ -767,10 +767,9 @@ def run_on_organism(
     `make_config` describes on it (the demo's, or the defence comparison's); returns the settings with
     the precision resolved, the config, the result and the timings."""
     t_start = time.perf_counter()
+    threads = set_threads()  # a bad $SAFEMERGE_THREADS or $SAFEMERGE_DTYPE fails before OUT is made
+    s = resolve_settings(s)
     prepare_out(s)
-    threads = set_threads()
-    s = resolve_settings(s)
-    s = resolve_settings(s)
     org = build_organism(s.recipe, s.cache, s.progress)
     t_built = time.perf_counter()
     place_inputs(s, org)
