@@ -63,12 +63,19 @@ def rows(out: Path) -> list[dict[str, str]]:
 
 
 def test_experiment_end_to_end_cached_and_incremental(
-    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "out"
     cfg = config(inputs, out)
     path = write(cfg, tmp_path / "exp.yaml")
+    capsys.readouterr()
     result = run_experiment(path, progress=False)
+    said = capsys.readouterr()
+    # progress=False is the one switch: no notes, no per-evaluation table (the results files stay)
+    assert "computing " not in said.err and "safemerge eval" not in said.out + said.err
     labels = ["aligned", "none", "safemerge (fraction=0.5)", "safemerge (fraction=1)", "resta"]
     assert [c.label for c in result.cells] == labels
     assert result.computed == labels[1:] and result.evaluated == labels

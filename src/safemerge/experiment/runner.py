@@ -16,6 +16,7 @@ from rich.console import Console
 
 from safemerge.common.errors import InputError
 from safemerge.common.outdir import check_incremental_dir, claim_output_dir
+from safemerge.common.progress import progress_bars
 from safemerge.defenses import DefendConfig, defend
 from safemerge.evaluate.backends import free_accelerator_memory
 from safemerge.evaluate.benchmarks import Benchmark
@@ -213,27 +214,29 @@ def execute(
     if dry_run:
         print_cells(cfg, cells, Console())
         return result
-    claim_output_dir(target, "experiment")  # created and marked: later runs resume in it
-    unset = {"execution"} if cfg.execution is None else set()  # an older config's file stays as it was
-    dumped = cfg.model_dump(mode="json", exclude=unset)
-    (target / "experiment.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
-    if executor is not None:
-        executor.run(cfg, result, provided, progress)
+    # `progress` is the one switch for everything below, the evaluation's own bars and tables included
+    with progress_bars(progress):
+        claim_output_dir(target, "experiment")  # created and marked: later runs resume in it
+        unset = {"execution"} if cfg.execution is None else set()  # an older config's file stays as it was
+        dumped = cfg.model_dump(mode="json", exclude=unset)
+        (target / "experiment.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
+        if executor is not None:
+            executor.run(cfg, result, provided, progress)
+            set_status(target, result.cells, plans["test"], plans.get("validation"))
+            return result
+        start = time.perf_counter()
+        result.trained = train_inputs(cfg, target)
+        if result.trained:  # the adapters' content changed: keys depend on it
+            assign_keys(cfg, target, cells, allow_download=True)
+        compute_cells(cells, target, progress, result)
+        result.timings["variants_s"] = time.perf_counter() - start
+        if "validation" in plans:
+            validate(cfg, result, provided, progress)
+        result.timings["validation_s"] = time.perf_counter() - start - result.timings["variants_s"]
+        evaluate_table(cfg, result, provided)
+        result.timings["test_eval_s"] = time.perf_counter() - start - sum(result.timings.values())
         set_status(target, result.cells, plans["test"], plans.get("validation"))
         return result
-    start = time.perf_counter()
-    result.trained = train_inputs(cfg, target)
-    if result.trained:  # the adapters' content changed: keys depend on it
-        assign_keys(cfg, target, cells, allow_download=True)
-    compute_cells(cells, target, progress, result)
-    result.timings["variants_s"] = time.perf_counter() - start
-    if "validation" in plans:
-        validate(cfg, result, provided, progress)
-    result.timings["validation_s"] = time.perf_counter() - start - result.timings["variants_s"]
-    evaluate_table(cfg, result, provided)
-    result.timings["test_eval_s"] = time.perf_counter() - start - sum(result.timings.values())
-    set_status(target, result.cells, plans["test"], plans.get("validation"))
-    return result
 
 
 def preflight(
