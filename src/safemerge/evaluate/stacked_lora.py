@@ -45,15 +45,17 @@ def stacked_lora_blocker(model: Any, names: Sequence[str]) -> str | None:
     """Why a mixed batch whose row i runs PEFT adapter `names[i]` (`BASE_ROW`: the base model) cannot
     take the stacked path (None: it can)."""
     from peft.tuners.lora import Linear as LoraLinear  # lazy: see above
+    from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     if not hasattr(model, "disable_adapter"):
         return "the model is not a PEFT model"
     used = set(names) - {BASE_ROW}
-    for name, module in model.named_modules():
-        if isinstance(module, AuxiliaryTrainingWrapper):
+    for name, layer in model.named_modules():
+        if isinstance(layer, AuxiliaryTrainingWrapper):
             return f"module {name} is saved whole or holds trainable tokens"
-    for name, layer in lora_layers(model):
+        if not isinstance(layer, LoraLayer):
+            continue
         mine = used & set(layer.lora_A)
         if not isinstance(layer, LoraLinear):
             return f"{name} is a LoRA {type(layer).__name__} layer, not Linear"
