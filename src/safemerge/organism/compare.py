@@ -417,9 +417,9 @@ def run_compare(cs: CompareSettings) -> dict[str, Any]:
     if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
         raise InputError(f"--seeds: need distinct non-negative seeds, got {list(s.seeds)}")
     names = compared_defences(cs.defences)
-    set_threads()  # a bad $SAFEMERGE_THREADS or $SAFEMERGE_DTYPE fails before OUT is made
-    s = resolve_settings(s)  # once, before any seed: every seed is trained and generated alike
     prepare_out(s)
+    set_threads()
+    s = resolve_settings(s)  # once, before any seed: every seed is trained and generated alike
     cs = replace(cs, demo=s)
     start = time.perf_counter()
     runs = [run_compare_seed(cs, names, seed) for seed in s.seeds]

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 from safemerge.common.outdir import claim_output_dir
 from safemerge.common.packaged import cache_root
-from safemerge.common.precision import PrecisionChoice
+from safemerge.common.precision import PrecisionChoice, env_precision
 from safemerge.common.stats import Rate, at_least, at_most, wilson
 from safemerge.evaluate.api import judges_label
 from safemerge.evaluate.benchmarks import Benchmark, Item
@@ -62,7 +62,7 @@ from safemerge.experiment.results import (
     report_modules,
 )
 from safemerge.experiment.runner import execute
-from safemerge.organism.build import Organism, build_organism, resolve_recipe, set_threads
+from safemerge.organism.build import Organism, build_organism, cpu_threads, resolve_recipe, set_threads
 from safemerge.organism.data import arithmetic_val
 from safemerge.organism.recipe import OrganismRecipe
 
@@ -717,7 +717,11 @@ def _copy_adapter(src: Path, dst: Path) -> None:
 
 def prepare_out(s: DemoSettings) -> None:
     """Create the output directory; an existing one is reused only if it is empty or safemerge's (it is
-    never emptied: the demo resumes in it), and never when it overlaps the organism's cache."""
+    never emptied: the demo resumes in it), and never when it overlaps the organism's cache. The
+    environment's settings are checked first (nothing written), so a bad `$SAFEMERGE_THREADS` or
+    `$SAFEMERGE_DTYPE` fails before the directory exists."""
+    cpu_threads()
+    env_precision()
     claim_output_dir(s.out, "demo", {"cache": s.cache or cache_root()})
 
 
@@ -767,9 +771,9 @@ def run_on_organism(
     `make_config` describes on it (the demo's, or the defence comparison's); returns the settings with
     the precision resolved, the config, the result and the timings."""
     t_start = time.perf_counter()
-    threads = set_threads()  # a bad $SAFEMERGE_THREADS or $SAFEMERGE_DTYPE fails before OUT is made
-    s = resolve_settings(s)
     prepare_out(s)
+    threads = set_threads()
+    s = resolve_settings(s)
     org = build_organism(s.recipe, s.cache, s.progress)
     t_built = time.perf_counter()
     place_inputs(s, org)

@@ -512,10 +512,10 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     """The demo for every seed of `s.seeds`, pooled; returns what results.json holds."""
     if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
         raise InputError(f"--seeds: need distinct non-negative seeds, got {list(s.seeds)}")
-    start = time.perf_counter()
-    threads = set_threads()  # a bad $SAFEMERGE_THREADS or $SAFEMERGE_DTYPE fails before OUT is made
-    s = resolve_settings(s)  # once, before any seed: every seed is trained and generated alike
     prepare_out(s)
+    start = time.perf_counter()
+    threads = set_threads()
+    s = resolve_settings(s)  # once, before any seed: every seed is trained and generated alike
     runs = [SeedRun(seed, run_seed(seed_settings(s, seed))) for seed in s.seeds]
     rows = pool_rows(runs)
     pooled = {r.key: r for r in rows}
